@@ -1,0 +1,193 @@
+//! Test harness: real, throwaway PostgreSQL servers on free loopback ports, and waiting on
+//! conditions instead of sleeping.
+//!
+//! Each server lives in `/tmp/walrelay-test/<pid>-<n>` and is stopped and removed when its
+//! handle drops. Directories left by a test process that died (kill -9, a crash) are removed
+//! at the next start, once their process is gone.
+
+use std::fs;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use walrelay::pg::local::{LocalServer, LocalServerOptions, StopMode};
+
+pub use walrelay::pg::local::LocalServerError;
+
+const ROOT: &str = "/tmp/walrelay-test";
+
+/// A PostgreSQL 15 server for one test.
+pub struct TestPg {
+    pub server: LocalServer,
+}
+
+/// Settings for a test server beyond the defaults (wal_level=logical, slots and senders).
+#[derive(Default, Clone)]
+pub struct TestPgBuilder {
+    settings: Vec<(String, String)>,
+}
+
+impl TestPgBuilder {
+    pub fn setting(mut self, name: &str, value: impl ToString) -> Self {
+        self.settings.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    /// initdb and start, retrying on another port if the chosen one was taken meanwhile.
+    pub fn start(self) -> TestPg {
+        clean_leftovers();
+        let mut last_error = None;
+        for _ in 0..5 {
+            let dir = next_dir();
+            let mut options = LocalServerOptions::new(&dir, free_port());
+            // Tests do not need durability against OS crashes; a killed process still
+            // leaves its writes in the page cache.
+            options.settings.push(("fsync".into(), "off".into()));
+            options.settings.extend(self.settings.iter().cloned());
+            let server = match LocalServer::init(options) {
+                Ok(s) => s,
+                Err(e) => panic!("initdb for a test server failed: {e}"),
+            };
+            match server.start() {
+                Ok(()) => return TestPg { server },
+                Err(e) => {
+                    let _ = fs::remove_dir_all(&dir);
+                    last_error = Some(e);
+                }
+            }
+        }
+        panic!(
+            "could not start a test server: {}",
+            last_error.map(|e| e.to_string()).unwrap_or_default()
+        );
+    }
+}
+
+impl TestPg {
+    pub fn builder() -> TestPgBuilder {
+        TestPgBuilder::default()
+    }
+
+    /// A server with the default test settings.
+    pub fn start() -> TestPg {
+        Self::builder().start()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.server.port()
+    }
+
+    /// Superuser URL for `dbname` (password authentication over TCP).
+    pub fn url(&self, dbname: &str) -> String {
+        self.server.url(dbname)
+    }
+
+    /// A SQL session as the superuser.
+    pub async fn client(&self, dbname: &str) -> tokio_postgres::Client {
+        self.client_for(&self.url(dbname)).await
+    }
+
+    pub async fn client_for(&self, url: &str) -> tokio_postgres::Client {
+        let info = walrelay::pg::conninfo::resolve(url, &walrelay::pg::conninfo::ProcessEnv)
+            .expect("valid test URL");
+        walrelay::pg::sql::connect(&info)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to the test server: {e}"))
+    }
+
+    /// Create a database and return a session in it.
+    pub async fn create_db(&self, name: &str) -> tokio_postgres::Client {
+        let admin = self.client("postgres").await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .expect("CREATE DATABASE");
+        self.client(name).await
+    }
+
+    pub fn stop(&self, mode: StopMode) {
+        self.server.stop(mode).expect("stopping the test server");
+    }
+
+    pub fn restart(&self) {
+        self.server.restart().expect("restarting the test server");
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.server.log_tail(lines)
+    }
+}
+
+impl Drop for TestPg {
+    fn drop(&mut self) {
+        let _ = self.server.stop(StopMode::Immediate);
+        let _ = fs::remove_dir_all(&self.server.options.base_dir);
+    }
+}
+
+fn next_dir() -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    Path::new(ROOT).join(format!("{}-{n}", std::process::id()))
+}
+
+/// A port that was free a moment ago (the server start retries if it is taken meanwhile).
+pub fn free_port() -> u16 {
+    walrelay::pg::local::pick_free_port().expect("binding an ephemeral port")
+}
+
+/// Remove servers left by test processes that no longer run.
+fn clean_leftovers() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = fs::create_dir_all(ROOT);
+        let Ok(entries) = fs::read_dir(ROOT) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+                continue;
+            };
+            let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+            if alive {
+                continue;
+            }
+            let path = entry.path();
+            if let Ok(pidfile) = fs::read_to_string(path.join("data/postmaster.pid")) {
+                if let Some(pm) = pidfile
+                    .lines()
+                    .next()
+                    .and_then(|l| l.trim().parse::<i32>().ok())
+                {
+                    let pm = nix::unistd::Pid::from_raw(pm);
+                    let _ = nix::sys::signal::kill(pm, nix::sys::signal::Signal::SIGQUIT);
+                    walrelay::pg::local::wait_for_exit(pm.as_raw(), Duration::from_secs(10));
+                }
+            }
+            let _ = fs::remove_dir_all(&path);
+        }
+    });
+}
+
+/// Poll `condition` until it returns `Some`, or panic with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut condition: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        if let Some(v) = condition().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+}

@@ -1,0 +1,216 @@
+//! `walrelay check`: is the source ready for capture? Each problem is printed with what to
+//! do about it; the exit status is 0 when ready, 1 otherwise.
+
+use std::process::ExitCode;
+
+use crate::config::Config;
+use crate::pg::sql;
+use crate::source::pgoutput::setup::{self, SelectedTable};
+use crate::source::pgoutput::SourceError;
+
+/// What the check found: lines that passed and problems.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub ok: Vec<String>,
+    pub problems: Vec<String>,
+}
+
+impl Report {
+    fn ok(&mut self, s: impl Into<String>) {
+        self.ok.push(s.into());
+    }
+    fn problem(&mut self, s: impl Into<String>) {
+        self.problems.push(s.into());
+    }
+}
+
+pub async fn check(config: &Config) -> anyhow::Result<ExitCode> {
+    let report = inspect(config).await;
+    for line in &report.ok {
+        println!("ok       {line}");
+    }
+    for line in &report.problems {
+        println!("PROBLEM  {line}");
+    }
+    if report.problems.is_empty() {
+        println!("ready: the source can be captured with this configuration");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("not ready: {} problem(s)", report.problems.len());
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// Run every check against the source; connection failures are reported as problems too.
+pub async fn inspect(config: &Config) -> Report {
+    let mut r = Report::default();
+    let cfg = &config.source;
+    let info = match cfg.url.resolve() {
+        Ok(i) => i,
+        Err(e) => {
+            r.problem(format!("source.url: {e}"));
+            return r;
+        }
+    };
+    let client = match sql::connect(&info).await {
+        Ok(c) => {
+            r.ok(format!("connected to {}", info.describe()));
+            c
+        }
+        Err(e) => {
+            r.problem(format!("cannot connect to the source: {e}"));
+            return r;
+        }
+    };
+    let facts = match setup::server_facts(&client).await {
+        Ok(f) => f,
+        Err(e) => {
+            r.problem(e.to_string());
+            return r;
+        }
+    };
+    let server_problems = setup::server_problems(&facts);
+    if server_problems.is_empty() {
+        r.ok(format!(
+            "PostgreSQL {}.{}, wal_level = logical, encoding UTF8, role {} may replicate",
+            facts.version_num / 10000,
+            facts.version_num % 100,
+            facts.current_user
+        ));
+    }
+    for p in server_problems {
+        r.problem(p);
+    }
+
+    let slot = match setup::slot_info(&client, &cfg.slot).await {
+        Ok(s) => s,
+        Err(e) => {
+            r.problem(e.to_string());
+            None
+        }
+    };
+    match &slot {
+        None => {
+            if facts.used_replication_slots >= facts.max_replication_slots {
+                r.problem(format!(
+                    "no free replication slot: max_replication_slots = {} and all are used; raise it (restart needed) or drop an unused slot (see pg_replication_slots)",
+                    facts.max_replication_slots
+                ));
+            } else {
+                r.ok(format!(
+                    "slot {} will be created ({} of {} replication slots in use)",
+                    cfg.slot, facts.used_replication_slots, facts.max_replication_slots
+                ));
+            }
+        }
+        Some(s) => match setup::slot_problem(&cfg.slot, s, &facts.database) {
+            Some(p) => r.problem(p),
+            None => match s.active_pid {
+                Some(pid) => r.problem(format!(
+                    "slot {} is in use by server process {pid}: another consumer is reading it",
+                    cfg.slot
+                )),
+                None => r.ok(format!(
+                    "slot {} exists, confirmed up to {}",
+                    cfg.slot,
+                    s.confirmed_flush.map(|l| l.to_string()).unwrap_or_default()
+                )),
+            },
+        },
+    }
+    let slot_streaming = slot.as_ref().is_some_and(|s| s.active_pid.is_some());
+    if !slot_streaming && facts.used_wal_senders >= facts.max_wal_senders {
+        r.problem(format!(
+            "no free WAL sender: max_wal_senders = {} and all are busy; raise it (restart needed)",
+            facts.max_wal_senders
+        ));
+    }
+
+    let tables = match setup::select_tables(&client, &cfg.tables).await {
+        Ok(t) => t,
+        Err(e) => {
+            r.problem(e.to_string());
+            Vec::new()
+        }
+    };
+    let mut without_identity = 0;
+    for t in &tables {
+        if !t.has_replica_identity() {
+            without_identity += 1;
+            r.problem(t.identity_advice());
+        }
+    }
+    if !tables.is_empty() && without_identity == 0 {
+        r.ok(format!(
+            "{} table(s) selected, each with a primary key or replica identity",
+            tables.len()
+        ));
+    }
+    if let Err(e) = check_publication(&client, &cfg.publication, &tables, &facts, &mut r).await {
+        r.problem(e.to_string());
+    }
+    r
+}
+
+/// The publication exists with every table, or this role can create or extend it.
+async fn check_publication(
+    client: &tokio_postgres::Client,
+    name: &str,
+    tables: &[SelectedTable],
+    facts: &setup::ServerFacts,
+    r: &mut Report,
+) -> Result<(), SourceError> {
+    let sql_err = |e| SourceError::Pg(crate::pg::PgError::from_sql("checking the publication", e));
+    let (exists, missing) = setup::publication_gaps(client, name, tables).await?;
+    if exists && missing.is_empty() {
+        r.ok(format!("publication {name} publishes every selected table"));
+        return Ok(());
+    }
+    if facts.is_superuser {
+        r.ok(format!(
+            "publication {name} will be {} on the first run",
+            if exists { "extended" } else { "created" }
+        ));
+        return Ok(());
+    }
+    if !exists {
+        let may_create: bool = client
+            .query_one(
+                "SELECT has_database_privilege(current_database(), 'CREATE')",
+                &[],
+            )
+            .await
+            .map_err(sql_err)?
+            .get(0);
+        if !may_create {
+            r.problem(format!(
+                "publication {name} does not exist and role {} may not create it: GRANT CREATE ON DATABASE {} TO {}, or have the table owner run CREATE PUBLICATION",
+                facts.current_user,
+                crate::pg::quote::ident(&facts.database),
+                crate::pg::quote::ident(&facts.current_user)
+            ));
+        }
+    }
+    for t in missing {
+        let owns: bool = client
+            .query_one(
+                "SELECT pg_has_role(c.relowner, 'USAGE') FROM pg_class c
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relname = $2",
+                &[&t.schema, &t.name],
+            )
+            .await
+            .map_err(sql_err)?
+            .get(0);
+        if !owns {
+            r.problem(format!(
+                "table {} is not in publication {name}, and role {} does not own it, so it cannot add it: have the owner run ALTER PUBLICATION {} ADD TABLE {}",
+                t.qualified_name(),
+                facts.current_user,
+                crate::pg::quote::ident(name),
+                crate::pg::quote::qualified(&t.schema, &t.name)
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! Commands of the `walrelay` binary.
+
+mod check;
+mod demo;
+mod run;
+mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "walrelay",
+    version,
+    about = "PostgreSQL replication and high availability"
+)]
+pub struct Cli {
+    /// Log filter, as RUST_LOG takes it (e.g. `info`, `walrelay=debug`). RUST_LOG wins.
+    /// Server notices (tokio_postgres) are quiet unless asked for.
+    #[arg(long, global = true, default_value = "info,tokio_postgres=warn")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Capture changes from the source and deliver them to the sinks until SIGINT/SIGTERM.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check that the source is ready for capture; print each problem with what to do.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show where the slot and each sink stand, and their lag in bytes and seconds.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Start a throwaway PostgreSQL server, capture it under a write load, verify that every
+    /// committed change arrived exactly once, and clean up.
+    Demo(demo::DemoArgs),
+}
+
+/// Logs go to standard error, so that `path = "-"` keeps standard output for events.
+pub fn init_logging(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log_level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run { config } => run::run(&Config::load(&config)?).await,
+        Command::Check { config } => check::check(&Config::load(&config)?).await,
+        Command::Demo(args) => demo::demo(args).await,
+        Command::Status { config } => status::status(&Config::load(&config)?).await,
+    }
+}

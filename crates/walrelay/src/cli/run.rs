@@ -1,0 +1,26 @@
+//! `walrelay run`: the relay, until a signal.
+
+use std::process::ExitCode;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::pipeline;
+use crate::task::spawn_named;
+
+pub async fn run(config: &Config) -> anyhow::Result<ExitCode> {
+    let cancel = CancellationToken::new();
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let on_signal = cancel.clone();
+    spawn_named("signals", async move {
+        tokio::select! {
+            _ = sigint.recv() => tracing::info!("SIGINT: stopping"),
+            _ = sigterm.recv() => tracing::info!("SIGTERM: stopping"),
+        }
+        on_signal.cancel();
+    });
+    pipeline::run(config, cancel).await?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,382 @@
+//! The configuration file: typed sections, defaults, and `validate()`. Every key is listed
+//! with its default in `docs/config.md`; a test keeps the two in step.
+
+pub mod table_pattern;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::pg::conninfo;
+pub use table_pattern::{NamePattern, TablePattern};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub snapshot: SnapshotConfig,
+    #[serde(default, rename = "sink")]
+    pub sinks: Vec<SinkConfig>,
+}
+
+/// The initial copy of existing rows into postgres targets.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// Copy the tables a target lacks before streaming (and create them if missing).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Connections copying at once.
+    #[serde(default = "default_parallel")]
+    pub parallel: usize,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig {
+            enabled: true,
+            parallel: default_parallel(),
+        }
+    }
+}
+
+fn default_parallel() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceType {
+    /// Logical decoding with the pgoutput plugin.
+    #[default]
+    Pgoutput,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    #[serde(default, rename = "type")]
+    pub kind: SourceType,
+    /// libpq connection string (URI or key=value).
+    pub url: ConnString,
+    #[serde(default = "default_name")]
+    pub slot: String,
+    #[serde(default = "default_name")]
+    pub publication: String,
+    pub tables: Vec<TablePattern>,
+    /// How often to send a standby status update; capped at `wal_sender_timeout / 2`.
+    #[serde(default = "default_status_interval", with = "humantime_serde")]
+    pub status_interval: Duration,
+    /// Where large streamed transactions wait for their commit. Default: a directory under
+    /// the system's temporary directory, named after the slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spill_dir: Option<PathBuf>,
+    /// Capture logical messages (`pg_logical_emit_message`).
+    #[serde(default = "yes")]
+    pub messages: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SinkConfig {
+    Jsonl(JsonlSinkConfig),
+    Postgres(PostgresSinkConfig),
+}
+
+impl SinkConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            SinkConfig::Jsonl(j) => &j.name,
+            SinkConfig::Postgres(p) => &p.name,
+        }
+    }
+
+    /// Applies a transaction as PostgreSQL streams it, rather than whole at its commit.
+    pub fn applies_streams(&self) -> bool {
+        match self {
+            SinkConfig::Jsonl(_) => false,
+            SinkConfig::Postgres(_) => true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonlSinkConfig {
+    /// A name for logs and status; default `jsonl`.
+    #[serde(default = "default_jsonl_name")]
+    pub name: String,
+    /// A file to append to, or `-` for standard output.
+    pub path: String,
+}
+
+/// What the postgres sink does when a change does not fit the target: a duplicate key on
+/// insert, or no row for an update or delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnConflict {
+    /// Stop, naming the table, the key and the source position.
+    #[default]
+    Error,
+    /// Make the target match: update the existing row, insert the missing one, ignore a
+    /// missing row to delete. Every conflict is logged.
+    Apply,
+    /// Leave the target as it is and go on. Every conflict is logged.
+    Skip,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSinkConfig {
+    /// A name for logs, status and the progress record; default `postgres`.
+    #[serde(default = "default_postgres_name")]
+    pub name: String,
+    /// libpq connection string of the target database.
+    pub url: ConnString,
+    #[serde(default)]
+    pub on_conflict: OnConflict,
+    /// Most source transactions applied in one target transaction.
+    #[serde(default = "default_batch_transactions")]
+    pub batch_transactions: usize,
+    /// Most bytes of values applied in one target transaction.
+    #[serde(default = "default_batch_bytes")]
+    pub batch_bytes: usize,
+    /// Longest a target transaction stays open while more changes keep coming.
+    #[serde(default = "default_batch_delay", with = "humantime_serde")]
+    pub batch_delay: Duration,
+    /// Reject writes to the replicated target tables from any session but walrelay's.
+    #[serde(default)]
+    pub protect: bool,
+}
+
+fn default_postgres_name() -> String {
+    "postgres".into()
+}
+fn default_batch_transactions() -> usize {
+    // Large: a group commits at once when no more input waits, so this bound only matters
+    // while a backlog drains, where bigger groups apply faster (fewer commits, more repeated
+    // keys collapsed).
+    10_000
+}
+fn default_batch_bytes() -> usize {
+    16 << 20
+}
+fn default_batch_delay() -> Duration {
+    Duration::from_millis(200)
+}
+
+fn default_name() -> String {
+    "walrelay".into()
+}
+fn default_jsonl_name() -> String {
+    "jsonl".into()
+}
+fn default_status_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn yes() -> bool {
+    true
+}
+
+/// A connection string, never printed whole: `Debug` and `Display` hide the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConnString(pub String);
+
+impl ConnString {
+    pub fn resolve(&self) -> Result<conninfo::ConnInfo, conninfo::ConnInfoError> {
+        conninfo::resolve(&self.0, &conninfo::ProcessEnv)
+    }
+}
+
+impl fmt::Debug for ConnString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match conninfo::parse(&self.0) {
+            Ok(pairs) => {
+                let shown: Vec<String> = pairs
+                    .iter()
+                    .map(|(k, v)| {
+                        if k == "password" {
+                            format!("{k}=***")
+                        } else {
+                            format!("{k}={v}")
+                        }
+                    })
+                    .collect();
+                write!(f, "ConnString({:?})", shown.join(" "))
+            }
+            Err(_) => f.write_str("ConnString(<unparsable>)"),
+        }
+    }
+}
+
+impl Serialize for ConnString {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ConnString {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(ConnString)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Read, parse and validate a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse and validate configuration text; `path` is for messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|s| line_and_column(text, s.start))
+                .unwrap_or((1, 1));
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().replace('\n', " ").trim().to_string(),
+            }
+        })?;
+        config
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key,
+                message,
+            })?;
+        Ok(config)
+    }
+
+    /// Checks that go beyond the types: `Err((key, what is wrong and what to do))`.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let s = &self.source;
+        if let Err(e) = conninfo::parse(&s.url.0) {
+            return Err(("source.url".into(), e.to_string()));
+        }
+        check_slot_name(&s.slot).map_err(|m| ("source.slot".to_string(), m))?;
+        if s.publication.is_empty() {
+            return Err(("source.publication".into(), "must not be empty".into()));
+        }
+        if s.tables.is_empty() {
+            return Err((
+                "source.tables".into(),
+                "list at least one table, e.g. tables = [\"public.orders\", \"sales.*\"]".into(),
+            ));
+        }
+        if s.status_interval < Duration::from_millis(10) {
+            return Err((
+                "source.status_interval".into(),
+                "must be at least 10ms".into(),
+            ));
+        }
+        if self.snapshot.parallel == 0 {
+            return Err(("snapshot.parallel".into(), "must be at least 1".into()));
+        }
+        if self.sinks.is_empty() {
+            return Err((
+                "sink".into(),
+                "configure at least one [[sink]], e.g. type = \"jsonl\", path = \"-\"".into(),
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, sink) in self.sinks.iter().enumerate() {
+            if !names.insert(sink.name()) {
+                return Err((
+                    format!("sink[{i}].name"),
+                    format!(
+                        "{:?} is used by two sinks; give each a distinct name",
+                        sink.name()
+                    ),
+                ));
+            }
+            match sink {
+                SinkConfig::Jsonl(j) => {
+                    if j.path.is_empty() {
+                        return Err((format!("sink[{i}].path"), "must be a file or \"-\"".into()));
+                    }
+                }
+                SinkConfig::Postgres(p) => {
+                    if let Err(e) = conninfo::parse(&p.url.0) {
+                        return Err((format!("sink[{i}].url"), e.to_string()));
+                    }
+                    if p.batch_transactions == 0 || p.batch_bytes == 0 {
+                        return Err((
+                            format!("sink[{i}].batch_transactions"),
+                            "batch_transactions and batch_bytes must be at least 1".into(),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Where spill files go.
+    pub fn spill_dir(&self) -> PathBuf {
+        self.source.spill_dir.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("walrelay-spill-{}", self.source.slot))
+        })
+    }
+}
+
+/// PostgreSQL's rule for replication slot names.
+fn check_slot_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 {
+        return Err("must be 1 to 63 characters".into());
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        return Err(format!(
+            "{name:?} is not a valid slot name: use lower-case letters, digits and underscores"
+        ));
+    }
+    Ok(())
+}
+
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,151 @@
+use super::*;
+
+const MINIMAL: &str = r#"
+[source]
+url = "postgresql://rep@db/app"
+tables = ["public.orders"]
+
+[[sink]]
+type = "jsonl"
+path = "-"
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("test.toml"))
+}
+
+fn error(text: &str) -> String {
+    parse(text).unwrap_err().to_string()
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.source.slot, "walrelay");
+    assert_eq!(c.source.publication, "walrelay");
+    assert_eq!(c.source.status_interval, Duration::from_secs(1));
+    assert!(c.source.messages);
+    assert_eq!(c.sinks[0].name(), "jsonl");
+}
+
+#[test]
+fn unknown_keys_are_named() {
+    let e = error(&MINIMAL.replace("[source]", "[source]\nslott = \"x\""));
+    assert!(e.contains("unknown field `slott`"), "{e}");
+    assert!(e.starts_with("test.toml:3:"), "{e}");
+    let e = error(&MINIMAL.replace("path = \"-\"", "path = \"-\"\nfsink = true"));
+    assert!(e.contains("unknown field `fsink`"), "{e}");
+    let e = error(&format!("{MINIMAL}\n[extra]\na = 1\n"));
+    assert!(e.contains("unknown field `extra`"), "{e}");
+    let e = error(&MINIMAL.replace("\"jsonl\"", "\"kafka\""));
+    assert!(e.contains("kafka"), "{e}");
+    assert!(!e.contains('\n'), "one line: {e}");
+}
+
+#[test]
+fn invalid_values_are_named() {
+    let e = error(&MINIMAL.replace("postgresql://rep@db/app", "host=db bogus=1"));
+    assert!(e.contains("source.url") && e.contains("bogus"), "{e}");
+    let e = error(&MINIMAL.replace("[source]", "[source]\nslot = \"My-Slot\""));
+    assert!(e.contains("source.slot"), "{e}");
+    let e = error(&MINIMAL.replace("[\"public.orders\"]", "[]"));
+    assert!(e.contains("source.tables"), "{e}");
+    let e = error(&MINIMAL.replace("[\"public.orders\"]", "[\"a.b.c\"]"));
+    assert!(e.contains("too many dots"), "{e}");
+    let e = error(&MINIMAL.replace("[source]", "[source]\nstatus_interval = \"soon\""));
+    assert!(e.contains("status_interval") || e.contains("soon"), "{e}");
+    let e = error("[source]\nurl = \"host=db\"\ntables=[\"t\"]\n");
+    assert!(e.contains("sink"), "{e}");
+    let two = format!("{MINIMAL}\n[[sink]]\ntype = \"jsonl\"\npath = \"out.jsonl\"\n");
+    let e = error(&two);
+    assert!(e.contains("distinct name"), "{e}");
+}
+
+#[test]
+fn password_is_hidden_in_debug() {
+    let c = parse(&MINIMAL.replace("rep@db", "rep:s3cret@db")).unwrap();
+    let shown = format!("{c:?}");
+    assert!(!shown.contains("s3cret"), "{shown}");
+}
+
+/// Every key of the configuration, as `section.key` paths, from a config with every
+/// optional key and every sink type set.
+fn all_key_paths() -> Vec<String> {
+    let mut config = parse(MINIMAL).unwrap();
+    config.source.spill_dir = Some("/var/lib/walrelay/spill".into());
+    let postgres = format!("{MINIMAL}\n[[sink]]\ntype = \"postgres\"\nurl = \"host=replica\"\n");
+    config
+        .sinks
+        .extend(parse(&postgres).unwrap().sinks.into_iter().skip(1));
+    let value = toml::Value::try_from(&config).unwrap();
+    let mut paths = Vec::new();
+    collect_paths(&value, "", &mut paths);
+    paths.sort();
+    paths.dedup();
+    paths
+}
+
+fn collect_paths(value: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                match v {
+                    toml::Value::Table(_) => collect_paths(v, &path, out),
+                    toml::Value::Array(items)
+                        if items.iter().all(|i| i.is_table()) && !items.is_empty() =>
+                    {
+                        for item in items {
+                            collect_paths(item, &path, out);
+                        }
+                    }
+                    _ => out.push(path),
+                }
+            }
+        }
+        _ => out.push(prefix.to_string()),
+    }
+}
+
+const DOC: &str = include_str!("../../../../docs/config.md");
+
+#[test]
+fn every_key_is_documented_with_its_default() {
+    for path in all_key_paths() {
+        let row = DOC
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{path}` |")))
+            .unwrap_or_else(|| panic!("docs/config.md has no table row for `{path}`"));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert!(
+            cells.len() >= 4 && !cells[2].is_empty(),
+            "row for `{path}` needs a default: {row}"
+        );
+    }
+}
+
+#[test]
+fn documented_keys_exist() {
+    let known = all_key_paths();
+    for line in DOC.lines().filter(|l| l.starts_with("| `")) {
+        let key = line.split('`').nth(1).unwrap();
+        assert!(
+            known.iter().any(|k| k == key),
+            "docs/config.md documents `{key}`, which the config does not have"
+        );
+    }
+}
+
+#[test]
+fn documented_example_parses() {
+    let example = DOC
+        .split("```toml")
+        .nth(1)
+        .and_then(|s| s.split("```").next())
+        .expect("docs/config.md has a ```toml example");
+    parse(example).unwrap();
+}

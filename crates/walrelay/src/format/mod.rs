@@ -1,0 +1,3 @@
+//! Wire formats for events leaving walrelay.
+
+pub mod json;

@@ -1,0 +1,16 @@
+//! walrelay: PostgreSQL replication and high availability.
+//!
+//! A source (pgoutput over the streaming replication protocol) yields committed
+//! transactions in commit order; sinks make them durable; the source is acknowledged only up
+//! to the position every sink holds durably. See `docs/architecture.md`.
+
+pub mod cli;
+pub mod config;
+pub mod format;
+pub mod pg;
+pub mod pipeline;
+pub mod schema;
+pub mod sink;
+pub mod snapshot;
+pub mod source;
+pub mod task;

@@ -1,0 +1,197 @@
+//! Wiring: source → sinks → acknowledgement. Runs the pipeline until a signal, restarts it
+//! after transient failures, and decides what may be confirmed to the source.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use walrelay_model::Lsn;
+
+use crate::config::Config;
+use crate::sink::{self, SinkError, SinkHandle};
+use crate::source::pgoutput::assemble::StreamNeeds;
+use crate::source::pgoutput::{self, PgOutputSource, SourceError};
+
+/// The position that may be confirmed to the source: the lowest that every sink holds
+/// durably, never below where this run started, and never lower than what was already
+/// confirmed.
+pub fn ack_position(start: Lsn, sinks_durable: &[Lsn], already_confirmed: Lsn) -> Lsn {
+    let lowest = sinks_durable.iter().copied().min().unwrap_or(start);
+    lowest.max(start).max(already_confirmed)
+}
+
+/// The sinks of one pipeline run, as the source sees them.
+pub struct Fanout {
+    sinks: Vec<SinkHandle>,
+}
+
+impl Fanout {
+    pub fn sinks(&self) -> &[SinkHandle] {
+        &self.sinks
+    }
+
+    /// Every sink's durable position now.
+    /// What the sinks need of streamed transactions.
+    pub fn stream_needs(&self, whole_until: Lsn) -> StreamNeeds {
+        StreamNeeds {
+            events: self.sinks.iter().any(|s| s.applies_streams),
+            whole: self.sinks.iter().any(|s| !s.applies_streams),
+            whole_until,
+        }
+    }
+
+    pub fn durable(&self) -> Vec<Lsn> {
+        self.sinks.iter().map(|s| *s.durable.borrow()).collect()
+    }
+
+    /// Close every input, wait for the sinks to drain and sync, and return their final
+    /// durable positions with the first failure.
+    async fn close(self) -> (Vec<Lsn>, Result<(), SinkError>) {
+        let mut result = Ok(());
+        let mut durable = Vec::new();
+        for s in self.sinks {
+            let SinkHandle {
+                name,
+                input,
+                durable: watch,
+                task,
+                ..
+            } = s;
+            drop(input);
+            let r = sink::join(name, task).await;
+            durable.push(*watch.borrow());
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        (durable, result)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+}
+
+impl RelayError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RelayError::Source(e) => e.is_transient(),
+            RelayError::Sink(e) => e.is_transient(),
+            RelayError::Snapshot(e) => e.is_transient(),
+        }
+    }
+}
+
+/// How a pipeline run ended without error.
+enum RunEnd {
+    Stopped,
+}
+
+/// Run until `cancel` fires. A transient failure after the stream was running (the
+/// connection dropped, the server restarted) restarts the pipeline after a pause that grows
+/// to 30 s; a failure before the first stream started is returned, since it is most likely
+/// a configuration problem the operator must see.
+pub async fn run(config: &Config, cancel: CancellationToken) -> Result<(), RelayError> {
+    let mut streamed_once = false;
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match run_once(config, &cancel, &mut streamed_once).await {
+            Ok(RunEnd::Stopped) => return Ok(()),
+            Err(e) if streamed_once && e.is_transient() && !cancel.is_cancelled() => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "pipeline interrupted; restarting");
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn run_once(
+    config: &Config,
+    cancel: &CancellationToken,
+    streamed_once: &mut bool,
+) -> Result<RunEnd, RelayError> {
+    let prepared = pgoutput::prepare(&config.source).await?;
+    let start = prepared.confirmed;
+    // Existing rows first: the copy uses the new slot's snapshot, or a later one for tables
+    // still missing a copy (then streamed transactions go whole until past it).
+    let copied_until = crate::snapshot::copy_for_sinks(
+        config,
+        &prepared.info,
+        &prepared.tables,
+        prepared.snapshot.as_ref(),
+    )
+    .await?;
+    let whole_until = if copied_until > start {
+        copied_until
+    } else {
+        Lsn::ZERO
+    };
+    let mut handles = Vec::new();
+    for sink_config in &config.sinks {
+        let context = sink::SinkContext {
+            start,
+            slot: &config.source.slot,
+            tables: &prepared.tables,
+        };
+        handles.push(sink::start(sink_config, &context).await?);
+    }
+    let fanout = Fanout { sinks: handles };
+    let needs = fanout.stream_needs(whole_until);
+    let mut source =
+        match PgOutputSource::start(prepared, &config.source, needs, config.spill_dir()).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = fanout.close().await;
+                return Err(e.into());
+            }
+        };
+    *streamed_once = true;
+    let streamed = source.run(&fanout, cancel).await;
+    // Whatever happened, let the sinks make durable what they received, then confirm it.
+    let (durable, sinks_result) = fanout.close().await;
+    match (streamed, sinks_result) {
+        (Ok(()), Ok(())) => {
+            let confirmed = source.finish(&durable).await?;
+            tracing::info!(confirmed = %confirmed, "stopped cleanly");
+            Ok(RunEnd::Stopped)
+        }
+        // A sink failure is the root cause when the source only noticed a closed sink.
+        (_, Err(sink_err)) => Err(sink_err.into()),
+        (Err(source_err), Ok(())) => {
+            // The connection may be gone; confirming is best effort.
+            let _ = source.finish(&durable).await;
+            Err(source_err.into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_is_the_lowest_durable_and_never_goes_back() {
+        assert_eq!(ack_position(Lsn(10), &[Lsn(50), Lsn(30)], Lsn(10)), Lsn(30));
+        assert_eq!(
+            ack_position(Lsn(10), &[Lsn(5)], Lsn(10)),
+            Lsn(10),
+            "not below the start"
+        );
+        assert_eq!(
+            ack_position(Lsn(10), &[Lsn(20)], Lsn(25)),
+            Lsn(25),
+            "never backwards"
+        );
+        assert_eq!(ack_position(Lsn(10), &[], Lsn(10)), Lsn(10));
+    }
+}

@@ -1,0 +1,128 @@
+//! Sinks: where events go. Each runs as its own task, takes batches from a bounded channel
+//! (back-pressure to the source), and publishes the highest LSN it holds durably.
+
+pub mod jsonl;
+pub mod postgres;
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use walrelay_model::{Event, Lsn};
+
+use crate::config::SinkConfig;
+
+/// Events travel in shared batches, so that several sinks read one copy.
+pub type Batch = Arc<Vec<Event>>;
+
+/// Batches a sink may have queued before the source waits.
+pub const QUEUE_DEPTH: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("sink {name}: {what} {path}: {source}")]
+    Io {
+        name: String,
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("sink {name} stopped unexpectedly: {reason}")]
+    Crashed { name: String, reason: String },
+    #[error("sink {name}: {source}")]
+    Apply {
+        name: String,
+        source: Box<postgres::ApplyError>,
+    },
+    #[error("sink {name}: {source}")]
+    Progress {
+        name: String,
+        source: postgres::progress::ProgressError,
+    },
+}
+
+impl SinkError {
+    /// Worth restarting the pipeline for: the target may come back.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SinkError::Apply { source, .. } => source.is_transient(),
+            SinkError::Progress {
+                source: postgres::progress::ProgressError::Pg(e),
+                ..
+            } => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+/// A running sink, as the pipeline sees it.
+pub struct SinkHandle {
+    pub name: String,
+    /// Takes stream events and applies transactions as they stream; otherwise it gets
+    /// streamed transactions whole, at their commit.
+    pub applies_streams: bool,
+    pub input: mpsc::Sender<Batch>,
+    pub durable: watch::Receiver<Lsn>,
+    pub task: JoinHandle<Result<(), SinkError>>,
+}
+
+/// Wait for a sink's task to finish (after its input is closed) and return how it ended.
+pub async fn join(name: String, task: JoinHandle<Result<(), SinkError>>) -> Result<(), SinkError> {
+    match task.await {
+        Ok(r) => r,
+        Err(e) => Err(SinkError::Crashed {
+            name,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// What a sink learns of the source when it starts.
+pub struct SinkContext<'a> {
+    /// The source position already confirmed: the sink reports it as durable until it has
+    /// made more durable.
+    pub start: Lsn,
+    /// The slot, naming the stream for sinks that record their progress.
+    pub slot: &'a str,
+    /// The tables captured, as (schema, name).
+    pub tables: &'a [(String, String)],
+}
+
+/// Open and start the sink `config` describes.
+pub async fn start(
+    config: &SinkConfig,
+    context: &SinkContext<'_>,
+) -> Result<SinkHandle, SinkError> {
+    let (input, rx) = mpsc::channel(QUEUE_DEPTH);
+    let (durable_tx, durable) = watch::channel(context.start);
+    let name = config.name().to_string();
+    let task = match config {
+        SinkConfig::Jsonl(c) => {
+            let sink = jsonl::JsonlSink::open(c)?;
+            crate::task::spawn_blocking_named("sink-jsonl", move || sink.run(rx, durable_tx))
+        }
+        SinkConfig::Postgres(c) => {
+            let sink = postgres::PostgresSink::open(c, context).await?;
+            crate::task::spawn_named("sink-postgres", sink.run(rx, durable_tx))
+        }
+    };
+    Ok(SinkHandle {
+        name,
+        applies_streams: config.applies_streams(),
+        input,
+        durable,
+        task,
+    })
+}
+
+/// Raise a durable-position watch, never lowering it.
+pub fn advance(durable: &watch::Sender<Lsn>, lsn: Lsn) {
+    durable.send_if_modified(|d| {
+        if lsn > *d {
+            *d = lsn;
+            true
+        } else {
+            false
+        }
+    });
+}

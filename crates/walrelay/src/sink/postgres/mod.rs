@@ -1,0 +1,437 @@
+//! The `postgres` sink: applies source transactions to a target database in commit order,
+//! exactly once.
+//!
+//! - Exactly once: the end of the last applied source transaction is written to
+//!   `walrelay.progress` in the same target transaction as its changes. At start the sink
+//!   reads it and skips transactions the source sends again that are already in.
+//! - Grouping: consecutive source transactions share one target transaction, up to
+//!   `batch_transactions`, `batch_bytes` or `batch_delay`, and it commits as soon as no more
+//!   input is waiting; the target passes only through states the source had at a commit.
+//! - Streaming: a transaction PostgreSQL streams before its commit is applied as it arrives,
+//!   on a connection of its own (a savepoint per subtransaction), and committed when its
+//!   commit arrives — after every transaction that committed before it. Before a stream's
+//!   statements run, the open group commits, so that they never wait on its locks.
+
+mod bulk;
+mod param;
+pub mod progress;
+mod protect;
+mod session;
+pub mod statements;
+
+use std::collections::HashMap;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use walrelay_model::{Event, Lsn, TxnCommit, Xid};
+
+use bulk::ChangeRef;
+use progress::Progress;
+
+use super::{advance, Batch, SinkError};
+use crate::config::PostgresSinkConfig;
+use crate::pg::conninfo::ConnInfo;
+use crate::pg::{sql, PgError};
+pub use session::{ApplyError, ApplySession, ChangeAt};
+
+/// Idle stream connections kept for the next streamed transaction.
+const IDLE_STREAM_SESSIONS: usize = 2;
+
+pub struct PostgresSink {
+    config: PostgresSinkConfig,
+    info: ConnInfo,
+    /// Where the applied position is recorded.
+    progress: Progress,
+    main: ApplySession,
+    /// End of the last source transaction applied, as recorded on the target.
+    applied: Option<Lsn>,
+    /// Tables copied as of a source position: their changes committed before it are in
+    /// the copy already.
+    copied_at: HashMap<(String, String), Lsn>,
+}
+
+impl PostgresSink {
+    /// Connect, create the progress table if needed and read the recorded position.
+    pub async fn open(
+        config: &PostgresSinkConfig,
+        context: &super::SinkContext<'_>,
+    ) -> Result<Self, SinkError> {
+        let slot = context.slot;
+        let err = |source: ApplyError| SinkError::Apply {
+            name: config.name.clone(),
+            source: Box::new(source),
+        };
+        let info = config
+            .url
+            .resolve()
+            .map_err(|e| err(ApplyError::Pg(e.into())))?;
+        let main = connect_session(&info, config).await.map_err(err)?;
+        let (progress, applied) = Progress::open(main.client(), &format!("{slot}/{}", config.name))
+            .await
+            .map_err(|e| SinkError::Progress {
+                name: config.name.clone(),
+                source: e,
+            })?;
+        progress.attach(&main).await.map_err(err)?;
+        let copied_at =
+            crate::snapshot::copied_positions(main.client(), &format!("{slot}/{}", config.name))
+                .await
+                .map_err(|e| err(ApplyError::Pg(e)))?;
+        protect::apply(&main, config.protect, context.tables)
+            .await
+            .map_err(err)?;
+        tracing::info!(
+            sink = %config.name,
+            target = %info.describe(),
+            progress = %progress.describe(),
+            applied = %applied.map(|l| l.to_string()).unwrap_or_else(|| "nothing yet".into()),
+            "target ready"
+        );
+        Ok(PostgresSink {
+            config: config.clone(),
+            info,
+            progress,
+            main,
+            applied,
+            copied_at,
+        })
+    }
+
+    /// The position the target holds, if any.
+    pub fn applied(&self) -> Option<Lsn> {
+        self.applied
+    }
+
+    pub async fn run(
+        self,
+        input: mpsc::Receiver<Batch>,
+        durable: watch::Sender<Lsn>,
+    ) -> Result<(), SinkError> {
+        let name = self.config.name.clone();
+        let mut applier = Applier::new(self);
+        let result = applier.run(input, &durable).await;
+        applier.abandon_streams().await;
+        result.map_err(|source| SinkError::Apply {
+            name,
+            source: Box::new(source),
+        })
+    }
+}
+
+/// Open a target session set up for applying.
+async fn connect_session(
+    info: &ConnInfo,
+    config: &PostgresSinkConfig,
+) -> Result<ApplySession, ApplyError> {
+    let client = sql::connect(info).await?;
+    client
+        .batch_execute(
+            "SET idle_in_transaction_session_timeout = 0; SET statement_timeout = 0; \
+             SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'",
+        )
+        .await
+        .map_err(|e| PgError::from_sql("setting up the target session", e))?;
+    // As PostgreSQL's own apply worker does: the target's triggers and foreign-key checks do
+    // not fire for replicated changes (the source checked them already).
+    let replica_role = client
+        .batch_execute("SET session_replication_role = replica")
+        .await;
+    if let Err(e) = replica_role.as_ref() {
+        tracing::warn!(
+            target = %info.describe(),
+            error = %e,
+            "applying with the target's triggers and foreign keys active; give the sink's role superuser, or in PostgreSQL 15: GRANT SET ON PARAMETER session_replication_role"
+        );
+    }
+    // Tables may be applied in any order inside a target transaction only while nothing on
+    // the target checks one table against another.
+    let reorder_tables = replica_role.is_ok();
+    Ok(ApplySession::new(
+        client,
+        info.describe(),
+        config.on_conflict,
+        reorder_tables,
+    ))
+}
+
+/// The state of one run of the sink.
+struct Applier {
+    sink: PostgresSink,
+    /// Transactions whose commit LSN lies below this are already on the target.
+    skip_before: Lsn,
+    /// Skipping the rest of a transaction that is already applied.
+    skipping: bool,
+    /// Between the Begin and Commit of a source transaction being applied: the group must
+    /// not commit now, or the target would show half a transaction.
+    inside_transaction: bool,
+    /// Commit position of the transaction being applied.
+    commit_lsn: Lsn,
+    /// The open group: source transactions applied in the main session, not yet committed.
+    group: Group,
+    /// Streamed transactions being applied, each on its own session.
+    streams: HashMap<Xid, ApplySession>,
+    idle_streams: Vec<ApplySession>,
+}
+
+#[derive(Default)]
+struct Group {
+    /// The last source transaction in the group.
+    last: Option<TxnCommit>,
+    transactions: usize,
+    opened: Option<Instant>,
+}
+
+impl Applier {
+    fn new(sink: PostgresSink) -> Self {
+        Applier {
+            skip_before: sink.applied.unwrap_or(Lsn::ZERO),
+            sink,
+            skipping: false,
+            inside_transaction: false,
+            commit_lsn: Lsn::ZERO,
+            group: Group::default(),
+            streams: HashMap::new(),
+            idle_streams: Vec::new(),
+        }
+    }
+
+    async fn run(
+        &mut self,
+        mut input: mpsc::Receiver<Batch>,
+        durable: &watch::Sender<Lsn>,
+    ) -> Result<(), ApplyError> {
+        if let Some(applied) = self.sink.applied {
+            advance(durable, applied);
+        }
+        loop {
+            let deadline = self.group.opened.filter(|_| !self.inside_transaction);
+            let batch = match deadline {
+                Some(opened) => {
+                    let deadline = opened + self.sink.config.batch_delay;
+                    match tokio::time::timeout_at(deadline, input.recv()).await {
+                        Ok(Some(b)) => b,
+                        Ok(None) => break,
+                        Err(_) => {
+                            self.commit_group(durable).await?;
+                            continue;
+                        }
+                    }
+                }
+                None => match input.recv().await {
+                    Some(b) => b,
+                    None => break,
+                },
+            };
+            for index in 0..batch.len() {
+                self.handle(&batch, index, durable).await?;
+            }
+            self.sink.main.flush().await?;
+            for s in self.streams.values_mut() {
+                s.flush().await?;
+            }
+            if self.group.opened.is_some()
+                && !self.inside_transaction
+                && self.group_is_due(input.is_empty())
+            {
+                self.commit_group(durable).await?;
+            }
+        }
+        // Input closed. A group that ends inside a transaction cannot commit: the source
+        // sends all of it again, since none of it was confirmed.
+        if self.inside_transaction {
+            self.group = Group::default();
+            return self.sink.main.rollback().await;
+        }
+        self.commit_group(durable).await
+    }
+
+    fn group_is_due(&self, input_idle: bool) -> bool {
+        let c = &self.sink.config;
+        input_idle
+            || self.group.transactions >= c.batch_transactions
+            || self.sink.main.pending_bytes() >= c.batch_bytes
+            || self
+                .group
+                .opened
+                .is_some_and(|o| o.elapsed() >= c.batch_delay)
+    }
+
+    async fn handle(
+        &mut self,
+        batch: &Batch,
+        index: usize,
+        durable: &watch::Sender<Lsn>,
+    ) -> Result<(), ApplyError> {
+        match &batch[index] {
+            Event::Begin(b) => {
+                self.skipping = b.commit_lsn < self.skip_before;
+                self.inside_transaction = !self.skipping;
+                self.commit_lsn = b.commit_lsn;
+            }
+            Event::Change { change, position } => {
+                if let walrelay_model::Change::Truncate {
+                    relations,
+                    cascade,
+                    restart_identity,
+                } = change
+                {
+                    // Only the tables whose copy does not already hold the truncate's effect.
+                    let kept: Vec<_> = relations
+                        .iter()
+                        .filter(|r| !self.copied_after(r))
+                        .cloned()
+                        .collect();
+                    if !self.skipping && kept.len() < relations.len() {
+                        if self.group.opened.is_none() {
+                            self.group.opened = Some(Instant::now());
+                        }
+                        if !kept.is_empty() {
+                            let at = ChangeAt::Committed(*position);
+                            self.sink.main.apply_runs().await?;
+                            self.sink
+                                .main
+                                .truncate(&kept, *restart_identity, *cascade, at)
+                                .await?;
+                        }
+                        return Ok(());
+                    }
+                }
+                if !self.skipping && !self.in_copy(change) {
+                    if self.group.opened.is_none() {
+                        self.group.opened = Some(Instant::now());
+                    }
+                    let change = ChangeRef::new(batch.clone(), index);
+                    self.sink.main.apply(change).await?;
+                }
+            }
+            Event::Commit(c) => {
+                self.inside_transaction = false;
+                if self.skipping {
+                    self.skipping = false;
+                } else if self.sink.main.in_transaction() {
+                    self.group.last = Some(c.clone());
+                    self.group.transactions += 1;
+                } else {
+                    // Nothing in it for the target, and nothing open before it.
+                    advance(durable, c.end_lsn);
+                }
+            }
+            Event::Keepalive(lsn) => {
+                // Everything before it is applied; once the group commits it is durable.
+                if !self.sink.main.in_transaction() {
+                    advance(durable, *lsn);
+                }
+            }
+            Event::Message(_) => {}
+            Event::StreamChange { xid, subxid, .. } => {
+                // The stream's statements must not wait on locks of the open group.
+                self.commit_group(durable).await?;
+                let session = self.stream_session(*xid).await?;
+                if subxid != xid {
+                    session.savepoint_for(*subxid).await?;
+                }
+                session.apply(ChangeRef::new(batch.clone(), index)).await?;
+            }
+            Event::StreamAbort { xid, subxid } => {
+                if xid == subxid {
+                    if let Some(mut s) = self.streams.remove(xid) {
+                        s.rollback().await?;
+                        self.park(s);
+                    }
+                } else if let Some(s) = self.streams.get_mut(xid) {
+                    s.rollback_to(*subxid).await?;
+                }
+            }
+            Event::StreamCommit { commit, .. } => {
+                // Every transaction that committed before it is in first.
+                self.commit_group(durable).await?;
+                if let Some(mut s) = self.streams.remove(&commit.xid) {
+                    if commit.commit_lsn < self.skip_before {
+                        s.rollback().await?;
+                    } else {
+                        self.sink
+                            .progress
+                            .commit_stream(&self.sink.main, &mut s, commit)
+                            .await?;
+                        tracing::debug!(xid = commit.xid, end = %commit.end_lsn, "streamed transaction applied");
+                    }
+                    self.park(s);
+                }
+                advance(durable, commit.end_lsn);
+            }
+        }
+        Ok(())
+    }
+
+    /// Commit the open group with its position; then all of it is durable.
+    async fn commit_group(&mut self, durable: &watch::Sender<Lsn>) -> Result<(), ApplyError> {
+        if !self.sink.main.in_transaction() {
+            self.group = Group::default();
+            return Ok(());
+        }
+        // Changes without a finished transaction stay open, group and all: committing them
+        // would show half a transaction.
+        let Some(last) = self.group.last.take() else {
+            return Ok(());
+        };
+        self.group = Group::default();
+        let at = ChangeAt::Committed(walrelay_model::Position::new(last.commit_lsn, last.seq));
+        self.sink
+            .progress
+            .record(&mut self.sink.main, &last, at)
+            .await?;
+        self.sink.main.commit().await?;
+        advance(durable, last.end_lsn);
+        Ok(())
+    }
+
+    /// The change is in a table's copy already (committed before the copy's position).
+    /// Streamed transactions never meet a table copied after their changes: the source
+    /// holds them back whole until it has passed every such position.
+    fn in_copy(&self, change: &walrelay_model::Change) -> bool {
+        match change {
+            walrelay_model::Change::Insert { relation, .. }
+            | walrelay_model::Change::Update { relation, .. }
+            | walrelay_model::Change::Delete { relation, .. } => self.copied_after(relation),
+            walrelay_model::Change::Truncate { relations, .. } => {
+                relations.iter().all(|r| self.copied_after(r))
+            }
+            walrelay_model::Change::Message { .. } => false,
+        }
+    }
+
+    /// The table was copied after the current transaction committed.
+    fn copied_after(&self, r: &walrelay_model::Relation) -> bool {
+        !self.sink.copied_at.is_empty()
+            && self
+                .sink
+                .copied_at
+                .get(&(r.schema.clone(), r.name.clone()))
+                .is_some_and(|at| self.commit_lsn < *at)
+    }
+
+    async fn stream_session(&mut self, xid: Xid) -> Result<&mut ApplySession, ApplyError> {
+        if !self.streams.contains_key(&xid) {
+            let session = match self.idle_streams.pop() {
+                Some(s) => s,
+                None => connect_session(&self.sink.info, &self.sink.config).await?,
+            };
+            self.streams.insert(xid, session);
+        }
+        Ok(self.streams.get_mut(&xid).expect("inserted above"))
+    }
+
+    fn park(&mut self, session: ApplySession) {
+        if self.idle_streams.len() < IDLE_STREAM_SESSIONS {
+            self.idle_streams.push(session);
+        }
+    }
+
+    /// Streamed transactions still open when the sink stops did not commit (as far as it
+    /// knows); the source sends them again.
+    async fn abandon_streams(&mut self) {
+        for (_, mut s) in self.streams.drain() {
+            let _ = s.rollback().await;
+        }
+    }
+}

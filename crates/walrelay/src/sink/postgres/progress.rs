@@ -1,0 +1,259 @@
+//! Where the postgres sink records how far it has applied, written in the same target
+//! transaction as the changes it covers, so that a crash at any instant leaves changes and
+//! position together: both in, or both out.
+//!
+//! - A **replication origin**, where the role may use one: the position goes into the
+//!   commit record (`pg_replication_origin_xact_setup`), and the target's WAL marks the
+//!   changes as replicated, which a reverse replication can use to avoid loops.
+//! - Otherwise a row of **`walrelay.progress`**.
+//!
+//! PostgreSQL 15 lets one session at a time use an origin. The main session holds it; a
+//! streamed transaction's session borrows it for its commit.
+
+use tokio_postgres::Client;
+use walrelay_model::{Lsn, TxnCommit};
+
+use super::param::TextParam;
+use super::session::{ApplyError, ApplySession, ChangeAt};
+use crate::pg::PgError;
+
+const RECORD_SQL: &str = "INSERT INTO walrelay.progress (name, lsn, commit_time, applied_at) \
+     VALUES ($1, $2::pg_lsn, $3::timestamptz, now()) \
+     ON CONFLICT (name) DO UPDATE SET lsn = EXCLUDED.lsn, commit_time = EXCLUDED.commit_time, applied_at = EXCLUDED.applied_at";
+
+const ORIGIN_SQL: &str = "SELECT pg_replication_origin_xact_setup($1::pg_lsn, $2::timestamptz)";
+
+pub const CREATE_TABLE_SQL: &str = "CREATE SCHEMA IF NOT EXISTS walrelay;
+     CREATE TABLE IF NOT EXISTS walrelay.progress (
+         name text PRIMARY KEY,
+         lsn pg_lsn NOT NULL,
+         commit_time timestamptz,
+         applied_at timestamptz NOT NULL DEFAULT now())";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProgressError {
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error("cannot create walrelay.progress on the target ({0}): grant the sink's role CREATE on the database, or create it once as a superuser: {CREATE_TABLE_SQL}")]
+    CannotCreate(PgError),
+}
+
+/// How this sink records its position: a replication origin where permitted, and the
+/// `walrelay.progress` row (which also keeps the commit time, for `walrelay status`)
+/// wherever the table can exist. The position read at start is the later of the two, so a
+/// role that gains or loses origin rights continues where it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    name: String,
+    origin: bool,
+    table: bool,
+}
+
+impl Progress {
+    /// Choose the stores and read the recorded position: the end of the last source
+    /// transaction applied.
+    pub async fn open(
+        client: &Client,
+        name: &str,
+    ) -> Result<(Progress, Option<Lsn>), ProgressError> {
+        let origin_lsn = open_origin(client, name).await;
+        let origin = origin_lsn.is_some();
+        let table = match ensure_table(client).await {
+            Ok(()) => true,
+            // With an origin the table is optional; without one it is the only store.
+            Err(e) if origin => {
+                tracing::info!(error = %e, "recording progress in the replication origin only");
+                false
+            }
+            Err(e) => return Err(e),
+        };
+        let table_lsn = if table {
+            read_table(client, name).await?
+        } else {
+            None
+        };
+        let applied = origin_lsn.flatten().max(table_lsn);
+        Ok((
+            Progress {
+                name: name.into(),
+                origin,
+                table,
+            },
+            applied,
+        ))
+    }
+
+    pub fn describe(&self) -> String {
+        match (self.origin, self.table) {
+            (true, true) => format!("replication origin and walrelay.progress row {}", self.name),
+            (true, false) => format!("replication origin {}", self.name),
+            _ => format!("walrelay.progress row {}", self.name),
+        }
+    }
+
+    /// Make `session` the one that records (with an origin: it holds the origin).
+    pub async fn attach(&self, session: &ApplySession) -> Result<(), ApplyError> {
+        if self.origin {
+            session
+                .client()
+                .execute(
+                    "SELECT pg_replication_origin_session_setup($1)",
+                    &[&self.name],
+                )
+                .await
+                .map_err(|e| PgError::from_sql("taking the replication origin", e))?;
+        }
+        Ok(())
+    }
+
+    pub async fn detach(&self, session: &ApplySession) -> Result<(), ApplyError> {
+        if self.origin {
+            session
+                .client()
+                .batch_execute("SELECT pg_replication_origin_session_reset()")
+                .await
+                .map_err(|e| PgError::from_sql("releasing the replication origin", e))?;
+        }
+        Ok(())
+    }
+
+    /// Queue the record of `commit` in the session's open transaction (which `attach`ed).
+    pub async fn record(
+        &self,
+        session: &mut ApplySession,
+        commit: &TxnCommit,
+        at: ChangeAt,
+    ) -> Result<(), ApplyError> {
+        let lsn = TextParam(Some(commit.end_lsn.to_string()));
+        let time = TextParam(Some(commit.commit_time.to_string()));
+        if self.origin {
+            session
+                .queue_own(ORIGIN_SQL, vec![lsn.clone(), time.clone()], at)
+                .await?;
+        }
+        if self.table {
+            let params = vec![TextParam(Some(self.name.clone())), lsn, time];
+            session.queue_own(RECORD_SQL, params, at).await?;
+        }
+        Ok(())
+    }
+
+    /// Commit a streamed transaction's session with the record of `commit`. An origin is
+    /// borrowed from `main` (which has no transaction open) for the duration.
+    pub async fn commit_stream(
+        &self,
+        main: &ApplySession,
+        stream: &mut ApplySession,
+        commit: &TxnCommit,
+    ) -> Result<(), ApplyError> {
+        if self.origin {
+            self.detach(main).await?;
+            self.attach(stream).await?;
+        }
+        self.record(stream, commit, ChangeAt::Streaming(commit.xid))
+            .await?;
+        let committed = stream.commit().await;
+        if self.origin {
+            self.detach(stream).await?;
+            self.attach(main).await?;
+        }
+        committed
+    }
+}
+
+/// What `walrelay status` shows of a postgres sink: the recorded position and, where the
+/// table has it, the commit time of the last transaction applied.
+pub async fn recorded(
+    client: &Client,
+    name: &str,
+) -> Result<Option<(Lsn, Option<String>)>, PgError> {
+    let table = client
+        .query_opt(
+            "SELECT p.lsn::text, to_char(p.commit_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
+             FROM walrelay.progress p WHERE p.name = $1 AND to_regclass('walrelay.progress') IS NOT NULL",
+            &[&name],
+        )
+        .await;
+    let from_table = match table {
+        Ok(row) => row.and_then(|r| {
+            let lsn: Lsn = r.get::<_, String>(0).parse().ok()?;
+            Some((lsn, r.get::<_, Option<String>>(1)))
+        }),
+        // No table: only an origin, or nothing yet.
+        Err(_) => None,
+    };
+    let origin: Option<Lsn> = client
+        .query_one(
+            "SELECT pg_replication_origin_progress($1, true)::text",
+            &[&name],
+        )
+        .await
+        .ok()
+        .and_then(|r| r.get::<_, Option<String>>(0))
+        .and_then(|s| s.parse().ok());
+    Ok(match (from_table, origin) {
+        (Some((t, time)), Some(o)) if o > t => Some((o, time)),
+        (Some(t), _) => Some(t),
+        (None, Some(o)) => Some((o, None)),
+        (None, None) => None,
+    })
+}
+
+/// The origin's position, creating the origin if missing; `None` when the role may not use
+/// origins (they need superuser, or EXECUTE granted on the functions).
+async fn open_origin(client: &Client, name: &str) -> Option<Option<Lsn>> {
+    let exists = client
+        .query_one("SELECT pg_replication_origin_oid($1) IS NOT NULL", &[&name])
+        .await
+        .ok()?
+        .get::<_, bool>(0);
+    if !exists {
+        if let Err(e) = client
+            .execute("SELECT pg_replication_origin_create($1)", &[&name])
+            .await
+        {
+            tracing::info!(
+                error = %PgError::from_sql("pg_replication_origin_create", e),
+                "recording progress in walrelay.progress (the role may not create a replication origin)"
+            );
+            return None;
+        }
+    }
+    let row = client
+        .query_one(
+            "SELECT pg_replication_origin_progress($1, true)::text",
+            &[&name],
+        )
+        .await
+        .ok()?;
+    Some(
+        row.get::<_, Option<String>>(0)
+            .and_then(|s| s.parse().ok())
+            .filter(|l: &Lsn| *l != Lsn::ZERO),
+    )
+}
+
+async fn read_table(client: &Client, name: &str) -> Result<Option<Lsn>, ProgressError> {
+    let row = client
+        .query_opt(
+            "SELECT lsn::text FROM walrelay.progress WHERE name = $1",
+            &[&name],
+        )
+        .await
+        .map_err(|e| PgError::from_sql("reading walrelay.progress", e))?;
+    Ok(row.and_then(|r| r.get::<_, String>(0).parse().ok()))
+}
+
+async fn ensure_table(client: &Client) -> Result<(), ProgressError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('walrelay.progress') IS NOT NULL", &[])
+        .await
+        .map_err(|e| PgError::from_sql("looking for walrelay.progress", e))?
+        .get(0);
+    if !exists {
+        client.batch_execute(CREATE_TABLE_SQL).await.map_err(|e| {
+            ProgressError::CannotCreate(PgError::from_sql("creating walrelay.progress", e))
+        })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,489 @@
+//! The initial copy: existing rows of the replicated tables go to each postgres target
+//! before streaming starts, with no gap and no overlap.
+//!
+//! - A slot created now exports its snapshot; every copy worker imports it, so the copy
+//!   is exactly the state at the slot's consistent point, where streaming starts.
+//! - Tables that still need a copy when the slot already exists (a restart after a crash
+//!   during the copy, or tables added to the configuration) are copied in the snapshot of
+//!   a temporary slot, at a later point L. The sink then skips their changes committed
+//!   before L (they are in the copy), and the source delivers streamed transactions whole
+//!   until it has passed L, so that the sink knows their commit before applying them.
+//! - Data moves as binary `COPY ... TO STDOUT` streamed into `COPY ... FROM STDIN`, never
+//!   row by row; a big table is split into ctid page ranges copied in parallel; keys,
+//!   indexes and constraints of tables walrelay created are built after their data.
+//! - `walrelay.copies` on the target records each table's state; see `state.rs`.
+
+pub mod progress;
+pub mod state;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use futures_util::SinkExt;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use walrelay_model::Lsn;
+
+use crate::config::{Config, PostgresSinkConfig, SinkConfig};
+use crate::pg::conninfo::ConnInfo;
+use crate::pg::replication::ReplicationConnection;
+use crate::pg::{quote, sql, PgError};
+use crate::schema::{self, catalog, SchemaError, TableDef, TargetTable};
+use crate::task::spawn_named;
+use progress::TableProgress;
+use state::CopyState;
+
+/// Rows handed to the target's COPY at a time, about.
+const COPY_BUFFER: usize = 256 << 10;
+
+/// A table is split into page ranges of about this much data each (TOAST included: a
+/// table whose rows live mostly in TOAST has few heap pages but much to copy).
+const RANGE_BYTES: i64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error("sink {sink}: target table {table} is not empty, and walrelay has no record of copying it: empty it (TRUNCATE) so walrelay can copy it, or set [snapshot] enabled = false if it is complete already")]
+    NotEmpty { sink: String, table: String },
+    #[error("copying {table}: {error}")]
+    Copy { table: String, error: PgError },
+    #[error("a copy worker stopped: {0}")]
+    Worker(String),
+}
+
+impl SnapshotError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SnapshotError::Pg(e) | SnapshotError::Copy { error: e, .. } => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+/// A snapshot exported by a slot, and the position it stands for.
+#[derive(Debug, Clone)]
+pub struct SnapshotPoint {
+    pub name: String,
+    pub lsn: Lsn,
+}
+
+/// One table to copy into one target.
+struct Job {
+    def: TableDef,
+    created: bool,
+    text_format: bool,
+    progress: Arc<TableProgress>,
+    /// Ranges of the table not yet finished.
+    remaining: usize,
+}
+
+/// A range of a table for one worker.
+struct Chunk {
+    job: usize,
+    pages: Option<(i64, Option<i64>)>,
+}
+
+/// Copy every replicated table that a postgres sink's target lacks. `snapshot` is the
+/// main slot's exported snapshot when the slot was created now. Returns the latest
+/// position a table was copied at (streamed transactions go whole until the stream
+/// passes it).
+pub async fn copy_for_sinks(
+    config: &Config,
+    source: &ConnInfo,
+    tables: &[(String, String)],
+    snapshot: Option<&SnapshotPoint>,
+) -> Result<Lsn, SnapshotError> {
+    if !config.snapshot.enabled {
+        return Ok(Lsn::ZERO);
+    }
+    let sinks: Vec<&PostgresSinkConfig> = config
+        .sinks
+        .iter()
+        .filter_map(|s| match s {
+            SinkConfig::Postgres(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    if sinks.is_empty() {
+        return Ok(Lsn::ZERO);
+    }
+    let catalog_client = sql::connect(source).await?;
+    catalog::prepare_session(&catalog_client).await?;
+    let mut defs = Vec::new();
+    for (schema_name, table) in tables {
+        defs.push(catalog::read_table(&catalog_client, schema_name, table).await?);
+    }
+    // What each target needs.
+    let mut plans = Vec::new();
+    let mut latest = Lsn::ZERO;
+    for sink in &sinks {
+        let name = format!("{}/{}", config.source.slot, sink.name);
+        let target_info = sink.url.resolve().map_err(PgError::from)?;
+        let target = sql::connect(&target_info).await?;
+        schema::prepare_target_session(&target).await?;
+        state::ensure_table(&target).await?;
+        let states = state::read(&target, &name).await?;
+        let mut jobs = Vec::new();
+        for def in &defs {
+            let key = (def.schema.clone(), def.name.clone());
+            let created = match states.get(&key) {
+                Some(CopyState::Done(lsn)) => {
+                    latest = latest.max(*lsn);
+                    continue;
+                }
+                Some(CopyState::Copying { created }) => {
+                    schema::prepare_target(&target, def).await?;
+                    target
+                        .batch_execute(&format!("TRUNCATE {}", def.qualified()))
+                        .await
+                        .map_err(|e| PgError::from_sql("emptying a half-copied table", e))?;
+                    tracing::info!(sink = %sink.name, table = %def.shown(), "copying again a table whose copy did not finish");
+                    *created
+                }
+                None => match schema::prepare_target(&target, def).await? {
+                    TargetTable::Created => true,
+                    TargetTable::Existing => {
+                        let has_rows: bool = target
+                            .query_one(
+                                &format!("SELECT EXISTS (SELECT 1 FROM {})", def.qualified()),
+                                &[],
+                            )
+                            .await
+                            .map_err(|e| PgError::from_sql("looking into a target table", e))?
+                            .get(0);
+                        if has_rows {
+                            return Err(SnapshotError::NotEmpty {
+                                sink: sink.name.clone(),
+                                table: def.shown(),
+                            });
+                        }
+                        false
+                    }
+                },
+            };
+            jobs.push((def.clone(), created));
+        }
+        if !jobs.is_empty() {
+            plans.push((name, target_info, target, jobs));
+        }
+    }
+    if plans.is_empty() {
+        return Ok(latest);
+    }
+    // The snapshot: the new slot's, or a temporary slot's (kept open until the copy ends).
+    let mut _temporary: Option<ReplicationConnection> = None;
+    let point = match snapshot {
+        Some(p) => p.clone(),
+        None => {
+            let mut conn = ReplicationConnection::connect(source).await?;
+            let result = conn
+                .simple_query(&format!(
+                    "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT",
+                    quote::ident(&format!(
+                        "{}_copy_{}",
+                        config.source.slot,
+                        std::process::id()
+                    ))
+                ))
+                .await?;
+            let name = result
+                .first("snapshot_name")
+                .unwrap_or_default()
+                .to_string();
+            let lsn = result
+                .first("consistent_point")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(Lsn::ZERO);
+            _temporary = Some(conn);
+            SnapshotPoint { name, lsn }
+        }
+    };
+    for (name, target_info, target, jobs) in plans {
+        for (def, created) in &jobs {
+            state::mark_copying(&target, &name, &def.schema, &def.name, *created).await?;
+        }
+        copy_tables(
+            config,
+            source,
+            &target_info,
+            &name,
+            &point,
+            &catalog_client,
+            jobs,
+        )
+        .await?;
+        latest = latest.max(point.lsn);
+    }
+    Ok(latest)
+}
+
+/// Copy `jobs` into one target with `[snapshot] parallel` workers.
+async fn copy_tables(
+    config: &Config,
+    source: &ConnInfo,
+    target: &ConnInfo,
+    name: &str,
+    point: &SnapshotPoint,
+    catalog_client: &Client,
+    jobs: Vec<(TableDef, bool)>,
+) -> Result<(), SnapshotError> {
+    let mut planned = Vec::new();
+    let mut chunks = Vec::new();
+    for (def, created) in jobs {
+        let size = catalog_client
+            .query_one(
+                "SELECT coalesce(max(pg_relation_size(c.oid)), 0)::int8,
+                        coalesce(sum(pg_total_relation_size(c.oid)), 0)::int8,
+                        coalesce(sum(greatest(c.reltuples, 0)), 0)::int8
+                 FROM pg_class c
+                 WHERE c.oid = $1::text::regclass
+                    OR c.oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = $1::text::regclass)",
+                &[&def.qualified()],
+            )
+            .await
+            .map_err(|e| PgError::from_sql("reading table sizes", e))?;
+        let (largest, bytes, rows): (i64, i64, i64) = (size.get(0), size.get(1), size.get(2));
+        let pages = largest / 8192;
+        let job = planned.len();
+        let mut ranges = Vec::new();
+        let count = (bytes / RANGE_BYTES).min(pages);
+        if count > 1 && def.partition_key.is_none() {
+            let step = (pages + count - 1) / count;
+            let mut start = 0;
+            while start < pages {
+                let end = start + step;
+                // The last range is open: rows of the snapshot on pages added since count.
+                ranges.push((start, (end < pages).then_some(end)));
+                start = end;
+            }
+        }
+        let progress = TableProgress::new(def.shown(), rows as u64, bytes as u64);
+        let count = ranges.len().max(1);
+        if ranges.is_empty() {
+            chunks.push((bytes, Chunk { job, pages: None }));
+        } else {
+            for r in ranges {
+                chunks.push((
+                    bytes,
+                    Chunk {
+                        job,
+                        pages: Some(r),
+                    },
+                ));
+            }
+        }
+        planned.push(Job {
+            text_format: needs_text_format(&def),
+            def,
+            created,
+            progress,
+            remaining: count,
+        });
+    }
+    // Biggest tables first, so that the last workers do not wait on one long copy.
+    chunks.sort_by_key(|(bytes, _)| std::cmp::Reverse(*bytes));
+    let queue: VecDeque<Chunk> = chunks.into_iter().map(|(_, c)| c).collect();
+    let tables: Vec<Arc<TableProgress>> = planned.iter().map(|j| j.progress.clone()).collect();
+    tracing::info!(
+        tables = planned.len(),
+        ranges = queue.len(),
+        parallel = config.snapshot.parallel,
+        snapshot_lsn = %point.lsn,
+        "copying existing rows"
+    );
+    let shared = Arc::new(Shared {
+        queue: Mutex::new(queue),
+        jobs: Mutex::new(planned),
+    });
+    let stop_progress = CancellationToken::new();
+    let reporter = spawn_named(
+        "copy-progress",
+        progress::report(tables, stop_progress.clone()),
+    );
+    let mut workers = Vec::new();
+    for _ in 0..config.snapshot.parallel.max(1) {
+        let (shared, source, target, point, name) = (
+            shared.clone(),
+            source.clone(),
+            target.clone(),
+            point.clone(),
+            name.to_string(),
+        );
+        workers.push(spawn_named("copy-worker", async move {
+            worker(shared, source, target, point, name).await
+        }));
+    }
+    let mut result = Ok(());
+    for w in workers {
+        let r = match w.await {
+            Ok(r) => r,
+            Err(e) => Err(SnapshotError::Worker(e.to_string())),
+        };
+        if result.is_ok() {
+            result = r;
+        }
+    }
+    stop_progress.cancel();
+    let _ = reporter.await;
+    result
+}
+
+struct Shared {
+    queue: Mutex<VecDeque<Chunk>>,
+    jobs: Mutex<Vec<Job>>,
+}
+
+impl Shared {
+    /// The next range to copy. The queue's lock is released before the range is copied
+    /// (a guard in a `while let` condition would live through the loop body).
+    fn next_chunk(&self) -> Option<Chunk> {
+        let mut queue = self.queue.lock().ok()?;
+        queue.pop_front()
+    }
+}
+
+/// A copy worker: imports the snapshot, then copies ranges until none are left. The worker
+/// that copies a table's last range builds its keys and indexes and records it done.
+async fn worker(
+    shared: Arc<Shared>,
+    source: ConnInfo,
+    target: ConnInfo,
+    point: SnapshotPoint,
+    name: String,
+) -> Result<(), SnapshotError> {
+    // The source side reads COPY output in bulk on walrelay's own client (see
+    // `ReplicationConnection::copy_out_next`).
+    let mut src = ReplicationConnection::connect_plain(&source).await?;
+    src.simple_query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .await?;
+    src.simple_query(&format!(
+        "SET TRANSACTION SNAPSHOT {}",
+        quote::literal(&point.name)
+    ))
+    .await?;
+    let dst = sql::connect(&target).await?;
+    schema::prepare_target_session(&dst).await?;
+    // Like the apply sessions: no target triggers or foreign-key checks while loading; and
+    // the copy need not wait for each flush (the record of a finished table does).
+    let _ = dst
+        .batch_execute("SET session_replication_role = replica")
+        .await;
+    let _ = dst.batch_execute("SET synchronous_commit = off").await;
+    // lz4 gives up on incompressible values at a fraction of pglz's cost (where the server
+    // has lz4; columns that name a method keep theirs).
+    let _ = dst
+        .batch_execute("SET default_toast_compression = lz4")
+        .await;
+    while let Some(chunk) = shared.next_chunk() {
+        let (def, text, progress) = {
+            let jobs = shared
+                .jobs
+                .lock()
+                .map_err(|e| SnapshotError::Worker(e.to_string()))?;
+            let j = &jobs[chunk.job];
+            (j.def.clone(), j.text_format, j.progress.clone())
+        };
+        copy_range(&mut src, &dst, &def, chunk.pages, text, &progress).await?;
+        let last = {
+            let mut jobs = shared
+                .jobs
+                .lock()
+                .map_err(|e| SnapshotError::Worker(e.to_string()))?;
+            let j = &mut jobs[chunk.job];
+            j.remaining -= 1;
+            (j.remaining == 0).then_some(j.created)
+        };
+        if let Some(created) = last {
+            if created {
+                schema::finish_target(&dst, &def).await?;
+            }
+            dst.batch_execute("SET synchronous_commit = on")
+                .await
+                .map_err(|e| PgError::from_sql("synchronous_commit", e))?;
+            state::mark_done(&dst, &name, &def.schema, &def.name, point.lsn).await?;
+            let _ = dst.batch_execute("SET synchronous_commit = off").await;
+            progress.done.store(true, Ordering::Relaxed);
+        }
+    }
+    let _ = src.simple_query("COMMIT").await;
+    Ok(())
+}
+
+/// Stream one range of a table from the source's COPY into the target's.
+async fn copy_range(
+    src: &mut ReplicationConnection,
+    dst: &Client,
+    def: &TableDef,
+    pages: Option<(i64, Option<i64>)>,
+    text: bool,
+    progress: &TableProgress,
+) -> Result<(), SnapshotError> {
+    let cols: Vec<String> = def.data_columns().map(|c| quote::ident(&c.name)).collect();
+    let cols = cols.join(", ");
+    let filter = match pages {
+        None => String::new(),
+        Some((start, None)) => format!(" WHERE ctid >= '({start},0)'::tid"),
+        Some((start, Some(end))) => {
+            format!(" WHERE ctid >= '({start},0)'::tid AND ctid < '({end},0)'::tid")
+        }
+    };
+    let format = if text { "" } else { " (FORMAT binary)" };
+    let out_sql = format!(
+        "COPY (SELECT {cols} FROM {}{filter}) TO STDOUT{format}",
+        def.qualified()
+    );
+    let in_sql = format!("COPY {} ({cols}) FROM STDIN{format}", def.qualified());
+    let err = |e: tokio_postgres::Error| SnapshotError::Copy {
+        table: def.shown(),
+        error: PgError::from_sql("", e),
+    };
+    let pg_err = |error: PgError| SnapshotError::Copy {
+        table: def.shown(),
+        error,
+    };
+    src.copy_out(&out_sql).await.map_err(pg_err)?;
+    let sink = dst.copy_in(in_sql.as_str()).await.map_err(err)?;
+    futures_util::pin_mut!(sink);
+    while let Some(data) = src.copy_out_next(COPY_BUFFER).await.map_err(pg_err)? {
+        progress
+            .bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        sink.send(data).await.map_err(err)?;
+    }
+    let rows = sink.finish().await.map_err(err)?;
+    progress.rows.fetch_add(rows, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Binary COPY carries the type oids of array elements and composite fields; they differ
+/// between servers for user-defined types, so such tables go in text format.
+fn needs_text_format(def: &TableDef) -> bool {
+    let user_types: Vec<&str> = def.types.iter().map(|t| t.name()).collect();
+    def.data_columns().any(|c| {
+        let base = c.type_sql.trim_end_matches("[]");
+        c.type_sql.ends_with("[]") && user_types.contains(&base)
+    }) || def
+        .types
+        .iter()
+        .any(|t| matches!(t, catalog::TypeDef::Composite { .. }))
+}
+
+/// What the copy costs a table's changes: transactions committed before `copied_at`
+/// are in the copy. Loaded by a postgres sink at start.
+pub async fn copied_positions(
+    target: &Client,
+    name: &str,
+) -> Result<HashMap<(String, String), Lsn>, PgError> {
+    Ok(state::read(target, name)
+        .await?
+        .into_iter()
+        .filter_map(|(k, s)| match s {
+            CopyState::Done(lsn) => Some((k, lsn)),
+            CopyState::Copying { .. } => None,
+        })
+        .collect())
+}

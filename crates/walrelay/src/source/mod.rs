@@ -1,0 +1,3 @@
+//! Capture: where changes come from. `pgoutput` reads a logical replication slot.
+
+pub mod pgoutput;

@@ -1,0 +1,537 @@
+//! From pgoutput messages to events in commit order: keeps the relation and type caches,
+//! numbers the changes of each transaction, drops changes of tables the configuration does
+//! not select, and sends streamed transactions through spill files so that they come out
+//! whole, at their commit, in commit order.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use walrelay_model::{
+    builtin_type_name, Change, Column, Event, Lsn, NonTxnMessage, Oid, OldRow, Position, Relation,
+    ReplicaIdentity, Row, TxnBegin, TxnCommit, Value, Xid,
+};
+
+use super::decode::{OldTuple, PgOutputMessage, RawRelation};
+use super::spill::{SpillError, SpillReader, SpillWriter};
+use crate::config::TablePattern;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AssembleError {
+    #[error("replication stream out of order: {0}")]
+    Sequence(String),
+    #[error("change for relation oid {0} arrived before its Relation message")]
+    UnknownRelation(Oid),
+    #[error("{relation}: the server sent {got} values for {expected} columns")]
+    ColumnCount {
+        relation: String,
+        got: usize,
+        expected: usize,
+    },
+    #[error(transparent)]
+    Spill(#[from] SpillError),
+}
+
+struct RelationEntry {
+    relation: Arc<Relation>,
+    selected: bool,
+}
+
+/// A transaction sent whole (not streamed), between its Begin and Commit.
+struct OpenTxn {
+    begin: TxnBegin,
+    /// Begin is emitted with the first selected change, so that a transaction touching only
+    /// unselected tables leaves no trace but its position.
+    begun: bool,
+    seq: u64,
+}
+
+/// A committed streamed transaction, ready to be read back from its spill file.
+pub struct StreamedTxn {
+    /// For every sink (held back for a recent copy), not only those that want it whole.
+    pub for_all: bool,
+    pub begin: TxnBegin,
+    pub end_lsn: Lsn,
+    pub changes: SpillReader,
+}
+
+impl StreamedTxn {
+    /// Emit the next events of the transaction into `out`, at most `max` changes; returns
+    /// `false` once the commit has been emitted.
+    pub fn emit(
+        &mut self,
+        out: &mut Vec<Event>,
+        seq: &mut u64,
+        max: usize,
+    ) -> Result<bool, SpillError> {
+        if *seq == 0 {
+            if self.changes.remaining() == 0 {
+                // Nothing selected in it: only its position moves on.
+                out.push(Event::Keepalive(self.end_lsn));
+                return Ok(false);
+            }
+            out.push(Event::Begin(self.begin.clone()));
+        }
+        for _ in 0..max {
+            match self.changes.next_change()? {
+                Some(change) => {
+                    *seq += 1;
+                    out.push(Event::Change {
+                        position: Position::new(self.begin.commit_lsn, *seq),
+                        change,
+                    });
+                }
+                None => {
+                    out.push(Event::Commit(TxnCommit {
+                        xid: self.begin.xid,
+                        commit_lsn: self.begin.commit_lsn,
+                        end_lsn: self.end_lsn,
+                        commit_time: self.begin.commit_time,
+                        seq: *seq + 1,
+                    }));
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// What the sinks need of transactions that PostgreSQL streams before they commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamNeeds {
+    /// Stream events as they arrive (sinks that apply while the transaction streams).
+    pub events: bool,
+    /// The whole transaction at its commit, from a spill file (sinks that want commit order).
+    pub whole: bool,
+    /// Streamed transactions whose first chunk comes before this position go whole to
+    /// every sink: a table copied at this position needs their commit position before their
+    /// changes (see `snapshot`).
+    pub whole_until: Lsn,
+}
+
+pub struct Assembler {
+    tables: Vec<TablePattern>,
+    needs: StreamNeeds,
+    relations: HashMap<Oid, RelationEntry>,
+    types: HashMap<Oid, String>,
+    txn: Option<OpenTxn>,
+    /// The streamed transaction whose chunk is being received (between Stream Start and Stop).
+    stream: Option<Xid>,
+    streams: HashMap<Xid, SpillWriter>,
+    /// Streamed transactions held back whole for every sink.
+    held_back: std::collections::HashSet<Xid>,
+    /// The WAL position of the latest message.
+    position: Lsn,
+    spill_dir: PathBuf,
+    spill_prefix: String,
+}
+
+impl Assembler {
+    pub fn new(
+        tables: Vec<TablePattern>,
+        needs: StreamNeeds,
+        spill_dir: PathBuf,
+        spill_prefix: String,
+    ) -> Self {
+        Assembler {
+            tables,
+            needs,
+            relations: HashMap::new(),
+            types: HashMap::new(),
+            txn: None,
+            stream: None,
+            streams: HashMap::new(),
+            held_back: std::collections::HashSet::new(),
+            position: Lsn::ZERO,
+            spill_dir,
+            spill_prefix,
+        }
+    }
+
+    /// Inside a stream chunk: transactional messages carry a transaction id.
+    pub fn in_stream(&self) -> bool {
+        self.stream.is_some()
+    }
+
+    /// Between the Begin and Commit of a transaction sent whole. A keepalive received now
+    /// must not be taken as "everything before this is sent".
+    pub fn in_transaction(&self) -> bool {
+        self.txn.is_some()
+    }
+
+    /// The WAL position the next message comes from.
+    pub fn set_position(&mut self, lsn: Lsn) {
+        self.position = self.position.max(lsn);
+    }
+
+    /// Streamed transactions waiting for their commit.
+    pub fn pending_streams(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// Take one message. Events go to `out`; a committed streamed transaction is returned for
+    /// the caller to read back (it may be far too large for `out`).
+    pub fn handle(
+        &mut self,
+        msg: PgOutputMessage,
+        out: &mut Vec<Event>,
+    ) -> Result<Option<StreamedTxn>, AssembleError> {
+        use PgOutputMessage as M;
+        match msg {
+            M::Begin {
+                final_lsn,
+                commit_time,
+                xid,
+            } => {
+                if self.txn.is_some() || self.stream.is_some() {
+                    return Err(seq_err("Begin inside another transaction"));
+                }
+                self.txn = Some(OpenTxn {
+                    begin: TxnBegin {
+                        xid,
+                        commit_lsn: final_lsn,
+                        commit_time,
+                        origin: None,
+                    },
+                    begun: false,
+                    seq: 0,
+                });
+            }
+            M::Commit {
+                commit_lsn,
+                end_lsn,
+                commit_time,
+            } => {
+                let txn = self
+                    .txn
+                    .take()
+                    .ok_or_else(|| seq_err("Commit without Begin"))?;
+                if txn.begin.commit_lsn != commit_lsn {
+                    return Err(seq_err(&format!(
+                        "Commit at {commit_lsn} for a transaction that began for {}",
+                        txn.begin.commit_lsn
+                    )));
+                }
+                if txn.begun {
+                    out.push(Event::Commit(TxnCommit {
+                        xid: txn.begin.xid,
+                        commit_lsn,
+                        end_lsn,
+                        commit_time,
+                        seq: txn.seq + 1,
+                    }));
+                } else {
+                    out.push(Event::Keepalive(end_lsn));
+                }
+            }
+            M::Origin { name, .. } => {
+                if let Some(xid) = self.stream {
+                    if let Some(w) = self.streams.get_mut(&xid) {
+                        w.origin = Some(name);
+                    }
+                } else if let Some(txn) = self.txn.as_mut() {
+                    txn.begin.origin = Some(name);
+                } else {
+                    return Err(seq_err("Origin outside a transaction"));
+                }
+            }
+            M::Relation { relation, .. } => self.add_relation(relation),
+            M::Type {
+                oid, schema, name, ..
+            } => {
+                let qualified = if schema == "pg_catalog" {
+                    name
+                } else {
+                    format!("{schema}.{name}")
+                };
+                self.types.insert(oid, qualified);
+            }
+            M::Insert { xid, relid, new } => {
+                if let Some(rel) = self.selected(relid)? {
+                    let new = self.row(&rel, new)?;
+                    self.change(xid, Change::Insert { relation: rel, new }, out)?;
+                }
+            }
+            M::Update {
+                xid,
+                relid,
+                old,
+                new,
+            } => {
+                if let Some(rel) = self.selected(relid)? {
+                    let old = old.map(|o| self.old_row(&rel, o)).transpose()?;
+                    let new = self.row(&rel, new)?;
+                    self.change(
+                        xid,
+                        Change::Update {
+                            relation: rel,
+                            old,
+                            new,
+                        },
+                        out,
+                    )?;
+                }
+            }
+            M::Delete { xid, relid, old } => {
+                if let Some(rel) = self.selected(relid)? {
+                    let old = self.old_row(&rel, old)?;
+                    self.change(xid, Change::Delete { relation: rel, old }, out)?;
+                }
+            }
+            M::Truncate {
+                xid,
+                cascade,
+                restart_identity,
+                relids,
+            } => {
+                let mut relations = Vec::new();
+                for relid in relids {
+                    if let Some(rel) = self.selected(relid)? {
+                        relations.push(rel);
+                    }
+                }
+                if !relations.is_empty() {
+                    let change = Change::Truncate {
+                        relations,
+                        cascade,
+                        restart_identity,
+                    };
+                    self.change(xid, change, out)?;
+                }
+            }
+            M::Message {
+                xid,
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => {
+                if transactional {
+                    self.change(xid, Change::Message { prefix, content }, out)?;
+                } else {
+                    out.push(Event::Message(NonTxnMessage {
+                        lsn,
+                        prefix,
+                        content,
+                    }));
+                }
+            }
+            M::StreamStart { xid, .. } => {
+                if self.stream.is_some() || self.txn.is_some() {
+                    return Err(seq_err("Stream Start inside a transaction or stream"));
+                }
+                if !self.streams.contains_key(&xid) {
+                    let hold = self.position < self.needs.whole_until;
+                    if hold {
+                        self.held_back.insert(xid);
+                    }
+                    let w = SpillWriter::create(
+                        &self.spill_dir,
+                        &self.spill_prefix,
+                        xid,
+                        self.needs.whole || hold,
+                    )?;
+                    self.streams.insert(xid, w);
+                }
+                self.stream = Some(xid);
+            }
+            M::StreamStop => {
+                if self.stream.take().is_none() {
+                    return Err(seq_err("Stream Stop without Stream Start"));
+                }
+            }
+            M::StreamCommit {
+                xid,
+                commit_lsn,
+                end_lsn,
+                commit_time,
+            } => {
+                if self.stream.is_some() || self.txn.is_some() {
+                    return Err(seq_err("Stream Commit inside a transaction or stream"));
+                }
+                let w = self.streams.remove(&xid).ok_or_else(|| {
+                    seq_err(&format!("Stream Commit for unknown transaction {xid}"))
+                })?;
+                let begin = TxnBegin {
+                    xid,
+                    commit_lsn,
+                    commit_time,
+                    origin: w.origin.clone(),
+                };
+                let held = self.held_back.remove(&xid);
+                if self.needs.events && !held {
+                    out.push(Event::StreamCommit {
+                        begin: begin.clone(),
+                        commit: TxnCommit {
+                            xid,
+                            commit_lsn,
+                            end_lsn,
+                            commit_time,
+                            seq: w.len() + 1,
+                        },
+                    });
+                }
+                if !self.needs.whole && !held {
+                    w.discard();
+                    return Ok(None);
+                }
+                return Ok(Some(StreamedTxn {
+                    for_all: held,
+                    begin,
+                    end_lsn,
+                    changes: w.into_reader()?,
+                }));
+            }
+            M::StreamAbort { xid, subxid } => {
+                if self.stream.is_some() || self.txn.is_some() {
+                    return Err(seq_err("Stream Abort inside a transaction or stream"));
+                }
+                let held = self.held_back.contains(&xid);
+                if self.needs.events && !held && self.streams.contains_key(&xid) {
+                    out.push(Event::StreamAbort { xid, subxid });
+                }
+                if xid == subxid {
+                    self.held_back.remove(&xid);
+                    if let Some(w) = self.streams.remove(&xid) {
+                        w.discard();
+                    }
+                } else if let Some(w) = self.streams.get_mut(&xid) {
+                    w.abort_subxact(subxid)?;
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn add_relation(&mut self, raw: RawRelation) {
+        let columns = raw
+            .columns
+            .into_iter()
+            .map(|c| Column {
+                type_name: builtin_type_name(c.type_oid)
+                    .map(str::to_string)
+                    .or_else(|| self.types.get(&c.type_oid).cloned())
+                    .unwrap_or_else(|| format!("oid:{}", c.type_oid)),
+                name: c.name,
+                type_oid: c.type_oid,
+                type_modifier: c.type_modifier,
+                is_key: c.is_key,
+            })
+            .collect();
+        let selected = self
+            .tables
+            .iter()
+            .any(|p| p.matches(&raw.schema, &raw.name));
+        let relation = Arc::new(Relation {
+            oid: raw.oid,
+            schema: raw.schema,
+            name: raw.name,
+            replica_identity: ReplicaIdentity::from_code(raw.replica_identity)
+                .unwrap_or(ReplicaIdentity::Default),
+            columns,
+        });
+        self.relations
+            .insert(raw.oid, RelationEntry { relation, selected });
+    }
+
+    fn selected(&self, relid: Oid) -> Result<Option<Arc<Relation>>, AssembleError> {
+        let entry = self
+            .relations
+            .get(&relid)
+            .ok_or(AssembleError::UnknownRelation(relid))?;
+        Ok(entry.selected.then(|| entry.relation.clone()))
+    }
+
+    fn row(&self, rel: &Relation, values: Vec<Value>) -> Result<Row, AssembleError> {
+        if values.len() != rel.columns.len() {
+            return Err(AssembleError::ColumnCount {
+                relation: rel.qualified_name().to_string(),
+                got: values.len(),
+                expected: rel.columns.len(),
+            });
+        }
+        Ok(Row(values))
+    }
+
+    fn old_row(&self, rel: &Relation, old: OldTuple) -> Result<OldRow, AssembleError> {
+        Ok(match old {
+            OldTuple::Full(values) => OldRow::Full(self.row(rel, values)?),
+            OldTuple::Key(values) => {
+                let row = self.row(rel, values)?;
+                // The server sends every column; those outside the key are placeholders.
+                let key = rel
+                    .columns
+                    .iter()
+                    .zip(row.0)
+                    .filter(|(c, _)| c.is_key)
+                    .map(|(_, v)| v)
+                    .collect();
+                OldRow::Key(Row(key))
+            }
+        })
+    }
+
+    fn change(
+        &mut self,
+        xid: Option<Xid>,
+        change: Change,
+        out: &mut Vec<Event>,
+    ) -> Result<(), AssembleError> {
+        if let Some(top) = self.stream {
+            let subxid = xid.unwrap_or(top);
+            let w = self
+                .streams
+                .get_mut(&top)
+                .ok_or_else(|| seq_err("change for a stream that was not started"))?;
+            let held = self.held_back.contains(&top);
+            let (for_event, for_spill) =
+                match (self.needs.events && !held, self.needs.whole || held) {
+                    (true, true) => (Some(change.clone()), Some(change)),
+                    (true, false) => (Some(change), None),
+                    (false, _) => (None, Some(change)),
+                };
+            match for_spill {
+                Some(c) => w.append(subxid, c)?,
+                None => w.note(subxid),
+            }
+            if let Some(change) = for_event {
+                out.push(Event::StreamChange {
+                    xid: top,
+                    subxid,
+                    change,
+                });
+            }
+            return Ok(());
+        }
+        let txn = self
+            .txn
+            .as_mut()
+            .ok_or_else(|| seq_err("change outside a transaction"))?;
+        if !txn.begun {
+            txn.begun = true;
+            out.push(Event::Begin(txn.begin.clone()));
+        }
+        txn.seq += 1;
+        out.push(Event::Change {
+            position: Position::new(txn.begin.commit_lsn, txn.seq),
+            change,
+        });
+        Ok(())
+    }
+}
+
+impl Drop for Assembler {
+    fn drop(&mut self) {
+        for (_, w) in self.streams.drain() {
+            w.discard();
+        }
+    }
+}
+
+fn seq_err(what: &str) -> AssembleError {
+    AssembleError::Sequence(what.to_string())
+}
+
+#[cfg(test)]
+mod tests;

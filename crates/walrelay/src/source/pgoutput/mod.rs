@@ -1,0 +1,380 @@
+//! The pgoutput source: a logical replication slot read over the streaming replication
+//! protocol, decoded into committed transactions in commit order.
+//!
+//! The loop reads messages, batches the events they make, and hands each batch to every
+//! sink, waiting when a sink's queue is full. Whatever it is doing, a standby status update
+//! goes to the server at least every `status_interval` (with a reply requested, so the
+//! server answers with its position and an idle slot moves forward). The flush position in
+//! those updates is the lowest position every sink holds durably: nothing the server
+//! forgets can be lost.
+
+pub mod assemble;
+pub mod decode;
+pub mod setup;
+pub mod spill;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::time::{Interval, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use walrelay_model::{Event, Lsn};
+
+use crate::config::SourceConfig;
+use crate::pg::conninfo::ConnInfo;
+use crate::pg::replication::{ReplicationConnection, ReplicationMessage};
+use crate::pg::{sql, PgError};
+use crate::pipeline::{ack_position, Fanout};
+use assemble::{AssembleError, Assembler, StreamNeeds};
+use decode::DecodeError;
+use spill::SpillError;
+
+/// Resolves when any sink's durable position changes. A sink that ended never resolves
+/// here; the pipeline notices it when delivering.
+async fn durable_moved(watches: &mut [tokio::sync::watch::Receiver<Lsn>]) {
+    if watches.is_empty() {
+        return std::future::pending().await;
+    }
+    let changes = watches.iter_mut().map(|w| {
+        Box::pin(async move {
+            if w.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        })
+    });
+    futures_util::future::select_all(changes).await;
+}
+
+/// Which sinks a batch is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Audience {
+    All,
+    /// Only sinks that take streamed transactions whole, at their commit.
+    Whole,
+}
+
+/// Events per batch handed to the sinks; a streamed transaction is read back in batches of
+/// this many changes.
+const BATCH_EVENTS: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error("decoding the replication stream: {0}")]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Assemble(#[from] AssembleError),
+    #[error(transparent)]
+    Spill(#[from] SpillError),
+    /// Something the operator must fix before capture can start.
+    #[error("{0}")]
+    Setup(String),
+    #[error("the server ended the replication stream")]
+    StreamEnded,
+    #[error("sink {0} stopped")]
+    SinkClosed(String),
+    #[error("stopped")]
+    Stopped,
+}
+
+impl SourceError {
+    /// Worth retrying after a pause (the connection dropped, the server restarts).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SourceError::Pg(e) => e.is_transient(),
+            SourceError::StreamEnded => true,
+            _ => false,
+        }
+    }
+}
+
+/// What `prepare` found and made ready.
+pub struct Prepared {
+    pub info: ConnInfo,
+    /// The slot's confirmed position: everything before it was acknowledged earlier.
+    pub confirmed: Lsn,
+    pub status_interval: Duration,
+    /// Created now (not found), so there is no history to resume.
+    pub created_slot: bool,
+    /// The tables captured, as (schema, name).
+    pub tables: Vec<(String, String)>,
+    /// The snapshot the slot exported when it was created now (valid until streaming).
+    pub snapshot: Option<crate::snapshot::SnapshotPoint>,
+    conn: ReplicationConnection,
+}
+
+/// Check the server, select the tables, make the publication and the slot. After this the
+/// sinks can be opened at `confirmed`, then `start` begins the stream.
+pub async fn prepare(cfg: &SourceConfig) -> Result<Prepared, SourceError> {
+    let info = cfg
+        .url
+        .resolve()
+        .map_err(|e| SourceError::Setup(format!("source.url: {e}")))?;
+    let client = sql::connect(&info).await?;
+    let facts = setup::server_facts(&client).await?;
+    if let Some(problem) = setup::server_problems(&facts).into_iter().next() {
+        return Err(SourceError::Setup(problem));
+    }
+    let tables = setup::select_tables(&client, &cfg.tables).await?;
+    if let Some(t) = tables.iter().find(|t| !t.has_replica_identity()) {
+        return Err(SourceError::Setup(t.identity_advice()));
+    }
+    if tables.is_empty() {
+        return Err(SourceError::Setup(
+            "source.tables selects no table on the source: nothing to capture".into(),
+        ));
+    }
+    setup::ensure_publication(&client, &cfg.publication, &tables).await?;
+
+    let mut conn = ReplicationConnection::connect(&info).await?;
+    let (confirmed, created_slot, snapshot) = match setup::slot_info(&client, &cfg.slot).await? {
+        Some(slot) => {
+            if let Some(problem) = setup::slot_problem(&cfg.slot, &slot, &facts.database) {
+                return Err(SourceError::Setup(problem));
+            }
+            let slot = setup::wait_until_released(&client, &cfg.slot, slot).await?;
+            (slot.confirmed_flush.unwrap_or(Lsn::ZERO), false, None)
+        }
+        None => {
+            let (lsn, name) = setup::create_slot(&mut conn, &cfg.slot).await?;
+            let snapshot = name.map(|name| crate::snapshot::SnapshotPoint { name, lsn });
+            (lsn, true, snapshot)
+        }
+    };
+    let status_interval = match facts.wal_sender_timeout {
+        Some(t) => cfg.status_interval.min(t / 2),
+        None => cfg.status_interval,
+    };
+    tracing::info!(
+        server = %info.describe(),
+        slot = %cfg.slot,
+        confirmed = %confirmed,
+        tables = tables.len(),
+        "source ready"
+    );
+    Ok(Prepared {
+        info,
+        confirmed,
+        status_interval,
+        created_slot,
+        tables: tables.into_iter().map(|t| (t.schema, t.name)).collect(),
+        snapshot,
+        conn,
+    })
+}
+
+pub struct PgOutputSource {
+    conn: ReplicationConnection,
+    assembler: Assembler,
+    ticker: Interval,
+    start: Lsn,
+    /// Highest WAL position the server has told us of.
+    received: Lsn,
+    /// Highest flush position sent to the server.
+    acked: Lsn,
+    /// The sinks' durable positions, to confirm as soon as one moves.
+    durable_watches: Vec<tokio::sync::watch::Receiver<Lsn>>,
+}
+
+impl PgOutputSource {
+    /// Open the stream from the slot's confirmed position.
+    pub async fn start(
+        prepared: Prepared,
+        cfg: &SourceConfig,
+        needs: StreamNeeds,
+        spill_dir: PathBuf,
+    ) -> Result<Self, SourceError> {
+        let mut conn = prepared.conn;
+        spill::prepare_dir(&spill_dir, &cfg.slot)?;
+        conn.start_replication(&setup::start_command(cfg, prepared.confirmed))
+            .await?;
+        let mut ticker = tokio::time::interval(prepared.status_interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Ok(PgOutputSource {
+            conn,
+            assembler: Assembler::new(cfg.tables.clone(), needs, spill_dir, cfg.slot.clone()),
+            ticker,
+            start: prepared.confirmed,
+            received: prepared.confirmed,
+            acked: prepared.confirmed,
+            durable_watches: Vec::new(),
+        })
+    }
+
+    /// Stream until `cancel` fires (then `Ok`) or something fails.
+    pub async fn run(
+        &mut self,
+        fanout: &Fanout,
+        cancel: &CancellationToken,
+    ) -> Result<(), SourceError> {
+        let mut batch = Vec::with_capacity(BATCH_EVENTS);
+        self.durable_watches = fanout.sinks().iter().map(|s| s.durable.clone()).collect();
+        let r = self.run_inner(fanout, cancel, &mut batch).await;
+        match r {
+            Err(SourceError::Stopped) => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn run_inner(
+        &mut self,
+        fanout: &Fanout,
+        cancel: &CancellationToken,
+        batch: &mut Vec<Event>,
+    ) -> Result<(), SourceError> {
+        loop {
+            let msg = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Ok(()),
+                _ = self.ticker.tick() => {
+                    self.send_status(&fanout.durable(), true).await?;
+                    continue;
+                }
+                _ = durable_moved(&mut self.durable_watches) => {
+                    self.confirm_if_moved(fanout).await?;
+                    continue;
+                }
+                m = self.conn.recv() => m?,
+            };
+            self.handle(msg, batch, fanout, cancel).await?;
+            // Take what has already arrived without waiting, to fill the batch.
+            while batch.len() < BATCH_EVENTS {
+                match self.conn.try_recv_buffered()? {
+                    Some(m) => self.handle(m, batch, fanout, cancel).await?,
+                    None => break,
+                }
+            }
+            if !batch.is_empty() {
+                self.deliver_to(std::mem::take(batch), fanout, cancel, Audience::All)
+                    .await?;
+            }
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        msg: ReplicationMessage,
+        batch: &mut Vec<Event>,
+        fanout: &Fanout,
+        cancel: &CancellationToken,
+    ) -> Result<(), SourceError> {
+        match msg {
+            ReplicationMessage::XLogData { wal_end, data, .. } => {
+                self.received = self.received.max(wal_end);
+                self.assembler.set_position(wal_end);
+                let message = decode::decode(&data, self.assembler.in_stream())?;
+                if let Some(mut txn) = self.assembler.handle(message, batch)? {
+                    tracing::debug!(
+                        xid = txn.begin.xid,
+                        changes = txn.changes.remaining(),
+                        "streamed transaction committed; reading it back from its spill file"
+                    );
+                    // A streamed transaction committed: read it back in batches, after
+                    // what came before it, for the sinks that take transactions whole.
+                    if !batch.is_empty() {
+                        self.deliver_to(std::mem::take(batch), fanout, cancel, Audience::All)
+                            .await?;
+                    }
+                    let mut seq = 0;
+                    loop {
+                        let mut chunk = Vec::with_capacity(BATCH_EVENTS + 2);
+                        let more = txn.emit(&mut chunk, &mut seq, BATCH_EVENTS)?;
+                        let audience = if txn.for_all {
+                            Audience::All
+                        } else {
+                            Audience::Whole
+                        };
+                        self.deliver_to(chunk, fanout, cancel, audience).await?;
+                        if !more {
+                            break;
+                        }
+                    }
+                }
+            }
+            ReplicationMessage::Keepalive {
+                wal_end,
+                reply_requested,
+            } => {
+                self.received = self.received.max(wal_end);
+                // Outside a transaction the server has sent every commit before wal_end,
+                // so once the sinks hold what came before, wal_end is safe to confirm.
+                if !self.assembler.in_transaction() {
+                    if let Some(Event::Keepalive(last)) = batch.last_mut() {
+                        *last = (*last).max(wal_end);
+                    } else {
+                        batch.push(Event::Keepalive(wal_end));
+                    }
+                }
+                if reply_requested {
+                    self.send_status(&fanout.durable(), false).await?;
+                }
+            }
+            ReplicationMessage::CopyDone => return Err(SourceError::StreamEnded),
+        }
+        Ok(())
+    }
+
+    /// Hand a batch to the sinks of `audience`, waiting for room, and keep the server
+    /// informed meanwhile.
+    async fn deliver_to(
+        &mut self,
+        batch: Vec<Event>,
+        fanout: &Fanout,
+        cancel: &CancellationToken,
+        audience: Audience,
+    ) -> Result<(), SourceError> {
+        let batch = std::sync::Arc::new(batch);
+        let sinks = fanout
+            .sinks()
+            .iter()
+            .filter(|s| audience == Audience::All || !s.applies_streams);
+        for sink in sinks {
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => return Err(SourceError::Stopped),
+                    permit = sink.input.reserve() => {
+                        match permit {
+                            Ok(p) => p.send(batch.clone()),
+                            Err(_) => return Err(SourceError::SinkClosed(sink.name.clone())),
+                        }
+                        break;
+                    }
+                    _ = self.ticker.tick() => self.send_status(&fanout.durable(), true).await?,
+                    _ = durable_moved(&mut self.durable_watches) => self.confirm_if_moved(fanout).await?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Confirm at once what every sink now holds, if that is more than already confirmed:
+    /// the server can free WAL sooner, and the lag it reports stays small.
+    async fn confirm_if_moved(&mut self, fanout: &Fanout) -> Result<(), SourceError> {
+        let durable = fanout.durable();
+        if ack_position(self.start, &durable, self.acked) > self.acked {
+            self.send_status(&durable, false).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_status(&mut self, sinks_durable: &[Lsn], reply: bool) -> Result<(), SourceError> {
+        let flush = ack_position(self.start, sinks_durable, self.acked);
+        let write = self.received.max(flush);
+        self.conn.send_status(write, flush, flush, reply).await?;
+        if flush > self.acked {
+            tracing::debug!(flush = %flush, "confirmed to the source");
+        }
+        self.acked = flush;
+        Ok(())
+    }
+
+    /// After the sinks have finished: confirm what they hold and end the stream.
+    pub async fn finish(mut self, sinks_durable: &[Lsn]) -> Result<Lsn, SourceError> {
+        self.send_status(sinks_durable, false).await?;
+        let acked = self.acked;
+        self.conn.finish().await?;
+        Ok(acked)
+    }
+}

@@ -1,0 +1,406 @@
+//! Preparing the source server for capture: the checks that make `run` fail early with a
+//! clear message, the tables the patterns select, the publication, and the slot.
+//!
+//! Order matters: the publication is created before the slot, because pgoutput looks the
+//! publication up as of each change it decodes, and a slot older than its publication
+//! fails with "publication does not exist".
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+use walrelay_model::{Lsn, QualifiedName};
+
+use super::SourceError;
+use crate::config::{NamePattern, SourceConfig, TablePattern};
+use crate::pg::replication::ReplicationConnection;
+use crate::pg::{quote, PgError};
+
+/// A table the configuration selects, with what the checks need to know of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelectedTable {
+    pub schema: String,
+    pub name: String,
+    /// `pg_class.relreplident`: d(efault), n(othing), f(ull), i(ndex).
+    pub replica_identity: char,
+    pub has_primary_key: bool,
+}
+
+impl SelectedTable {
+    pub fn qualified_name(&self) -> QualifiedName<'_> {
+        QualifiedName {
+            schema: &self.schema,
+            name: &self.name,
+        }
+    }
+
+    /// Updates and deletes of this table can be published: PostgreSQL refuses UPDATE and
+    /// DELETE on a published table without a replica identity, so publishing such a table
+    /// would break the application's writes.
+    pub fn has_replica_identity(&self) -> bool {
+        match self.replica_identity {
+            'f' | 'i' => true,
+            'd' => self.has_primary_key,
+            _ => false,
+        }
+    }
+
+    pub fn identity_advice(&self) -> String {
+        format!(
+            "table {} has no primary key or replica identity: add a primary key, or run ALTER TABLE {} REPLICA IDENTITY FULL (or USING INDEX on a unique index of NOT NULL columns)",
+            self.qualified_name(),
+            quote::qualified(&self.schema, &self.name)
+        )
+    }
+}
+
+/// The slot as `pg_replication_slots` shows it.
+#[derive(Debug, Clone)]
+pub struct SlotInfo {
+    pub plugin: Option<String>,
+    pub slot_type: String,
+    pub database: Option<String>,
+    pub active_pid: Option<i32>,
+    pub confirmed_flush: Option<Lsn>,
+    pub wal_status: Option<String>,
+}
+
+fn sql_err(context: &str) -> impl FnOnce(tokio_postgres::Error) -> SourceError + '_ {
+    move |e| SourceError::Pg(PgError::from_sql(context, e))
+}
+
+/// Server settings walrelay depends on.
+pub struct ServerFacts {
+    pub wal_level: String,
+    pub version_num: i32,
+    pub encoding: String,
+    pub wal_sender_timeout: Option<Duration>,
+    pub max_replication_slots: i64,
+    pub used_replication_slots: i64,
+    pub max_wal_senders: i64,
+    pub used_wal_senders: i64,
+    pub is_superuser: bool,
+    pub has_replication: bool,
+    pub current_user: String,
+    pub database: String,
+}
+
+pub async fn server_facts(client: &Client) -> Result<ServerFacts, SourceError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('wal_level'),
+                    current_setting('server_version_num')::int4,
+                    current_setting('server_encoding'),
+                    (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_sender_timeout'),
+                    current_setting('max_replication_slots')::int8,
+                    (SELECT count(*) FROM pg_replication_slots),
+                    current_setting('max_wal_senders')::int8,
+                    (SELECT count(*) FROM pg_stat_replication),
+                    r.rolsuper, r.rolreplication, current_user::text, current_database()::text
+             FROM pg_roles r WHERE r.rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(sql_err("reading server settings"))?;
+    let timeout_ms: Option<i64> = row.get(3);
+    Ok(ServerFacts {
+        wal_level: row.get(0),
+        version_num: row.get(1),
+        encoding: row.get(2),
+        wal_sender_timeout: timeout_ms
+            .filter(|&ms| ms > 0)
+            .map(|ms| Duration::from_millis(ms as u64)),
+        max_replication_slots: row.get(4),
+        used_replication_slots: row.get(5),
+        max_wal_senders: row.get(6),
+        used_wal_senders: row.get(7),
+        is_superuser: row.get(8),
+        has_replication: row.get(9),
+        current_user: row.get(10),
+        database: row.get(11),
+    })
+}
+
+/// The problems that stop capture before it starts, each with what to do.
+pub fn server_problems(f: &ServerFacts) -> Vec<String> {
+    let mut problems = Vec::new();
+    if f.version_num < 140000 {
+        problems.push(format!(
+            "the source runs PostgreSQL {}.{}; walrelay needs 14 or later (pgoutput protocol version 2)",
+            f.version_num / 10000,
+            f.version_num % 100
+        ));
+    }
+    if f.wal_level != "logical" {
+        problems.push(format!(
+            "wal_level is '{}' on the source: set wal_level = logical in postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart the server",
+            f.wal_level
+        ));
+    }
+    if f.encoding != "UTF8" {
+        problems.push(format!(
+            "the source database is encoded {}; walrelay needs UTF8 (events are JSON text)",
+            f.encoding
+        ));
+    }
+    if !f.is_superuser && !f.has_replication {
+        problems.push(format!(
+            "role {} may not start replication: ALTER ROLE {} REPLICATION (or use a superuser)",
+            f.current_user,
+            quote::ident(&f.current_user)
+        ));
+    }
+    problems
+}
+
+/// The tables the patterns select, in a stable order. An exact name that matches nothing is
+/// an error; a wildcard that matches nothing is only worth a warning.
+pub async fn select_tables(
+    client: &Client,
+    patterns: &[TablePattern],
+) -> Result<Vec<SelectedTable>, SourceError> {
+    let mut out: Vec<SelectedTable> = Vec::new();
+    for p in patterns {
+        let exact = |n: &NamePattern| match n {
+            NamePattern::Exact(s) => Some(s.clone()),
+            NamePattern::Any => None,
+        };
+        let (schema, table) = (exact(&p.schema), exact(&p.table));
+        // Partitions are left out of wildcards: the publication publishes them through
+        // their root (publish_via_partition_root), which the wildcard selects.
+        let rows = client
+            .query(
+                "SELECT n.nspname::text, c.relname::text, c.relreplident::text,
+                        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE c.relkind IN ('r', 'p')
+                   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                   AND n.nspname NOT LIKE 'pg\\_toast%'
+                   AND n.nspname NOT LIKE 'pg\\_temp%'
+                   AND ($1::text IS NULL OR n.nspname = $1)
+                   AND ($2::text IS NULL OR c.relname = $2)
+                   AND (($1::text IS NOT NULL AND $2::text IS NOT NULL) OR NOT c.relispartition)
+                 ORDER BY 1, 2",
+                &[&schema, &table],
+            )
+            .await
+            .map_err(sql_err("listing the configured tables"))?;
+        if rows.is_empty() {
+            if schema.is_some() && table.is_some() {
+                return Err(SourceError::Setup(format!(
+                    "table {p} in source.tables does not exist on the source (names are case-sensitive when quoted)"
+                )));
+            }
+            tracing::warn!(pattern = %p, "source.tables pattern matches no table");
+        }
+        for r in rows {
+            let t = SelectedTable {
+                schema: r.get(0),
+                name: r.get(1),
+                replica_identity: r.get::<_, String>(2).chars().next().unwrap_or('d'),
+                has_primary_key: r.get(3),
+            };
+            if !out.contains(&t) {
+                out.push(t);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether the publication exists, and which of `tables` it does not publish yet.
+pub async fn publication_gaps<'t>(
+    client: &Client,
+    name: &str,
+    tables: &'t [SelectedTable],
+) -> Result<(bool, Vec<&'t SelectedTable>), SourceError> {
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
+        .await
+        .map_err(sql_err("looking up the publication"))?
+        .is_some();
+    let rows = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[&name],
+        )
+        .await
+        .map_err(sql_err("listing the publication's tables"))?;
+    let published: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let missing = tables
+        .iter()
+        .filter(|t| {
+            !published
+                .iter()
+                .any(|(s, n)| *s == t.schema && *n == t.name)
+        })
+        .collect();
+    Ok((exists, missing))
+}
+
+/// Create the publication for `tables`, or add the tables it lacks. Tables it has beyond
+/// these are left alone (another consumer may use them); walrelay filters their changes.
+pub async fn ensure_publication(
+    client: &Client,
+    name: &str,
+    tables: &[SelectedTable],
+) -> Result<(), SourceError> {
+    let (exists, missing) = publication_gaps(client, name, tables).await?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let advice = |e: tokio_postgres::Error| {
+        let pg = PgError::from_sql(format!("publication {name}"), e);
+        match pg.code() {
+            Some("42501") => SourceError::Setup(format!(
+                "{pg}: creating or altering a publication needs CREATE on the database and ownership of the tables; have a superuser or the table owner run walrelay once, or create the publication yourself: CREATE PUBLICATION {} FOR TABLE ...",
+                quote::ident(name)
+            )),
+            _ => SourceError::Pg(pg),
+        }
+    };
+    let list: Vec<String> = missing
+        .iter()
+        .map(|t| quote::qualified(&t.schema, &t.name))
+        .collect();
+    let sql = if exists {
+        format!(
+            "ALTER PUBLICATION {} ADD TABLE {}",
+            quote::ident(name),
+            list.join(", ")
+        )
+    } else {
+        format!(
+            "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
+            quote::ident(name),
+            list.join(", ")
+        )
+    };
+    client.batch_execute(&sql).await.map_err(advice)?;
+    tracing::info!(
+        publication = name,
+        tables = missing.len(),
+        "{}",
+        if exists {
+            "added tables to publication"
+        } else {
+            "created publication"
+        }
+    );
+    Ok(())
+}
+
+pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, slot_type, database::text, active_pid,
+                    confirmed_flush_lsn::text, wal_status
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(sql_err("looking up the replication slot"))?;
+    Ok(row.map(|r| SlotInfo {
+        plugin: r.get(0),
+        slot_type: r.get(1),
+        database: r.get(2),
+        active_pid: r.get(3),
+        confirmed_flush: r.get::<_, Option<String>>(4).and_then(|s| s.parse().ok()),
+        wal_status: r.get(5),
+    }))
+}
+
+/// How long a slot may stay held by a previous consumer before that is an error: after a
+/// crash, the server notices the dead connection and frees the slot within moments.
+const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(10);
+
+/// Wait for the slot to be free. Another live consumer holding it is an error.
+pub async fn wait_until_released(
+    client: &Client,
+    slot: &str,
+    mut info: SlotInfo,
+) -> Result<SlotInfo, SourceError> {
+    let deadline = tokio::time::Instant::now() + SLOT_RELEASE_WAIT;
+    let mut logged = false;
+    while let Some(pid) = info.active_pid {
+        if tokio::time::Instant::now() > deadline {
+            return Err(SourceError::Setup(format!(
+                "slot {slot} is in use by server process {pid}: is another walrelay running with this slot? Stop it, or choose another source.slot"
+            )));
+        }
+        if !logged {
+            tracing::info!(
+                slot,
+                pid,
+                "waiting for the slot's previous consumer to let go"
+            );
+            logged = true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        info = slot_info(client, slot).await?.ok_or_else(|| {
+            SourceError::Setup(format!("slot {slot} was dropped while walrelay started"))
+        })?;
+    }
+    Ok(info)
+}
+
+/// Why an existing slot cannot be used by this configuration, if it cannot.
+pub fn slot_problem(slot: &str, info: &SlotInfo, database: &str) -> Option<String> {
+    if info.slot_type != "logical" {
+        return Some(format!(
+            "slot {slot} is a {} slot; walrelay needs a logical slot: choose another source.slot, or drop it with SELECT pg_drop_replication_slot('{slot}')",
+            info.slot_type
+        ));
+    }
+    if info.plugin.as_deref() != Some("pgoutput") {
+        return Some(format!(
+            "slot {slot} uses plugin {}; walrelay needs pgoutput: choose another source.slot",
+            info.plugin.as_deref().unwrap_or("(none)")
+        ));
+    }
+    if info.database.as_deref() != Some(database) {
+        return Some(format!(
+            "slot {slot} belongs to database {}, not {database}: choose another source.slot",
+            info.database.as_deref().unwrap_or("(none)")
+        ));
+    }
+    if info.wal_status.as_deref() == Some("lost") {
+        return Some(format!(
+            "slot {slot} has lost WAL it needed (max_slot_wal_keep_size): changes are missing; drop the slot and copy the tables again"
+        ));
+    }
+    None
+}
+
+/// Create the slot over the replication connection; its consistent point is where capture
+/// starts. It exports its snapshot (valid while the connection stays idle) for the copy.
+pub async fn create_slot(
+    conn: &mut ReplicationConnection,
+    slot: &str,
+) -> Result<(Lsn, Option<String>), SourceError> {
+    let result = conn
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+            quote::ident(slot)
+        ))
+        .await?;
+    let snapshot = result.first("snapshot_name").map(str::to_string);
+    let point = result
+        .first("consistent_point")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            SourceError::Setup("CREATE_REPLICATION_SLOT returned no consistent point".into())
+        })?;
+    tracing::info!(slot, consistent_point = %point, "created replication slot");
+    Ok((point, snapshot))
+}
+
+/// The `START_REPLICATION` command for this configuration.
+pub fn start_command(cfg: &SourceConfig, start: Lsn) -> String {
+    format!(
+        "START_REPLICATION SLOT {} LOGICAL {} (proto_version '2', streaming 'on', publication_names {}, messages '{}')",
+        quote::ident(&cfg.slot),
+        start,
+        quote::literal(&quote::ident(&cfg.publication)),
+        cfg.messages
+    )
+}

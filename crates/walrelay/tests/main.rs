@@ -1,0 +1,14 @@
+//! Integration tests: each module covers one behaviour, against real PostgreSQL servers
+//! started by the test kit.
+
+mod apply;
+mod capture;
+mod cli;
+mod connect;
+mod copy;
+mod decoder;
+mod durability;
+mod schema;
+mod support;
+mod tls;
+mod values;

@@ -1,0 +1,352 @@
+//! Helpers for the integration tests: run the real `walrelay` binary, write configs, read
+//! JSONL output.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use serde_json::Value as J;
+use walrelay_testkit::wait_for;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_walrelay");
+
+/// A config for `url`, capturing `tables`, writing to the JSONL file `out`.
+pub fn config(dir: &Path, url: &str, tables: &[&str], out: &Path, extra_source: &str) -> PathBuf {
+    let tables: Vec<String> = tables.iter().map(|t| format!("'{t}'")).collect();
+    let text = format!(
+        "[source]\nurl = \"{url}\"\ntables = [{}]\nspill_dir = \"{}\"\n{extra_source}\n\n[[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
+        tables.join(", "),
+        dir.join("spill").display(),
+        out.display()
+    );
+    let path = dir.join("walrelay.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A running `walrelay run`.
+pub struct Relay {
+    pub child: Child,
+    pub stderr_path: PathBuf,
+}
+
+impl Relay {
+    pub fn start(config: &Path) -> Relay {
+        Self::start_with_stdout(config, Stdio::null())
+    }
+
+    pub fn start_with_stdout(config: &Path, stdout: impl Into<Stdio>) -> Relay {
+        let stderr_path = config.with_extension(format!("stderr.{}", rand_suffix()));
+        let stderr = File::create(&stderr_path).unwrap();
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "walrelay=debug")
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("starting walrelay");
+        Relay { child, stderr_path }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Peak resident memory so far, in kB (VmHWM).
+    pub fn peak_rss_kb(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .expect("VmHWM in /proc/<pid>/status")
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub async fn stop(mut self) -> String {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let status = self.wait(Duration::from_secs(60)).await;
+        let stderr = self.stderr();
+        assert!(
+            status.success(),
+            "walrelay did not exit cleanly ({status}):\n{stderr}"
+        );
+        stderr
+    }
+
+    /// SIGKILL: a crash at an arbitrary instant. Panics if walrelay had already exited on
+    /// its own, since then nothing was crashed.
+    pub async fn kill9(mut self) -> String {
+        use std::os::unix::process::ExitStatusExt;
+        let _ = self.child.kill();
+        let status = self.wait(Duration::from_secs(30)).await;
+        let stderr = self.stderr();
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "walrelay was running until killed:\n{stderr}"
+        );
+        stderr
+    }
+
+    pub async fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let child = &mut self.child;
+        wait_for("walrelay to exit", timeout, || {
+            let r = child.try_wait().unwrap();
+            async move { r }
+        })
+        .await
+    }
+
+    /// Still running (has not exited on an error)?
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("walrelay exited ({status}):\n{}", self.stderr());
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Every line of a JSONL file, parsed; panics on a line that is not JSON.
+pub fn read_jsonl(path: &Path) -> Vec<J> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// Wait until the JSONL file holds a line for which `done` is true; return all lines.
+pub async fn wait_for_line(
+    relay: &mut Relay,
+    path: &Path,
+    what: &str,
+    done: impl Fn(&J) -> bool,
+) -> Vec<J> {
+    let timeout = Duration::from_secs(120);
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        relay.assert_running();
+        let lines = read_jsonl_lenient(path);
+        if lines.iter().any(&done) {
+            return lines;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!(
+                "timed out waiting for {what}; {} lines so far; relay log:\n{}",
+                lines.len(),
+                relay.stderr()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Parse the complete lines (a writer may be in the middle of the last one).
+pub fn read_jsonl_lenient(path: &Path) -> Vec<J> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..=i],
+        None => "",
+    };
+    complete
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// A position as (commit LSN, seq), comparable.
+pub fn position(line: &J) -> (u64, u64) {
+    let lsn: walrelay_model::Lsn = line["lsn"].as_str().unwrap().parse().unwrap();
+    (lsn.0, line["seq"].as_u64().unwrap())
+}
+
+/// The slot's confirmed_flush_lsn.
+pub async fn confirmed_flush(client: &tokio_postgres::Client, slot: &str) -> u64 {
+    let row = client
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+    let lsn: walrelay_model::Lsn = row.get::<_, String>(0).parse().unwrap();
+    lsn.0
+}
+
+/// `pg_current_wal_lsn()` as a number.
+pub async fn current_lsn(client: &tokio_postgres::Client) -> u64 {
+    let row = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap();
+    let lsn: walrelay_model::Lsn = row.get::<_, String>(0).parse().unwrap();
+    lsn.0
+}
+
+/// A test database `app` on `pg` with a schema, a directory for the config and output, and
+/// a relay that holds its slot (changes made before that are not captured).
+pub struct Scene {
+    pub db: tokio_postgres::Client,
+    pub dir: tempfile::TempDir,
+    pub out: PathBuf,
+    pub cfg: PathBuf,
+    pub relay: Relay,
+}
+
+impl Scene {
+    pub async fn start(
+        pg: &walrelay_testkit::TestPg,
+        schema: &str,
+        tables: &[&str],
+        extra_source: &str,
+    ) -> Scene {
+        let db = pg.create_db("app").await;
+        db.batch_execute(schema).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.jsonl");
+        let cfg = config(dir.path(), &pg.url("app"), tables, &out, extra_source);
+        let mut relay = Relay::start(&cfg);
+        wait_until_streaming(&db, &mut relay).await;
+        Scene {
+            db,
+            dir,
+            out,
+            cfg,
+            relay,
+        }
+    }
+}
+
+/// Wait until the relay streams from its slot (copy finished, sinks open).
+pub async fn wait_until_streaming(client: &tokio_postgres::Client, relay: &mut Relay) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        relay.assert_running();
+        let row = client
+            .query_opt(
+                // Active alone is not enough: the walsender that created the slot holds it
+                // while the copy runs. Past 'startup' means START_REPLICATION has been sent,
+                // so the copy is done and the sinks are open.
+                "SELECT coalesce(r.state NOT IN ('startup'), false) \
+                 FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
+                 WHERE s.slot_name = 'walrelay'",
+                &[],
+            )
+            .await
+            .unwrap();
+        if row.is_some_and(|r| r.get::<_, bool>(0)) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slot never became active:\n{}",
+            relay.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A config that applies `tables` of `source_url` to `target_url` with a postgres sink.
+pub fn postgres_config(
+    dir: &Path,
+    source_url: &str,
+    target_url: &str,
+    tables: &[&str],
+    extra_sink: &str,
+) -> PathBuf {
+    let tables: Vec<String> = tables.iter().map(|t| format!("'{t}'")).collect();
+    let text = format!(
+        "[source]\nurl = \"{source_url}\"\ntables = [{}]\nspill_dir = \"{}\"\n\n[[sink]]\ntype = \"postgres\"\nurl = \"{target_url}\"\n{extra_sink}\n",
+        tables.join(", "),
+        dir.join("spill").display(),
+    );
+    let path = dir.join("walrelay.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Row count and the sum of every row's hash: equal on two tables means equal contents,
+/// whatever the row order.
+pub async fn checksum(client: &tokio_postgres::Client, table: &str) -> (i64, i64) {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT count(*), coalesce(sum(hashtext(t::text)::int8), 0)::int8 FROM {table} t"
+            ),
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("checksum of {table}: {e}"));
+    (row.get(0), row.get(1))
+}
+
+/// Wait until every table has the same checksum on both sides.
+pub async fn wait_until_equal(
+    source: &tokio_postgres::Client,
+    target: &tokio_postgres::Client,
+    tables: &[&str],
+    relay: &mut Relay,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        relay.assert_running();
+        let mut equal = true;
+        for t in tables {
+            if checksum(source, t).await != checksum(target, t).await {
+                equal = false;
+                break;
+            }
+        }
+        if equal {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let mut report = String::new();
+            for t in tables {
+                report += &format!(
+                    "{t}: source {:?} target {:?}\n",
+                    checksum(source, t).await,
+                    checksum(target, t).await
+                );
+            }
+            panic!(
+                "target never matched the source:\n{report}relay log:\n{}",
+                relay.stderr()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Wait until the single number `sql` selects equals `expected`.
+pub async fn wait_for_count(client: &tokio_postgres::Client, sql: &str, expected: i64, what: &str) {
+    wait_for(what, Duration::from_secs(120), || async move {
+        // An error (the table is not there yet) counts as "not yet".
+        let n: Option<i64> = client.query_one(sql, &[]).await.ok().map(|r| r.get(0));
+        (n == Some(expected)).then_some(())
+    })
+    .await
+}
