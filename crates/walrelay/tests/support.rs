@@ -303,6 +303,62 @@ pub async fn checksum(client: &tokio_postgres::Client, table: &str) -> (i64, i64
     (row.get(0), row.get(1))
 }
 
+/// Rows on one side only (as text, a few of each), to say what a mismatch is made of.
+async fn row_differences(
+    source: &tokio_postgres::Client,
+    target: &tokio_postgres::Client,
+    table: &str,
+) -> String {
+    let (s, t) = (
+        rows_as_text(source, table).await,
+        rows_as_text(target, table).await,
+    );
+    let only = |a: &std::collections::BTreeSet<String>, b: &std::collections::BTreeSet<String>| {
+        a.difference(b)
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    format!(
+        "  only on the source: {}\n  only on the target: {}\n",
+        only(&s, &t),
+        only(&t, &s)
+    )
+}
+
+async fn rows_as_text(
+    client: &tokio_postgres::Client,
+    table: &str,
+) -> std::collections::BTreeSet<String> {
+    client
+        .query(&format!("SELECT t::text FROM {table} t"), &[])
+        .await
+        .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect())
+        .unwrap_or_default()
+}
+
+/// Copy every relay log of a failed test out of its temporary directory (which is removed
+/// as the test unwinds), and say where they are.
+fn keep_logs(relay: &Relay) -> String {
+    let Some(dir) = relay.stderr_path.parent() else {
+        return String::new();
+    };
+    let kept = std::env::temp_dir().join(format!(
+        "walrelay-failed-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    let _ = std::fs::create_dir_all(&kept);
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        if name.to_string_lossy().contains(".stderr.") {
+            let _ = std::fs::copy(entry.path(), kept.join(name));
+        }
+    }
+    format!("every relay's log is kept in {}\n", kept.display())
+}
+
 /// Wait until every table has the same checksum on both sides.
 pub async fn wait_until_equal(
     source: &tokio_postgres::Client,
@@ -327,13 +383,15 @@ pub async fn wait_until_equal(
             let mut report = String::new();
             for t in tables {
                 report += &format!(
-                    "{t}: source {:?} target {:?}\n",
+                    "{t}: source {:?} target {:?}\n{}",
                     checksum(source, t).await,
-                    checksum(target, t).await
+                    checksum(target, t).await,
+                    row_differences(source, target, t).await
                 );
             }
             panic!(
-                "target never matched the source:\n{report}relay log:\n{}",
+                "target never matched the source:\n{report}{}relay log:\n{}",
+                keep_logs(relay),
                 relay.stderr()
             );
         }

@@ -127,17 +127,29 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
             async move { transfers(&url, accounts, stop).await },
         )
     };
+    // Poll often, so that a copy shorter than a second is still seen finishing; print the
+    // copy's end once and the stream's lag every second.
     let started = Instant::now();
-    while started.elapsed() < args.duration {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        if relay.is_finished() {
-            break;
+    let mut copy_done_shown = false;
+    let mut next_line = Duration::from_secs(1);
+    while started.elapsed() < args.duration && !relay.is_finished() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let state = demo_state(&source, &target).await;
+        let elapsed = started.elapsed();
+        if let DemoState::Streaming { .. } = state {
+            if !copy_done_shown {
+                copy_done_shown = true;
+                println!(
+                    "{:>4.1}s  copy finished: {n} of {n} tables done",
+                    elapsed.as_secs_f64(),
+                    n = TABLES.len()
+                );
+            }
         }
-        println!(
-            "{:>4.0}s  {}",
-            started.elapsed().as_secs_f64(),
-            lag_line(&source, &target).await
-        );
+        if elapsed >= next_line {
+            next_line += Duration::from_secs(1);
+            println!("{:>4.0}s  {state}", elapsed.as_secs_f64());
+        }
     }
     load_stop.cancel();
     let transfers = load.await??;
@@ -251,8 +263,32 @@ fn demo_config(source_url: &str, target_url: &str, spill: &Path) -> Config {
     }
 }
 
-/// Where the copy and the stream stand, in one line.
-async fn lag_line(source: &Client, target: &Client) -> String {
+/// Where the copy and the stream stand.
+enum DemoState {
+    Preparing,
+    Copying { done: usize },
+    Streaming { lag_bytes: i64 },
+}
+
+impl std::fmt::Display for DemoState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DemoState::Preparing => write!(f, "preparing"),
+            DemoState::Copying { done } => {
+                write!(f, "copying: {done} of {} tables done", TABLES.len())
+            }
+            DemoState::Streaming { lag_bytes } => {
+                write!(
+                    f,
+                    "streaming; the slot is {} kB behind the source",
+                    lag_bytes / 1024
+                )
+            }
+        }
+    }
+}
+
+async fn demo_state(source: &Client, target: &Client) -> DemoState {
     let copied: Option<i64> = target
         .query_one(
             "SELECT count(*) FROM walrelay.copies WHERE state = 'done'",
@@ -271,11 +307,11 @@ async fn lag_line(source: &Client, target: &Client) -> String {
         .ok()
         .and_then(|r| r.get(0));
     match (copied, lag) {
-        (Some(n), Some(l)) if n as usize == TABLES.len() => {
-            format!("streaming; the slot is {} kB behind the source", l / 1024)
+        (Some(n), Some(lag_bytes)) if n as usize == TABLES.len() => {
+            DemoState::Streaming { lag_bytes }
         }
-        (Some(n), _) => format!("copying: {n} of {} tables done", TABLES.len()),
-        _ => "preparing".into(),
+        (Some(n), _) => DemoState::Copying { done: n as usize },
+        _ => DemoState::Preparing,
     }
 }
 

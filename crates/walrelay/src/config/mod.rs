@@ -32,6 +32,10 @@ pub struct SnapshotConfig {
     /// Connections copying at once.
     #[serde(default = "default_parallel")]
     pub parallel: usize,
+    /// A table is split into page ranges of about this many bytes (TOAST included), so
+    /// that one big table copies on several connections.
+    #[serde(default = "default_range_bytes")]
+    pub range_bytes: u64,
 }
 
 impl Default for SnapshotConfig {
@@ -39,8 +43,13 @@ impl Default for SnapshotConfig {
         SnapshotConfig {
             enabled: true,
             parallel: default_parallel(),
+            range_bytes: default_range_bytes(),
         }
     }
+}
+
+fn default_range_bytes() -> u64 {
+    64 << 20
 }
 
 fn default_parallel() -> usize {
@@ -304,6 +313,12 @@ impl Config {
         }
         if self.snapshot.parallel == 0 {
             return Err(("snapshot.parallel".into(), "must be at least 1".into()));
+        }
+        if self.snapshot.range_bytes < 1 << 20 {
+            return Err((
+                "snapshot.range_bytes".into(),
+                "must be at least 1048576 (1 MiB)".into(),
+            ));
         }
         if self.sinks.is_empty() {
             return Err((

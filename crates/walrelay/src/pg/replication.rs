@@ -94,7 +94,10 @@ impl ReplicationConnection {
         let mut params: Vec<(&str, &str)> = vec![
             ("user", &info.user),
             ("database", &info.dbname),
-            ("replication", if replication { "database" } else { "false" }),
+            (
+                "replication",
+                if replication { "database" } else { "false" },
+            ),
             ("application_name", &info.application_name),
             ("client_encoding", "UTF8"),
             // pgoutput prints values with the walsender's settings: fix them, so that the

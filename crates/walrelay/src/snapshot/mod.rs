@@ -37,10 +37,6 @@ use state::CopyState;
 /// Rows handed to the target's COPY at a time, about.
 const COPY_BUFFER: usize = 256 << 10;
 
-/// A table is split into page ranges of about this much data each (TOAST included: a
-/// table whose rows live mostly in TOAST has few heap pages but much to copy).
-const RANGE_BYTES: i64 = 64 << 20;
-
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error(transparent)]
@@ -250,7 +246,10 @@ async fn copy_tables(
         let pages = largest / 8192;
         let job = planned.len();
         let mut ranges = Vec::new();
-        let count = (bytes / RANGE_BYTES).min(pages);
+        // Ranges by total size, TOAST included: a table whose rows live mostly in TOAST has
+        // few heap pages but much to copy.
+        let range_bytes = i64::try_from(config.snapshot.range_bytes).unwrap_or(i64::MAX);
+        let count = (bytes / range_bytes).min(pages);
         if count > 1 && def.partition_key.is_none() {
             let step = (pages + count - 1) / count;
             let mut start = 0;

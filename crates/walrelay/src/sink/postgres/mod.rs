@@ -178,6 +178,8 @@ struct Group {
     /// The last source transaction in the group.
     last: Option<TxnCommit>,
     transactions: usize,
+    /// Changes applied in the group (for the log).
+    changes: usize,
     opened: Option<Instant>,
 }
 
@@ -302,6 +304,7 @@ impl Applier {
                     }
                     let change = ChangeRef::new(batch.clone(), index);
                     self.sink.main.apply(change).await?;
+                    self.group.changes += 1;
                 }
             }
             Event::Commit(c) => {
@@ -374,13 +377,19 @@ impl Applier {
         let Some(last) = self.group.last.take() else {
             return Ok(());
         };
-        self.group = Group::default();
+        let group = std::mem::take(&mut self.group);
         let at = ChangeAt::Committed(walrelay_model::Position::new(last.commit_lsn, last.seq));
         self.sink
             .progress
             .record(&mut self.sink.main, &last, at)
             .await?;
         self.sink.main.commit().await?;
+        tracing::debug!(
+            end = %last.end_lsn,
+            transactions = group.transactions,
+            changes = group.changes,
+            "target transaction committed"
+        );
         advance(durable, last.end_lsn);
         Ok(())
     }

@@ -21,8 +21,6 @@ const RECORD_SQL: &str = "INSERT INTO walrelay.progress (name, lsn, commit_time,
      VALUES ($1, $2::pg_lsn, $3::timestamptz, now()) \
      ON CONFLICT (name) DO UPDATE SET lsn = EXCLUDED.lsn, commit_time = EXCLUDED.commit_time, applied_at = EXCLUDED.applied_at";
 
-const ORIGIN_SQL: &str = "SELECT pg_replication_origin_xact_setup($1::pg_lsn, $2::timestamptz)";
-
 pub const CREATE_TABLE_SQL: &str = "CREATE SCHEMA IF NOT EXISTS walrelay;
      CREATE TABLE IF NOT EXISTS walrelay.progress (
          name text PRIMARY KEY,
@@ -40,8 +38,13 @@ pub enum ProgressError {
 
 /// How this sink records its position: a replication origin where permitted, and the
 /// `walrelay.progress` row (which also keeps the commit time, for `walrelay status`)
-/// wherever the table can exist. The position read at start is the later of the two, so a
-/// role that gains or loses origin rights continues where it was.
+/// wherever the table can exist.
+///
+/// With both, the row is the authority: it is an ordinary row, written in the transaction
+/// whose changes it covers. With the origin's setup sent as a statement of its own, kill -9
+/// tests found the origin one transaction ahead of the row (and of the changes); walrelay
+/// now sends the setup in one message with COMMIT, and at start sets an origin that
+/// disagrees back to the row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Progress {
     name: String,
@@ -72,7 +75,17 @@ impl Progress {
         } else {
             None
         };
-        let applied = origin_lsn.flatten().max(table_lsn);
+        let applied = match (table_lsn, origin_lsn.flatten()) {
+            (Some(row), Some(origin_at)) => {
+                if origin_at != row {
+                    realign_origin(client, name, row, origin_at).await;
+                }
+                Some(row)
+            }
+            (Some(row), None) => Some(row),
+            // No row yet: a role that used the origin alone before, or nothing applied.
+            (None, origin_at) => origin_at,
+        };
         Ok((
             Progress {
                 name: name.into(),
@@ -127,9 +140,7 @@ impl Progress {
         let lsn = TextParam(Some(commit.end_lsn.to_string()));
         let time = TextParam(Some(commit.commit_time.to_string()));
         if self.origin {
-            session
-                .queue_own(ORIGIN_SQL, vec![lsn.clone(), time.clone()], at)
-                .await?;
+            session.set_commit_origin(commit.end_lsn, &commit.commit_time.to_string());
         }
         if self.table {
             let params = vec![TextParam(Some(self.name.clone())), lsn, time];
@@ -191,8 +202,8 @@ pub async fn recorded(
         .ok()
         .and_then(|r| r.get::<_, Option<String>>(0))
         .and_then(|s| s.parse().ok());
+    // The row is the authority where there is one (see `Progress`).
     Ok(match (from_table, origin) {
-        (Some((t, time)), Some(o)) if o > t => Some((o, time)),
         (Some(t), _) => Some(t),
         (None, Some(o)) => Some((o, None)),
         (None, None) => None,
@@ -231,6 +242,26 @@ async fn open_origin(client: &Client, name: &str) -> Option<Option<Lsn>> {
             .and_then(|s| s.parse().ok())
             .filter(|l: &Lsn| *l != Lsn::ZERO),
     )
+}
+
+/// Set the origin back (or forward) to the recorded row, which only a commit moves. Best
+/// effort: the row decides where the sink resumes either way.
+async fn realign_origin(client: &Client, name: &str, row: Lsn, origin_at: Lsn) {
+    tracing::warn!(
+        origin = %name,
+        origin_at = %origin_at,
+        recorded = %row,
+        "the replication origin disagrees with walrelay.progress (a transaction was cut off); setting it to the recorded position"
+    );
+    if let Err(e) = client
+        .execute(
+            "SELECT pg_replication_origin_advance($1, $2::text::pg_lsn)",
+            &[&name, &row.to_string()],
+        )
+        .await
+    {
+        tracing::warn!(error = %PgError::from_sql("", e), "the replication origin keeps its position");
+    }
 }
 
 async fn read_table(client: &Client, name: &str) -> Result<Option<Lsn>, ProgressError> {

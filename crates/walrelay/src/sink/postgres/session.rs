@@ -127,6 +127,8 @@ pub struct ApplySession {
     reorder_tables: bool,
     /// Staging tables known to exist in this session.
     stages: std::collections::HashSet<String>,
+    /// `pg_replication_origin_xact_setup(...)` to send with the next COMMIT.
+    commit_origin: Option<String>,
 }
 
 impl ApplySession {
@@ -140,6 +142,7 @@ impl ApplySession {
             runs: Vec::new(),
             reorder_tables,
             stages: std::collections::HashSet::new(),
+            commit_origin: None,
             client,
             target,
             on_conflict,
@@ -198,13 +201,33 @@ impl ApplySession {
         self.apply_runs().await?;
         self.flush().await?;
         if self.in_transaction {
+            // The origin's position goes in the same message as COMMIT. Sent as a statement
+            // of its own earlier in the transaction, kill -9 tests found the origin one
+            // transaction ahead of what had committed; in one simple query the backend runs
+            // both statements or, if the message is cut, neither.
+            let sql = match self.commit_origin.take() {
+                Some(setup) => format!("{setup}; COMMIT"),
+                None => "COMMIT".to_string(),
+            };
             self.client
-                .batch_execute("COMMIT")
+                .batch_execute(&sql)
                 .await
                 .map_err(self.pg_err("COMMIT"))?;
         }
         self.end();
         Ok(())
+    }
+
+    /// Record `lsn` (a source commit's end) and `time` in the replication origin this
+    /// session holds, with the next COMMIT.
+    pub fn set_commit_origin(&mut self, lsn: walrelay_model::Lsn, time: &str) {
+        // Literals, not parameters: a simple query has none. Both are walrelay's own
+        // values (an LSN and a timestamp it printed), quoted all the same.
+        self.commit_origin = Some(format!(
+            "SELECT pg_replication_origin_xact_setup({}::pg_lsn, {}::timestamptz)",
+            crate::pg::quote::literal(&lsn.to_string()),
+            crate::pg::quote::literal(time)
+        ));
     }
 
     /// Undo the open transaction.
@@ -224,6 +247,7 @@ impl ApplySession {
     }
 
     fn end(&mut self) {
+        self.commit_origin = None;
         self.in_transaction = false;
         self.pending_bytes = 0;
         self.savepoints.clear();
