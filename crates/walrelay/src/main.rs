@@ -21,8 +21,9 @@ fn main() -> ExitCode {
     match runtime.block_on(walrelay::cli::dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
-            // One line, whatever the inner messages hold.
-            let message = format!("{e:#}").replace('\n', " ");
+            // One line, whatever the inner messages hold; a cause the message already
+            // quotes is not repeated.
+            let message = walrelay::pg::error::error_chain(e.as_ref()).replace('\n', " ");
             eprintln!("walrelay: error: {message}");
             ExitCode::FAILURE
         }

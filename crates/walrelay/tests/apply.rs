@@ -310,7 +310,7 @@ async fn conflicts_stop_the_sink_by_default_with_table_key_and_position() {
         .get(0);
     target
         .execute(
-            "SELECT pg_replication_origin_advance('walrelay/postgres', $1::text::pg_lsn)",
+            "UPDATE walrelay.progress SET lsn = $1::text::pg_lsn WHERE name = 'walrelay/postgres'",
             &[&skip_to],
         )
         .await
