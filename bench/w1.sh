@@ -14,6 +14,7 @@ export RESULTS_FILE=${RESULTS_FILE:-$harness/results/$stamp-w1.json}
 for ((r = 1; r <= runs; r++)); do
   for system in $systems; do
     (
+      set +euo pipefail   # lib.sh is written for plain bash, as run-system.sh uses it
       . "$harness/lib.sh"
       load_system "$system"
       export SYSTEM=$system
