@@ -229,6 +229,9 @@ async fn copy_tables(
 ) -> Result<(), SnapshotError> {
     let mut planned = Vec::new();
     let mut chunks = Vec::new();
+    // Ranges by total size, TOAST included: a table whose rows live mostly in TOAST has few
+    // heap pages but much to copy.
+    let range_bytes = i64::try_from(config.snapshot.range_bytes).unwrap_or(i64::MAX);
     for (def, created) in jobs {
         let size = catalog_client
             .query_one(
@@ -246,9 +249,6 @@ async fn copy_tables(
         let pages = largest / 8192;
         let job = planned.len();
         let mut ranges = Vec::new();
-        // Ranges by total size, TOAST included: a table whose rows live mostly in TOAST has
-        // few heap pages but much to copy.
-        let range_bytes = i64::try_from(config.snapshot.range_bytes).unwrap_or(i64::MAX);
         let count = (bytes / range_bytes).min(pages);
         if count > 1 && def.partition_key.is_none() {
             let step = (pages + count - 1) / count;

@@ -137,13 +137,16 @@ impl Progress {
         commit: &TxnCommit,
         at: ChangeAt,
     ) -> Result<(), ApplyError> {
-        let lsn = TextParam(Some(commit.end_lsn.to_string()));
-        let time = TextParam(Some(commit.commit_time.to_string()));
+        let time = commit.commit_time.to_string();
         if self.origin {
-            session.set_commit_origin(commit.end_lsn, &commit.commit_time.to_string());
+            session.set_commit_origin(commit.end_lsn, &time);
         }
         if self.table {
-            let params = vec![TextParam(Some(self.name.clone())), lsn, time];
+            let params = vec![
+                TextParam(Some(self.name.clone())),
+                TextParam(Some(commit.end_lsn.to_string())),
+                TextParam(Some(time)),
+            ];
             session.queue_own(RECORD_SQL, params, at).await?;
         }
         Ok(())
