@@ -146,6 +146,19 @@ pub enum Event {
         begin: TxnBegin,
         commit: TxnCommit,
     },
+    /// A row as it was in the snapshot the stream starts from (the initial copy, for sinks
+    /// that take rows as events). Its position is the snapshot's LSN and the row's number
+    /// from 1; the stream's transactions all come after it.
+    Read {
+        position: Position,
+        relation: Arc<Relation>,
+        row: Row,
+    },
+    /// The snapshot's rows are all sent: `rows` of them, at positions before this one.
+    SnapshotEnd {
+        position: Position,
+        rows: u64,
+    },
 }
 
 impl Event {

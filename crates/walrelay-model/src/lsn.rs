@@ -78,6 +78,14 @@ impl Position {
     pub fn new(commit_lsn: Lsn, seq: u64) -> Self {
         Position { commit_lsn, seq }
     }
+
+    /// The last position a snapshot taken at `lsn` (a slot's consistent point) holds:
+    /// transactions whose commit record starts before it are in the snapshot, those from it
+    /// on are streamed. Commit records start at 8-byte aligned positions, so none starts at
+    /// `lsn - 1`.
+    pub fn covered_by_snapshot(lsn: Lsn) -> Self {
+        Position::new(Lsn(lsn.0.saturating_sub(1)), u64::MAX)
+    }
 }
 
 impl fmt::Display for Position {

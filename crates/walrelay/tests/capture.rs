@@ -54,8 +54,12 @@ async fn changes_come_out_in_commit_order_with_their_values() {
         l["prefix"] == "done"
     })
     .await;
+    // The tables were empty: the snapshot is just its end marker.
+    assert_eq!(lines[0]["kind"], "snapshot_end");
+    assert_eq!(lines[0]["rows"], 0);
+    let lines = &lines[1..];
     assert_eq!(
-        kinds(&lines),
+        kinds(lines),
         [
             "begin", "insert", "insert", "commit", //
             "begin", "update", "commit", //
@@ -90,7 +94,7 @@ async fn changes_come_out_in_commit_order_with_their_values() {
     assert_eq!(lines[18]["content"], "in txn");
     assert_eq!(lines[19]["new"]["note"], "q's \"quote\" ü");
     // Every change of a transaction carries its id and commit time; positions increase.
-    for l in &lines {
+    for l in lines {
         if l["kind"] != "message" || l["transactional"] == true {
             assert!(l["xid"].is_u64(), "{l}");
         }
@@ -138,8 +142,9 @@ async fn idle_slot_advances_while_an_unpublished_table_is_busy() {
     )
     .await;
     assert!(reached >= mark);
-    assert!(
-        read_jsonl(&out).is_empty(),
+    assert_eq!(
+        kinds(&read_jsonl(&out)),
+        ["snapshot_end"],
         "nothing of the busy table is captured"
     );
     relay.stop().await;
@@ -192,4 +197,99 @@ async fn odd_names_and_hostile_values_are_data() {
         "the publication holds the selected table only"
     );
     relay.stop().await;
+}
+
+/// A file sink starts with the snapshot's rows as `read` events, then the stream; a read cut
+/// short is done again in a later snapshot, and the stream skips what that snapshot holds.
+#[tokio::test]
+async fn a_new_file_gets_the_snapshot_as_read_events_then_the_stream() {
+    let pg = TestPg::start();
+    let Scene {
+        db,
+        out,
+        cfg,
+        mut relay,
+        dir: _dir,
+    } = Scene::start(
+        &pg,
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, 3) g;
+         INSERT INTO t VALUES (4, E'tab\\there');",
+        &["public.t"],
+        "",
+    )
+    .await;
+    db.batch_execute("INSERT INTO t VALUES (5, 'streamed')")
+        .await
+        .unwrap();
+    let lines = wait_for_line(&mut relay, &out, "the streamed insert", |l| {
+        l["kind"] == "commit"
+    })
+    .await;
+    assert_eq!(
+        kinds(&lines),
+        [
+            "read",
+            "read",
+            "read",
+            "read",
+            "snapshot_end",
+            "begin",
+            "insert",
+            "commit"
+        ]
+    );
+    assert_eq!(lines[4]["rows"], 4);
+    assert_eq!(lines[4]["lsn"], lines[0]["lsn"]);
+    for (i, line) in lines[..4].iter().enumerate() {
+        assert_eq!(line["seq"], json!(i + 1));
+        assert_eq!(line["lsn"], lines[0]["lsn"], "one snapshot position");
+        assert_eq!(line["table"], "t");
+    }
+    assert_eq!(lines[3]["new"], json!({"id": 4, "v": "tab\there"}));
+    assert_eq!(lines[1]["types"], json!({"id": "int4", "v": "text"}));
+    let lsn = |l: &J| -> walrelay_model::Lsn { l["lsn"].as_str().unwrap().parse().unwrap() };
+    assert!(
+        lsn(&lines[6]) >= lsn(&lines[0]),
+        "the stream comes after the snapshot"
+    );
+    relay.stop().await;
+
+    // A read cut short: the file ends inside the snapshot's rows. Rows change meanwhile.
+    let text = std::fs::read_to_string(&out).unwrap();
+    let kept: Vec<&str> = text.lines().take(2).collect();
+    std::fs::write(&out, kept.join("\n") + "\n").unwrap();
+    db.batch_execute("INSERT INTO t VALUES (6, 'while stopped')")
+        .await
+        .unwrap();
+    db.batch_execute("UPDATE t SET v = 'changed' WHERE id = 1")
+        .await
+        .unwrap();
+    let mut relay = Relay::start(&cfg);
+    wait_until_streaming(&db, &mut relay).await;
+    db.batch_execute("INSERT INTO t VALUES (7, 'after')")
+        .await
+        .unwrap();
+    let lines = wait_for_line(&mut relay, &out, "the insert after the restart", |l| {
+        l["new"]["id"] == 7
+    })
+    .await;
+    let log = relay.stop().await;
+    let reread: Vec<&J> = lines[2..]
+        .iter()
+        .take_while(|l| l["kind"] == "read")
+        .collect();
+    assert_eq!(reread.len(), 6, "every row again, as of now: {lines:?}");
+    assert!(lsn(reread[0]) > lsn(&lines[0]), "a later snapshot");
+    assert!(reread
+        .iter()
+        .any(|l| l["new"] == json!({"id": 1, "v": "changed"})));
+    // What committed before that snapshot (rows 5 and 6, the update) is in it, not repeated
+    // as changes; the first change after it is row 7.
+    assert_eq!(lines[2 + reread.len()]["kind"], "snapshot_end");
+    let after = kinds(&lines[3 + reread.len()..]);
+    assert!(
+        after == ["begin", "insert"] || after == ["begin", "insert", "commit"],
+        "{after:?}\n{log}"
+    );
 }

@@ -79,6 +79,8 @@ async fn a_million_row_transaction_streams_through_in_bounded_memory() {
     for_each_line(&out, |l| match l["kind"].as_str().unwrap() {
         "begin" => begins += 1,
         "commit" => commits += 1,
+        // The table was empty when the slot was made.
+        "snapshot_end" => assert_eq!(l["rows"], 0),
         "insert" => {
             assert_eq!(
                 l["new"]["id"].as_i64().unwrap(),
@@ -274,6 +276,15 @@ async fn kill_9_at_random_moments_loses_nothing_acknowledged() {
             w[1]
         );
     }
+    // The snapshot (the counter's one row) was read once, before the crashes; no restart
+    // read it again.
+    let snapshot: Vec<&str> = lines
+        .iter()
+        .map(|l| l["kind"].as_str().unwrap())
+        .filter(|k| *k == "read" || *k == "snapshot_end")
+        .collect();
+    assert_eq!(snapshot, ["read", "snapshot_end"]);
+    assert_eq!(lines[0]["new"], serde_json::json!({"id": 1, "n": 0}));
     let inserted: Vec<i64> = lines
         .iter()
         .filter(|l| l["kind"] == "insert" && l["table"] == "load")

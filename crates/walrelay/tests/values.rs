@@ -64,8 +64,8 @@ async fn every_type_comes_out_exactly() {
         db,
         out,
         mut relay,
-        dir: _dir,
-        ..
+        dir,
+        cfg,
     } = Scene::start(&pg, &schema, &["public.v"], "").await;
 
     db.batch_execute(TYPE_ROWS).await.unwrap();
@@ -134,6 +134,34 @@ async fn every_type_comes_out_exactly() {
     assert_eq!(inserts[0]["types"]["arr"], "_int4");
     assert_eq!(inserts[0]["types"]["tstz"], "timestamptz");
     relay.stop().await;
+
+    // A second file, added now, starts with the rows as `read` lines (from COPY, not from
+    // pgoutput): every value, type and key reads exactly as in the inserts.
+    let second = dir.path().join("second.jsonl");
+    let text = std::fs::read_to_string(&cfg).unwrap()
+        + &format!(
+            "\n[[sink]]\ntype = \"jsonl\"\nname = \"second\"\npath = \"{}\"\n",
+            second.display()
+        );
+    std::fs::write(&cfg, text).unwrap();
+    let mut relay = Relay::start(&cfg);
+    let reads = wait_for_line(&mut relay, &second, "the snapshot's end", |l| {
+        l["kind"] == "snapshot_end"
+    })
+    .await;
+    relay.stop().await;
+    assert_eq!(reads.len(), 4, "{reads:?}");
+    for (read, insert) in reads.iter().zip(&inserts) {
+        assert_eq!(read["kind"], "read");
+        for field in ["schema", "table", "types", "key", "new"] {
+            assert_eq!(
+                read[field], insert[field],
+                "{field} of row {}",
+                insert["new"]["id"]
+            );
+        }
+    }
+    assert_eq!(reads[3]["rows"], 3);
 }
 
 #[tokio::test]

@@ -58,6 +58,23 @@ impl JsonEncoder {
             | Event::StreamChange { .. }
             | Event::StreamAbort { .. }
             | Event::StreamCommit { .. } => None,
+            Event::Read {
+                position,
+                relation,
+                row,
+            } => {
+                head(out, "read", *position);
+                table(out, relation);
+                row_field(out, "new", relation, row, false);
+                end(out);
+                Some(*position)
+            }
+            Event::SnapshotEnd { position, rows } => {
+                head(out, "snapshot_end", *position);
+                field_u64(out, "rows", *rows);
+                end(out);
+                Some(*position)
+            }
             Event::Change { position, change } => {
                 let kind = match change {
                     Change::Insert { .. } => "insert",
@@ -277,13 +294,19 @@ fn is_integer(s: &str) -> bool {
 
 /// The position written in a line (for a file sink resuming after a restart).
 pub fn line_position(line: &[u8]) -> Option<Position> {
+    line_head(line).map(|(position, _)| position)
+}
+
+/// The position and kind of an event line.
+pub fn line_head(line: &[u8]) -> Option<(Position, String)> {
     #[derive(serde::Deserialize)]
     struct Head {
+        kind: String,
         lsn: walrelay_model::Lsn,
         seq: u64,
     }
     let h: Head = serde_json::from_slice(line).ok()?;
-    Some(Position::new(h.lsn, h.seq))
+    Some((Position::new(h.lsn, h.seq), h.kind))
 }
 
 #[cfg(test)]

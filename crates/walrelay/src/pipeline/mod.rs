@@ -146,6 +146,10 @@ async fn run_once(
         handles.push(sink::start(sink_config, &context).await?);
     }
     let fanout = Fanout { sinks: handles };
+    if let Err(e) = send_snapshot_reads(config, &prepared, &fanout).await {
+        let _ = fanout.close().await;
+        return Err(e.into());
+    }
     let needs = fanout.stream_needs(whole_until);
     let mut source =
         match PgOutputSource::start(prepared, &config.source, needs, config.spill_dir()).await {
@@ -173,6 +177,48 @@ async fn run_once(
             Err(source_err.into())
         }
     }
+}
+
+/// The snapshot's rows, as read events, to the sinks that take them: at the new slot's
+/// snapshot, or — for a sink that has none yet or whose read was cut short, when the slot
+/// exists — at a temporary slot's. Such a sink skips what the stream sends of transactions
+/// that committed before the snapshot (`sink::jsonl`).
+async fn send_snapshot_reads(
+    config: &Config,
+    prepared: &pgoutput::Prepared,
+    fanout: &Fanout,
+) -> Result<(), crate::snapshot::SnapshotError> {
+    if !config.snapshot.enabled {
+        return Ok(());
+    }
+    let new_slot = prepared.snapshot.is_some();
+    let readers: Vec<&SinkHandle> = fanout
+        .sinks
+        .iter()
+        .filter(|s| match s.reads {
+            sink::Reads::No => false,
+            sink::Reads::WithNewSlot => new_slot,
+            sink::Reads::Needed => true,
+        })
+        .collect();
+    if readers.is_empty() {
+        return Ok(());
+    }
+    let mut _temporary = None;
+    let point = match &prepared.snapshot {
+        Some(p) => p.clone(),
+        None => {
+            let (conn, point) =
+                crate::snapshot::temporary_snapshot(&prepared.info, &config.source.slot).await?;
+            _temporary = Some(conn);
+            point
+        }
+    };
+    let rows =
+        crate::snapshot::read::send_reads(&prepared.info, &prepared.tables, &point, &readers)
+            .await?;
+    tracing::info!(rows, snapshot_lsn = %point.lsn, sinks = readers.len(), "snapshot rows sent");
+    Ok(())
 }
 
 #[cfg(test)]

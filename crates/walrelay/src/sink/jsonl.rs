@@ -13,11 +13,11 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
-use walrelay_model::{Lsn, Position};
+use walrelay_model::{Event, Lsn, Position};
 
 use super::{advance, Batch, SinkError};
 use crate::config::JsonlSinkConfig;
-use crate::format::json::{line_position, JsonEncoder};
+use crate::format::json::{line_head, JsonEncoder};
 
 const SYNC_BYTES: usize = 8 << 20;
 const SYNC_INTERVAL: Duration = Duration::from_millis(500);
@@ -32,8 +32,11 @@ pub struct JsonlSink {
     name: String,
     path: String,
     output: Output,
-    /// Events up to here are already in the file.
+    /// Events up to here are already in the file (or, after snapshot rows, are in them).
     resume_after: Option<Position>,
+    /// The file needs the snapshot's rows: it has no event yet, or its last event is a
+    /// snapshot row (the read was cut short; a finished one ends in `snapshot_end`).
+    needs_snapshot: bool,
 }
 
 impl JsonlSink {
@@ -50,6 +53,7 @@ impl JsonlSink {
                 path: config.path.clone(),
                 output: Output::Stdout(io::stdout()),
                 resume_after: None,
+                needs_snapshot: false,
             });
         }
         let mut file = OpenOptions::new()
@@ -59,17 +63,31 @@ impl JsonlSink {
             .open(&config.path)
             .map_err(|e| err("opening", e))?;
         let last = repair_and_read_last_line(&mut file).map_err(|e| err("reading", e))?;
-        let resume_after = match last {
-            Some(line) => Some(line_position(&line).ok_or_else(|| {
-                err(
-                    "reading",
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "the last line is not a walrelay event; point the sink at a new file",
+        let (resume_after, needs_snapshot) = match last {
+            Some(line) => {
+                let (position, kind) = line_head(&line).ok_or_else(|| {
+                    err(
+                        "reading",
+                        io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "the last line is not a walrelay event; point the sink at a new file",
+                        ),
+                    )
+                })?;
+                match kind.as_str() {
+                    // The read was cut short: done again at a new snapshot.
+                    "read" => (
+                        Some(Position::covered_by_snapshot(position.commit_lsn)),
+                        true,
                     ),
-                )
-            })?),
-            None => None,
+                    "snapshot_end" => (
+                        Some(Position::covered_by_snapshot(position.commit_lsn)),
+                        false,
+                    ),
+                    _ => (Some(position), false),
+                }
+            }
+            None => (None, true),
         };
         if let Some(p) = resume_after {
             tracing::info!(sink = %config.name, position = %p, "resuming after the last event in the file");
@@ -79,7 +97,17 @@ impl JsonlSink {
             path: config.path.clone(),
             output: Output::File(file),
             resume_after,
+            needs_snapshot,
         })
+    }
+
+    /// When this sink takes the snapshot's rows as read events.
+    pub fn reads(&self) -> super::Reads {
+        if self.needs_snapshot {
+            super::Reads::Needed
+        } else {
+            super::Reads::WithNewSlot
+        }
     }
 
     fn io_err(&self, what: &'static str, source: io::Error) -> SinkError {
@@ -139,6 +167,12 @@ impl JsonlSink {
                 if let Some(pos) = encoder.encode(event, &mut buf) {
                     if self.resume_after.is_some_and(|r| pos <= r) {
                         buf.truncate(mark);
+                    } else if let Event::Read { .. } | Event::SnapshotEnd { .. } = event {
+                        // Transactions that committed before the snapshot are in its rows:
+                        // what the source sends of them is skipped.
+                        let covered = Position::covered_by_snapshot(pos.commit_lsn);
+                        self.resume_after =
+                            Some(self.resume_after.map_or(covered, |r| r.max(covered)));
                     }
                 }
                 if let Some(lsn) = event.durable_lsn() {

@@ -55,9 +55,22 @@ impl SinkError {
     }
 }
 
+/// Whether a sink takes the snapshot's rows as read events (see `snapshot::read`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reads {
+    /// No: a postgres target is copied by COPY.
+    No,
+    /// When the slot is created, at its snapshot.
+    WithNewSlot,
+    /// Now: it has none yet, or its read was cut short. A slot that exists already gets a
+    /// temporary slot's snapshot for it.
+    Needed,
+}
+
 /// A running sink, as the pipeline sees it.
 pub struct SinkHandle {
     pub name: String,
+    pub reads: Reads,
     /// Takes stream events and applies transactions as they stream; otherwise it gets
     /// streamed transactions whole, at their commit.
     pub applies_streams: bool,
@@ -96,18 +109,23 @@ pub async fn start(
     let (input, rx) = mpsc::channel(QUEUE_DEPTH);
     let (durable_tx, durable) = watch::channel(context.start);
     let name = config.name().to_string();
-    let task = match config {
+    let (task, reads) = match config {
         SinkConfig::Jsonl(c) => {
             let sink = jsonl::JsonlSink::open(c)?;
-            crate::task::spawn_blocking_named("sink-jsonl", move || sink.run(rx, durable_tx))
+            let reads = sink.reads();
+            let task =
+                crate::task::spawn_blocking_named("sink-jsonl", move || sink.run(rx, durable_tx));
+            (task, reads)
         }
         SinkConfig::Postgres(c) => {
             let sink = postgres::PostgresSink::open(c, context).await?;
-            crate::task::spawn_named("sink-postgres", sink.run(rx, durable_tx))
+            let task = crate::task::spawn_named("sink-postgres", sink.run(rx, durable_tx));
+            (task, Reads::No)
         }
     };
     Ok(SinkHandle {
         name,
+        reads,
         applies_streams: config.applies_streams(),
         input,
         durable,

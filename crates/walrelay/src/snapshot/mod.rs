@@ -14,6 +14,7 @@
 //! - `walrelay.copies` on the target records each table's state; see `state.rs`.
 
 pub mod progress;
+pub mod read;
 pub mod state;
 
 use std::collections::{HashMap, VecDeque};
@@ -175,27 +176,9 @@ pub async fn copy_for_sinks(
     let point = match snapshot {
         Some(p) => p.clone(),
         None => {
-            let mut conn = ReplicationConnection::connect(source).await?;
-            let result = conn
-                .simple_query(&format!(
-                    "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT",
-                    quote::ident(&format!(
-                        "{}_copy_{}",
-                        config.source.slot,
-                        std::process::id()
-                    ))
-                ))
-                .await?;
-            let name = result
-                .first("snapshot_name")
-                .unwrap_or_default()
-                .to_string();
-            let lsn = result
-                .first("consistent_point")
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(Lsn::ZERO);
+            let (conn, point) = temporary_snapshot(source, &config.source.slot).await?;
             _temporary = Some(conn);
-            SnapshotPoint { name, lsn }
+            point
         }
     };
     for (name, target_info, target, jobs) in plans {
@@ -215,6 +198,30 @@ pub async fn copy_for_sinks(
         latest = latest.max(point.lsn);
     }
     Ok(latest)
+}
+
+/// A snapshot of the source now, exported by a temporary slot: valid while the returned
+/// connection stays open and idle. Its position is where the slot would start streaming.
+pub async fn temporary_snapshot(
+    source: &ConnInfo,
+    slot: &str,
+) -> Result<(ReplicationConnection, SnapshotPoint), SnapshotError> {
+    let mut conn = ReplicationConnection::connect(source).await?;
+    let result = conn
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT",
+            quote::ident(&format!("{slot}_copy_{}", std::process::id()))
+        ))
+        .await?;
+    let name = result
+        .first("snapshot_name")
+        .unwrap_or_default()
+        .to_string();
+    let lsn = result
+        .first("consistent_point")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(Lsn::ZERO);
+    Ok((conn, SnapshotPoint { name, lsn }))
 }
 
 /// Copy `jobs` into one target with `[snapshot] parallel` workers.

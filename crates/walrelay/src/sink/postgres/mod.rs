@@ -325,7 +325,8 @@ impl Applier {
                     advance(durable, *lsn);
                 }
             }
-            Event::Message(_) => {}
+            // A postgres target gets the snapshot's rows by COPY (`snapshot`), not as events.
+            Event::Message(_) | Event::Read { .. } | Event::SnapshotEnd { .. } => {}
             Event::StreamChange { xid, subxid, .. } => {
                 // The stream's statements must not wait on locks of the open group.
                 self.commit_group(durable).await?;
