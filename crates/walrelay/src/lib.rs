@@ -4,6 +4,7 @@
 //! transactions in commit order; sinks make them durable; the source is acknowledged only up
 //! to the position every sink holds durably. See `docs/architecture.md`.
 
+pub mod amqp;
 pub mod cli;
 pub mod config;
 pub mod format;

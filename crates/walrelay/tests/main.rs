@@ -8,6 +8,7 @@ mod connect;
 mod copy;
 mod decoder;
 mod durability;
+mod fanout;
 mod schema;
 mod support;
 mod tls;

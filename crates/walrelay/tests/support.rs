@@ -37,12 +37,24 @@ impl Relay {
     }
 
     pub fn start_with_stdout(config: &Path, stdout: impl Into<Stdio>) -> Relay {
+        Self::spawn("run", config, stdout)
+    }
+
+    /// `walrelay consume` with `config`.
+    pub fn start_consume(config: &Path) -> Relay {
+        Self::spawn("consume", config, Stdio::null())
+    }
+
+    fn spawn(command: &str, config: &Path, stdout: impl Into<Stdio>) -> Relay {
         let stderr_path = config.with_extension(format!("stderr.{}", rand_suffix()));
         let stderr = File::create(&stderr_path).unwrap();
         let child = Command::new(BIN)
-            .args(["run", "--config"])
+            .args([command, "--config"])
             .arg(config)
-            .env("RUST_LOG", "walrelay=debug")
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_RUST_LOG").unwrap_or("walrelay=debug".into()),
+            )
             .stdout(stdout)
             .stderr(stderr)
             .spawn()

@@ -1,6 +1,7 @@
 //! Commands of the `walrelay` binary.
 
 mod check;
+mod consume;
 mod demo;
 mod run;
 mod status;
@@ -44,6 +45,12 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Apply a RabbitMQ queue of walrelay events to a PostgreSQL target, exactly once,
+    /// until SIGINT/SIGTERM.
+    Consume {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Start a throwaway PostgreSQL server, capture it under a write load, verify that every
     /// committed change arrived exactly once, and clean up.
     Demo(demo::DemoArgs),
@@ -67,6 +74,9 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { config } => run::run(&Config::load(&config)?).await,
         Command::Check { config } => check::check(&Config::load(&config)?).await,
         Command::Demo(args) => demo::demo(args).await,
+        Command::Consume { config } => {
+            consume::consume(&crate::config::ConsumeConfig::load(&config)?).await
+        }
         Command::Status { config } => status::status(&Config::load(&config)?).await,
     }
 }

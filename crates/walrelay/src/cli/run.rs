@@ -10,6 +10,13 @@ use crate::pipeline;
 use crate::task::spawn_named;
 
 pub async fn run(config: &Config) -> anyhow::Result<ExitCode> {
+    let cancel = cancel_on_signal()?;
+    pipeline::run(config, cancel).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A token cancelled at the first SIGINT or SIGTERM.
+pub fn cancel_on_signal() -> std::io::Result<CancellationToken> {
     let cancel = CancellationToken::new();
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -21,6 +28,5 @@ pub async fn run(config: &Config) -> anyhow::Result<ExitCode> {
         }
         on_signal.cancel();
     });
-    pipeline::run(config, cancel).await?;
-    Ok(ExitCode::SUCCESS)
+    Ok(cancel)
 }

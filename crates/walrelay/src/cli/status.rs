@@ -71,6 +71,15 @@ pub async fn status(config: &Config) -> anyhow::Result<ExitCode> {
                 continue;
             }
             SinkConfig::Jsonl(j) => (format!("jsonl {}", j.path), jsonl_position(&j.path)),
+            SinkConfig::Amqp(a) => {
+                println!(
+                    "sink     {} (amqp {}, exchange {}): confirmed up to the slot's position",
+                    a.name,
+                    a.url.redacted(),
+                    a.exchange
+                );
+                continue;
+            }
             SinkConfig::Postgres(p) => {
                 let target = p.url.resolve()?;
                 let applied = match sql::connect(&target).await {

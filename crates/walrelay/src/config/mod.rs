@@ -5,6 +5,7 @@ pub mod table_pattern;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr as _;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -93,6 +94,7 @@ pub struct SourceConfig {
 pub enum SinkConfig {
     Jsonl(JsonlSinkConfig),
     Postgres(PostgresSinkConfig),
+    Amqp(AmqpSinkConfig),
 }
 
 impl SinkConfig {
@@ -100,13 +102,14 @@ impl SinkConfig {
         match self {
             SinkConfig::Jsonl(j) => &j.name,
             SinkConfig::Postgres(p) => &p.name,
+            SinkConfig::Amqp(a) => &a.name,
         }
     }
 
     /// Applies a transaction as PostgreSQL streams it, rather than whole at its commit.
     pub fn applies_streams(&self) -> bool {
         match self {
-            SinkConfig::Jsonl(_) => false,
+            SinkConfig::Jsonl(_) | SinkConfig::Amqp(_) => false,
             SinkConfig::Postgres(_) => true,
         }
     }
@@ -159,6 +162,221 @@ pub struct PostgresSinkConfig {
     /// Reject writes to the replicated target tables from any session but walrelay's.
     #[serde(default)]
     pub protect: bool,
+}
+
+/// Publishes events to a RabbitMQ exchange (`sink::amqp`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSinkConfig {
+    /// A name for logs and status; default `amqp`.
+    #[serde(default = "default_amqp_name")]
+    pub name: String,
+    /// `amqp://user:password@host:port/vhost` or `amqps://...`.
+    pub url: AmqpUrl,
+    /// PEM file of the CA that signed the broker's certificate (amqps); default: the
+    /// system's trusted roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Declared durable if missing.
+    #[serde(default = "default_name")]
+    pub exchange: String,
+    #[serde(default)]
+    pub exchange_type: ExchangeType,
+    /// Queues to declare (durable) and bind to the exchange.
+    #[serde(default)]
+    pub queues: Vec<AmqpQueueConfig>,
+    #[serde(default)]
+    pub format: MessageFormat,
+    #[serde(default)]
+    pub batch: MessageBatch,
+    /// A transaction's message is cut into ordered chunks of about this many bytes.
+    #[serde(default = "default_chunk_bytes")]
+    pub chunk_bytes: usize,
+    /// Messages published and not yet confirmed by the broker, at most.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpQueueConfig {
+    pub name: String,
+    /// The binding key; `#` (everything) by default.
+    #[serde(default = "default_binding")]
+    pub binding: String,
+    #[serde(default)]
+    pub kind: QueueKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExchangeType {
+    Fanout,
+    #[default]
+    Topic,
+    Direct,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueKind {
+    #[default]
+    Classic,
+    Quorum,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageFormat {
+    /// The event JSON of docs/events.md.
+    #[default]
+    Walrelay,
+    /// Debezium's change-event envelope.
+    Debezium,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageBatch {
+    /// One message per source transaction (chunked when large).
+    #[default]
+    Transaction,
+    /// One message per event.
+    Row,
+}
+
+/// An AMQP URL, never printed whole: `Debug` hides the password.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AmqpUrl(pub String);
+
+impl fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AmqpUrl({:?})", self.redacted())
+    }
+}
+
+impl AmqpUrl {
+    /// The URL with its password replaced by `***`, for messages.
+    pub fn redacted(&self) -> String {
+        let s = &self.0;
+        let Some(scheme_end) = s.find("://").map(|i| i + 3) else {
+            return "<not a URL>".into();
+        };
+        let rest = &s[scheme_end..];
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        match rest[..authority_end].rfind('@') {
+            Some(at) => {
+                let userinfo = &rest[..at];
+                let user = userinfo.split(':').next().unwrap_or_default();
+                format!("{}{user}:***{}", &s[..scheme_end], &rest[at..])
+            }
+            None => s.clone(),
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if !(self.0.starts_with("amqp://") || self.0.starts_with("amqps://")) {
+            return Err(format!(
+                "{} is not an amqp:// or amqps:// URL",
+                self.redacted()
+            ));
+        }
+        lapin::uri::AMQPUri::from_str(&self.0)
+            .map(|_| ())
+            .map_err(|e| format!("{}: {e}", self.redacted()))
+    }
+}
+
+/// `walrelay consume`: a queue applied to a PostgreSQL target.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumeConfig {
+    pub consume: ConsumeSection,
+    pub target: PostgresSinkConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumeSection {
+    pub url: AmqpUrl,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    pub queue: String,
+    /// Messages received and not yet acknowledged, at most (raised while one transaction
+    /// needs more).
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+    #[serde(default)]
+    pub on_poison: OnPoison,
+    /// Where `dead_letter` puts poison messages; default `<queue>.poison`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_queue: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnPoison {
+    /// Stop with an error; the message stays in the queue.
+    #[default]
+    Stop,
+    /// Move it to the dead-letter queue and go on.
+    DeadLetter,
+}
+
+impl ConsumeConfig {
+    pub fn load(path: &Path) -> Result<ConsumeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<ConsumeConfig, ConfigError> {
+        let config: ConsumeConfig = parse_toml(text, path)?;
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.into(),
+            message,
+        };
+        config
+            .consume
+            .url
+            .check()
+            .map_err(|m| invalid("consume.url", m))?;
+        if config.consume.queue.is_empty() {
+            return Err(invalid("consume.queue", "must not be empty".into()));
+        }
+        if config.consume.prefetch == 0 {
+            return Err(invalid("consume.prefetch", "must be at least 1".into()));
+        }
+        conninfo::parse(&config.target.url.0).map_err(|e| invalid("target.url", e.to_string()))?;
+        Ok(config)
+    }
+
+    pub fn dead_letter_queue(&self) -> String {
+        self.consume
+            .dead_letter_queue
+            .clone()
+            .unwrap_or_else(|| format!("{}.poison", self.consume.queue))
+    }
+}
+
+fn default_prefetch() -> u16 {
+    1000
+}
+fn default_amqp_name() -> String {
+    "amqp".into()
+}
+fn default_binding() -> String {
+    "#".into()
+}
+fn default_chunk_bytes() -> usize {
+    1 << 20
+}
+fn default_max_in_flight() -> usize {
+    2000
 }
 
 fn default_postgres_name() -> String {
@@ -267,18 +485,7 @@ impl Config {
 
     /// Parse and validate configuration text; `path` is for messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| {
-            let (line, column) = e
-                .span()
-                .map(|s| line_and_column(text, s.start))
-                .unwrap_or((1, 1));
-            ConfigError::Parse {
-                path: path.to_path_buf(),
-                line,
-                column,
-                message: e.message().replace('\n', " ").trim().to_string(),
-            }
-        })?;
+        let config: Config = parse_toml(text, path)?;
         config
             .validate()
             .map_err(|(key, message)| ConfigError::Invalid {
@@ -354,6 +561,18 @@ impl Config {
                         ));
                     }
                 }
+                SinkConfig::Amqp(a) => {
+                    a.url.check().map_err(|m| (format!("sink[{i}].url"), m))?;
+                    if a.exchange.is_empty() {
+                        return Err((format!("sink[{i}].exchange"), "must not be empty".into()));
+                    }
+                    if a.max_in_flight == 0 || a.chunk_bytes < 1024 {
+                        return Err((
+                            format!("sink[{i}].max_in_flight"),
+                            "max_in_flight must be at least 1 and chunk_bytes at least 1024".into(),
+                        ));
+                    }
+                }
             }
         }
         Ok(())
@@ -365,6 +584,22 @@ impl Config {
             std::env::temp_dir().join(format!("walrelay-spill-{}", self.source.slot))
         })
     }
+}
+
+/// TOML into a config type, with the line and column of what does not fit.
+fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let (line, column) = e
+            .span()
+            .map(|s| line_and_column(text, s.start))
+            .unwrap_or((1, 1));
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            line,
+            column,
+            message: e.message().replace('\n', " ").trim().to_string(),
+        }
+    })
 }
 
 /// PostgreSQL's rule for replication slot names.

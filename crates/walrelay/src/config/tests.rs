@@ -77,6 +77,10 @@ fn all_key_paths() -> Vec<String> {
     config
         .sinks
         .extend(parse(&postgres).unwrap().sinks.into_iter().skip(1));
+    let amqp = format!("{MINIMAL}\n[[sink]]\ntype = \"amqp\"\nurl = \"amqp://localhost\"\ntls_ca_file = \"ca.pem\"\nqueues = [{{ name = \"q\" }}]\n");
+    config
+        .sinks
+        .extend(parse(&amqp).unwrap().sinks.into_iter().skip(1));
     let value = toml::Value::try_from(&config).unwrap();
     let mut paths = Vec::new();
     collect_paths(&value, "", &mut paths);
@@ -128,9 +132,54 @@ fn every_key_is_documented_with_its_default() {
     }
 }
 
+/// Every key of a `walrelay consume` file (`target.*` stands for the postgres sink's keys).
+fn consume_key_paths() -> Vec<String> {
+    let text = "[consume]\nurl = \"amqp://localhost\"\nqueue = \"q\"\ntls_ca_file = \"ca.pem\"\ndead_letter_queue = \"d\"\n[target]\nurl = \"host=replica\"\n";
+    let config = ConsumeConfig::parse(text, Path::new("consume.toml")).unwrap();
+    let value = toml::Value::try_from(&config).unwrap();
+    let mut paths = Vec::new();
+    collect_paths(&value, "", &mut paths);
+    paths.retain(|p| !p.starts_with("target."));
+    paths.push("target.*".into());
+    paths
+}
+
+#[test]
+fn every_consume_key_is_documented() {
+    for path in consume_key_paths() {
+        assert!(
+            DOC.lines().any(|l| l.starts_with(&format!("| `{path}` |"))),
+            "docs/config.md has no table row for `{path}`"
+        );
+    }
+}
+
+#[test]
+fn consume_config_errors_name_the_key() {
+    for (text, expected) in [
+        ("[consume]\nurl = \"http://x\"\nqueue = \"q\"\n[target]\nurl = \"host=a\"\n", "consume.url"),
+        ("[consume]\nurl = \"amqp://x\"\nqueue = \"\"\n[target]\nurl = \"host=a\"\n", "consume.queue"),
+        ("[consume]\nurl = \"amqp://x\"\nqueue = \"q\"\nprefetch = 0\n[target]\nurl = \"host=a\"\n", "consume.prefetch"),
+        ("[consume]\nurl = \"amqp://x\"\nqueue = \"q\"\n", "target"),
+    ] {
+        let e = ConsumeConfig::parse(text, Path::new("c.toml")).unwrap_err().to_string();
+        assert!(e.contains(expected), "{text}: {e}");
+    }
+    let e = ConsumeConfig::parse(
+        "[consume]\nurl = \"amqp://guest:hunter2@x\"\nqueue = \"q\"\n[target]\nurl = \"host=a\"\n",
+        Path::new("c.toml"),
+    )
+    .unwrap();
+    assert!(
+        !format!("{e:?}").contains("hunter2"),
+        "the password is hidden"
+    );
+}
+
 #[test]
 fn documented_keys_exist() {
-    let known = all_key_paths();
+    let mut known = all_key_paths();
+    known.extend(consume_key_paths());
     for line in DOC.lines().filter(|l| l.starts_with("| `")) {
         let key = line.split('`').nth(1).unwrap();
         assert!(

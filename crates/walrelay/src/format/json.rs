@@ -231,6 +231,21 @@ fn row_field(out: &mut Vec<u8>, name: &str, rel: &Relation, row: &Row, key_only:
         rel.columns.iter().collect()
     };
     key(out, name);
+    let unchanged = row_object(out, &columns, row);
+    if !unchanged.is_empty() {
+        let list_name = if name == "new" {
+            "unchanged_toast".to_string()
+        } else {
+            format!("{name}_unchanged_toast")
+        };
+        key(out, &list_name);
+        let _ = serde_json::to_writer(&mut *out, &unchanged);
+    }
+}
+
+/// `{"column": value, ...}` of `row` over `columns`, leaving out unchanged TOAST values;
+/// returns the names of those left out.
+pub(crate) fn row_object<'a>(out: &mut Vec<u8>, columns: &[&'a Column], row: &Row) -> Vec<&'a str> {
     out.push(b'{');
     let mut first = true;
     let mut unchanged = Vec::new();
@@ -248,15 +263,12 @@ fn row_field(out: &mut Vec<u8>, name: &str, rel: &Relation, row: &Row, key_only:
         value(out, c, v);
     }
     out.push(b'}');
-    if !unchanged.is_empty() {
-        let list_name = if name == "new" {
-            "unchanged_toast".to_string()
-        } else {
-            format!("{name}_unchanged_toast")
-        };
-        key(out, &list_name);
-        let _ = serde_json::to_writer(&mut *out, &unchanged);
-    }
+    unchanged
+}
+
+/// A JSON string.
+pub(crate) fn json_string(out: &mut Vec<u8>, s: &str) {
+    string(out, s);
 }
 
 const BOOL: u32 = 16;

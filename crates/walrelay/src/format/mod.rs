@@ -1,3 +1,5 @@
 //! Wire formats for events leaving walrelay.
 
+pub mod debezium;
 pub mod json;
+pub mod parse;

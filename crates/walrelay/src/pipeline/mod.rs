@@ -141,6 +141,7 @@ async fn run_once(
         let context = sink::SinkContext {
             start,
             slot: &config.source.slot,
+            database: &prepared.info.dbname,
             tables: &prepared.tables,
         };
         handles.push(sink::start(sink_config, &context).await?);

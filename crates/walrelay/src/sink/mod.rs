@@ -1,6 +1,7 @@
 //! Sinks: where events go. Each runs as its own task, takes batches from a bounded channel
 //! (back-pressure to the source), and publishes the highest LSN it holds durably.
 
+pub mod amqp;
 pub mod jsonl;
 pub mod postgres;
 
@@ -35,6 +36,11 @@ pub enum SinkError {
         source: Box<postgres::ApplyError>,
     },
     #[error("sink {name}: {source}")]
+    Amqp {
+        name: String,
+        source: Box<crate::amqp::AmqpError>,
+    },
+    #[error("sink {name}: {source}")]
     Progress {
         name: String,
         source: postgres::progress::ProgressError,
@@ -46,6 +52,7 @@ impl SinkError {
     pub fn is_transient(&self) -> bool {
         match self {
             SinkError::Apply { source, .. } => source.is_transient(),
+            SinkError::Amqp { source, .. } => source.is_transient(),
             SinkError::Progress {
                 source: postgres::progress::ProgressError::Pg(e),
                 ..
@@ -97,6 +104,8 @@ pub struct SinkContext<'a> {
     pub start: Lsn,
     /// The slot, naming the stream for sinks that record their progress.
     pub slot: &'a str,
+    /// The source database's name (for Debezium's `source.db`).
+    pub database: &'a str,
     /// The tables captured, as (schema, name).
     pub tables: &'a [(String, String)],
 }
@@ -121,6 +130,13 @@ pub async fn start(
             let sink = postgres::PostgresSink::open(c, context).await?;
             let task = crate::task::spawn_named("sink-postgres", sink.run(rx, durable_tx));
             (task, Reads::No)
+        }
+        SinkConfig::Amqp(c) => {
+            let sink = amqp::AmqpSink::open(c, context.database).await?;
+            let task = crate::task::spawn_named("sink-amqp", sink.run(rx, durable_tx));
+            // A broker keeps no position to tell a cut-short snapshot by: the rows go out
+            // when the slot is created (docs/guarantees.md).
+            (task, Reads::WithNewSlot)
         }
     };
     Ok(SinkHandle {

@@ -1,0 +1,551 @@
+//! Fan-out through RabbitMQ (the broker of this machine, 127.0.0.1:5672, guest/guest): the
+//! `amqp` sink, and `walrelay consume` applying a queue to a replica exactly once, through
+//! a killed consumer and a broker restart.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::Value as J;
+use walrelay_testkit::{wait_for, TestPg};
+
+use crate::support::*;
+
+const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Names no other run of the tests uses.
+fn unique(what: &str) -> String {
+    format!("walrelay-test-{}-{what}", std::process::id())
+}
+
+async fn channel() -> (Connection, Channel) {
+    let c = Connection::connect(BROKER, ConnectionProperties::default())
+        .await
+        .expect("the RabbitMQ of this machine at 127.0.0.1:5672");
+    let ch = c.create_channel().await.unwrap();
+    (c, ch)
+}
+
+async fn delete_queues(names: &[&str]) {
+    let (_c, ch) = channel().await;
+    for n in names {
+        let _ = ch
+            .queue_delete((*n).into(), QueueDeleteOptions::default())
+            .await;
+    }
+}
+
+/// Messages waiting in `queue`.
+async fn queue_depth(queue: &str) -> u32 {
+    let (_c, ch) = channel().await;
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
+}
+
+/// Restart the broker's application: every connection is closed; durable queues and
+/// persistent messages stay.
+async fn restart_broker() {
+    for args in [["stop_app"], ["start_app"]] {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args(args)
+            .output()
+            .expect("rabbitmqctl");
+        assert!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
+    }
+    wait_for(
+        "the broker to accept connections",
+        Duration::from_secs(60),
+        || async {
+            Connection::connect(BROKER, ConnectionProperties::default())
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+}
+
+/// A relay config: `tables` of `source_url` to an amqp sink with `sink` keys.
+fn relay_config(dir: &Path, source_url: &str, tables: &[&str], sink: &str) -> PathBuf {
+    let tables: Vec<String> = tables.iter().map(|t| format!("'{t}'")).collect();
+    let text = format!(
+        "[source]\nurl = \"{source_url}\"\ntables = [{}]\nspill_dir = \"{}\"\nstatus_interval = \"200ms\"\n\n[[sink]]\ntype = \"amqp\"\nurl = \"{BROKER}\"\n{sink}\n",
+        tables.join(", "),
+        dir.join("spill").display(),
+    );
+    let path = dir.join("walrelay.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A `walrelay consume` config: `queue` applied to `target_url`.
+fn consume_config(dir: &Path, name: &str, queue: &str, target_url: &str, extra: &str) -> PathBuf {
+    let text = format!(
+        "[consume]\nurl = \"{BROKER}\"\nqueue = \"{queue}\"\nprefetch = 50\n{extra}\n\n[target]\nurl = \"{target_url}\"\n"
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+const ACCOUNTS: &str = "CREATE TABLE acct (id int PRIMARY KEY, balance int8 NOT NULL, note text)";
+
+/// Transactions of inserts, updates and deletes on `acct` until `stop`.
+fn start_load(pg: &TestPg, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+    let url = pg.url("app");
+    walrelay::task::spawn_named("test-load", async move {
+        let info =
+            walrelay::pg::conninfo::resolve(&url, &walrelay::pg::conninfo::ProcessEnv).unwrap();
+        let c = walrelay::pg::sql::connect(&info).await.unwrap();
+        let mut i: i64 = 0;
+        while !stop.load(Ordering::Relaxed) {
+            i += 1;
+            c.batch_execute(&format!(
+                "BEGIN;
+                 INSERT INTO acct VALUES ({}, {i}, 'tx ' || {i});
+                 UPDATE acct SET balance = balance + 1 WHERE id = {};
+                 DELETE FROM acct WHERE id = {};
+                 COMMIT;",
+                1000 + i,
+                i % 200 + 1,
+                1000 + i - 20
+            ))
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        i as u64
+    })
+}
+
+/// The original design, done properly: one source, a fanout exchange, a queue and a
+/// consumer per replica. Under a write load one consumer is killed and restarted and the
+/// broker is restarted; both replicas end equal to the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_through_a_fanout_survive_a_killed_consumer_and_a_broker_restart() {
+    let (source_pg, target_pg) = (TestPg::start(), TestPg::start());
+    let source = source_pg.create_db("app").await;
+    source
+        .batch_execute(&format!(
+            "{ACCOUNTS}; INSERT INTO acct SELECT g, 0, 'before' FROM generate_series(1, 200) g"
+        ))
+        .await
+        .unwrap();
+    let r1 = target_pg.create_db("r1").await;
+    let r2 = target_pg.create_db("r2").await;
+    let r3 = target_pg.create_db("r3").await;
+    for r in [&r1, &r2, &r3] {
+        r.batch_execute(ACCOUNTS).await.unwrap();
+    }
+    let (q1, q2, exchange) = (unique("r1"), unique("r2"), unique("fanout"));
+    let dir = tempfile::tempdir().unwrap();
+    // One exchange, a queue per replica. A second sink publishes the same changes a
+    // message per row, to a third queue that a third consumer applies: its 200 snapshot
+    // rows are one target transaction of more messages than the prefetch window.
+    let (q3, rows_exchange) = (unique("r3"), unique("rows"));
+    let cfg = relay_config(
+        dir.path(),
+        &source_pg.url("app"),
+        &["public.acct"],
+        &format!(
+            "exchange = \"{exchange}\"\nexchange_type = \"fanout\"\nchunk_bytes = 4096\nqueues = [{{ name = \"{q1}\" }}, {{ name = \"{q2}\", kind = \"quorum\" }}]\n\n[[sink]]\ntype = \"amqp\"\nname = \"rows\"\nurl = \"{BROKER}\"\nexchange = \"{rows_exchange}\"\nbatch = \"row\"\nqueues = [{{ name = \"{q3}\" }}]"
+        ),
+    );
+    let c1_cfg = consume_config(dir.path(), "c1", &q1, &target_pg.url("r1"), "");
+    let c2_cfg = consume_config(dir.path(), "c2", &q2, &target_pg.url("r2"), "");
+    let c3_cfg = consume_config(dir.path(), "c3", &q3, &target_pg.url("r3"), "");
+    let mut relay = Relay::start(&cfg);
+    wait_until_streaming(&source, &mut relay).await;
+    let c1 = Relay::start_consume(&c1_cfg);
+    let mut c2 = Relay::start_consume(&c2_cfg);
+    let mut c3 = Relay::start_consume(&c3_cfg);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = start_load(&source_pg, stop.clone());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c1.kill9().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut c1 = Relay::start_consume(&c1_cfg);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    restart_broker().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let transactions = load.await.unwrap();
+    assert!(
+        transactions > 50,
+        "the load ran ({transactions} transactions)"
+    );
+
+    wait_until_equal(&source, &r1, &["acct"], &mut c1).await;
+    wait_until_equal(&source, &r2, &["acct"], &mut c2).await;
+    wait_until_equal(&source, &r3, &["acct"], &mut c3).await;
+    relay.assert_running();
+    let relay_log = relay.stop().await;
+    let c1_log = c1.stop().await;
+    let c2_log = c2.stop().await;
+    let c3_log = c3.stop().await;
+    assert!(
+        relay_log.contains("pipeline interrupted; restarting"),
+        "the relay lived through the broker restart:\n{relay_log}"
+    );
+    for log in [&c1_log, &c2_log, &c3_log] {
+        assert!(
+            log.contains("consumer interrupted; reconnecting"),
+            "the consumer lived through the broker restart:\n{log}"
+        );
+    }
+    for (who, log) in [("relay", &relay_log), ("c1", &c1_log), ("c2", &c2_log)] {
+        for line in log.lines().filter(|l| l.contains("WARN")) {
+            println!("{who}: {line}");
+        }
+    }
+    println!(
+        "{transactions} transactions; replicas equal to the source: {:?}",
+        checksum(&source, "acct").await
+    );
+    delete_queues(&[&q1, &q2, &q3]).await;
+}
+
+/// Every message of `queue` until `done` says enough, deduplicated by `message_id`: returns
+/// the distinct messages' bodies and headers in order, and how many repeats were dropped.
+async fn drain(
+    queue: &str,
+    mut done: impl FnMut(&[(Vec<u8>, BTreeMap<String, AMQPValue>)]) -> bool,
+) -> (Vec<(Vec<u8>, BTreeMap<String, AMQPValue>)>, usize) {
+    let (_c, ch) = channel().await;
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "test-drain".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut seen: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut messages = Vec::new();
+    let mut repeats = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while !done(&messages) {
+        let d = tokio::time::timeout_at(deadline, consumer.next())
+            .await
+            .expect("the messages arrive")
+            .unwrap()
+            .unwrap();
+        d.ack(BasicAckOptions::default()).await.unwrap();
+        let id = d
+            .properties
+            .message_id()
+            .as_ref()
+            .expect("every message has a message_id")
+            .to_string();
+        if let Some(earlier) = seen.get(&id) {
+            assert_eq!(earlier, &d.data, "a repeat of {id} is the same message");
+            repeats += 1;
+            continue;
+        }
+        seen.insert(id, d.data.clone());
+        let headers = d
+            .properties
+            .headers()
+            .as_ref()
+            .map(|h| {
+                h.inner()
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        messages.push((d.data, headers));
+    }
+    (messages, repeats)
+}
+
+fn lines(body: &[u8]) -> Vec<J> {
+    body.split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect()
+}
+
+/// `batch = "row"` or `"transaction"`: with the relay killed midway, every change reaches
+/// a reader that drops repeats by `message_id` exactly once, with its headers.
+async fn every_change_once(batch: &str) {
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let (queue, exchange) = (unique(&format!("{batch}-q")), unique(&format!("{batch}-x")));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = relay_config(
+        dir.path(),
+        &pg.url("app"),
+        &["public.t"],
+        &format!(
+            "exchange = \"{exchange}\"\nbatch = \"{batch}\"\nchunk_bytes = 2048\nqueues = [{{ name = \"{queue}\", binding = \"#\" }}]"
+        ),
+    );
+    let mut relay = Relay::start(&cfg);
+    wait_until_streaming(&db, &mut relay).await;
+    let mut next = 1;
+    for round in 0..2 {
+        for _ in 0..40 {
+            db.batch_execute(&format!(
+                "INSERT INTO t SELECT g, repeat('x', 50) FROM generate_series({next}, {}) g",
+                next + 4
+            ))
+            .await
+            .unwrap();
+            next += 5;
+        }
+        if round == 0 {
+            // A crash with messages in flight: what was not confirmed is published again.
+            relay.kill9().await;
+            relay = Relay::start(&cfg);
+            wait_until_streaming(&db, &mut relay).await;
+        }
+    }
+    // One transaction of 1,000 rows: chunks in batch = "transaction".
+    db.batch_execute(&format!(
+        "INSERT INTO t SELECT g, repeat('y', 50) FROM generate_series({next}, {}) g",
+        next + 999
+    ))
+    .await
+    .unwrap();
+    let total = next + 999;
+    let (messages, repeats) = drain(&queue, |m| {
+        m.iter()
+            .flat_map(|(b, _)| lines(b))
+            .any(|l| l["kind"] == "insert" && l["new"]["id"] == total)
+            && m.iter()
+                .flat_map(|(b, _)| lines(b))
+                .filter(|l| l["kind"] == "commit")
+                .count()
+                == 81
+    })
+    .await;
+    relay.stop().await;
+    let mut ids: Vec<i64> = messages
+        .iter()
+        .flat_map(|(b, _)| lines(b))
+        .filter(|l| l["kind"] == "insert")
+        .map(|l| l["new"]["id"].as_i64().unwrap())
+        .collect();
+    let received = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        received,
+        ids.len(),
+        "no change twice after dropping repeats"
+    );
+    assert_eq!(
+        ids,
+        (1..=i64::from(total)).collect::<Vec<_>>(),
+        "every change"
+    );
+    for (body, headers) in &messages {
+        let first = &lines(body)[0];
+        let text = |k: &str| match headers.get(k) {
+            Some(AMQPValue::LongString(s)) => s.to_string(),
+            other => panic!("header {k}: {other:?}"),
+        };
+        assert_eq!(text("walrelay-lsn"), first["lsn"].as_str().unwrap());
+        let op = text("walrelay-op");
+        if batch == "row" {
+            assert_eq!(op, first["kind"].as_str().unwrap());
+            if op == "insert" {
+                assert_eq!(text("walrelay-table"), "public.t");
+            }
+        } else {
+            assert!(op == "transaction" || op == "snapshot", "{op}");
+        }
+        if first["kind"] != "snapshot_end" {
+            assert!(matches!(
+                headers.get("walrelay-xid"),
+                Some(AMQPValue::LongLongInt(_))
+            ));
+            assert!(headers.contains_key("walrelay-commit-time"));
+        }
+    }
+    if batch == "transaction" {
+        let chunked = messages.iter().any(
+            |(_, h)| matches!(h.get("walrelay-chunk"), Some(AMQPValue::LongUInt(n)) if *n > 0),
+        );
+        assert!(chunked, "the 1,000-row transaction went out in chunks");
+        let last: Vec<bool> = messages
+            .iter()
+            .filter_map(|(b, h)| {
+                let ends = lines(b)
+                    .last()
+                    .is_some_and(|l| l["kind"] == "commit" || l["kind"] == "snapshot_end");
+                match h.get("walrelay-last") {
+                    Some(AMQPValue::Boolean(last)) => Some(*last == ends),
+                    _ => None,
+                }
+            })
+            .collect();
+        assert!(
+            !last.is_empty() && last.iter().all(|ok| *ok),
+            "the last chunk is marked"
+        );
+    }
+    println!(
+        "batch = {batch}: {} messages, {repeats} repeats dropped",
+        messages.len()
+    );
+    delete_queues(&[&queue]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_row_delivers_every_change_once() {
+    every_change_once("row").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_transaction_delivers_every_change_once() {
+    every_change_once("transaction").await;
+}
+
+async fn publish(ch: &Channel, queue: &str, id: &str, body: &str) {
+    ch.basic_publish(
+        "".into(),
+        queue.into(),
+        BasicPublishOptions::default(),
+        body.as_bytes(),
+        BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(id.into()),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+fn transaction(lsn: &str, end: &str, table: &str, id: i64) -> String {
+    format!(
+        "{{\"kind\":\"begin\",\"lsn\":\"{lsn}\",\"seq\":0,\"xid\":7,\"commit_time\":\"2026-11-21T16:20:00.000000Z\",\"origin\":null}}\n\
+         {{\"kind\":\"insert\",\"lsn\":\"{lsn}\",\"seq\":1,\"xid\":7,\"commit_time\":\"2026-11-21T16:20:00.000000Z\",\"schema\":\"public\",\"table\":\"{table}\",\"types\":{{\"id\":\"int4\"}},\"key\":[\"id\"],\"new\":{{\"id\":{id}}}}}\n\
+         {{\"kind\":\"commit\",\"lsn\":\"{lsn}\",\"seq\":2,\"xid\":7,\"commit_time\":\"2026-11-21T16:20:00.000000Z\",\"end_lsn\":\"{end}\"}}\n"
+    )
+}
+
+/// A poison message — not walrelay's format, or for a table the target lacks — is moved to
+/// the dead-letter queue with the reason, and the rest is applied; with `on_poison = "stop"`
+/// the consumer stops, says why, and leaves the message in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_are_dead_lettered_or_stop_the_consumer() {
+    let pg = TestPg::start();
+    let target = pg.create_db("r").await;
+    target
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let (queue, dlq) = (unique("poison"), unique("poison-dlq"));
+    let (_c, ch) = channel().await;
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::durable(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    publish(&ch, &queue, "1", &transaction("0/100", "0/130", "t", 1)).await;
+    publish(&ch, &queue, "2", "this is not an event").await;
+    publish(
+        &ch,
+        &queue,
+        "3",
+        &transaction("0/200", "0/230", "missing", 2),
+    )
+    .await;
+    publish(&ch, &queue, "4", &transaction("0/300", "0/330", "t", 3)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = consume_config(
+        dir.path(),
+        "dead-letter",
+        &queue,
+        &pg.url("r"),
+        &format!("on_poison = \"dead_letter\"\ndead_letter_queue = \"{dlq}\""),
+    );
+    let mut consumer = Relay::start_consume(&cfg);
+    if tokio::time::timeout(
+        Duration::from_secs(60),
+        wait_for_count(&target, "SELECT count(*) FROM t", 2, "rows 1 and 3"),
+    )
+    .await
+    .is_err()
+    {
+        panic!("rows 1 and 3 never arrived:\n{}", consumer.stderr());
+    }
+    consumer.assert_running();
+    let log = consumer.stop().await;
+    assert_eq!(
+        queue_depth(&queue).await,
+        0,
+        "every message acknowledged:\n{log}"
+    );
+    let (poison, _) = drain(&dlq, |m| m.len() == 2).await;
+    let reasons: Vec<String> = poison
+        .iter()
+        .map(|(_, h)| match h.get("walrelay-error") {
+            Some(AMQPValue::LongString(s)) => s.to_string(),
+            other => panic!("walrelay-error: {other:?}"),
+        })
+        .collect();
+    assert!(reasons[0].contains("not JSON"), "{reasons:?}");
+    assert!(
+        reasons[1].contains("the target has no table") && reasons[1].contains("missing"),
+        "{reasons:?}"
+    );
+    assert_eq!(poison[0].0, b"this is not an event");
+
+    // Applied again from the start: nothing changes (positions recorded in the target).
+    publish(&ch, &queue, "1", &transaction("0/100", "0/130", "t", 1)).await;
+    publish(&ch, &queue, "5", "still not an event").await;
+    let stop_cfg = consume_config(dir.path(), "stop", &queue, &pg.url("r"), "");
+    let mut consumer = Relay::start_consume(&stop_cfg);
+    let status = consumer.wait(Duration::from_secs(60)).await;
+    let stderr = consumer.stderr();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("poison message 5") && stderr.contains("not JSON"),
+        "{stderr}"
+    );
+    assert_eq!(
+        queue_depth(&queue).await,
+        1,
+        "the poison message stays in the queue"
+    );
+    assert_eq!(
+        target
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        2,
+        "the repeated transaction was not applied twice"
+    );
+    delete_queues(&[&queue, &dlq]).await;
+}
