@@ -243,6 +243,9 @@ pub enum MessageBatch {
     Transaction,
     /// One message per event.
     Row,
+    /// Consecutive whole transactions in one message, up to `chunk_bytes` or until input
+    /// pauses (a message id then names a message of this run only).
+    Group,
 }
 
 /// An AMQP URL, never printed whole: `Debug` hides the password.

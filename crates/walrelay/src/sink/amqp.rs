@@ -44,6 +44,9 @@ pub struct AmqpSink {
     chunk: Vec<u8>,
     chunk_first: Option<Position>,
     chunk_number: u32,
+    /// `batch = "group"`: the end of the last whole transaction gathered, durable with the
+    /// group's confirm.
+    group_durable: Option<Lsn>,
 }
 
 /// One message to publish.
@@ -137,6 +140,7 @@ impl AmqpSink {
             chunk: Vec::new(),
             chunk_first: None,
             chunk_number: 0,
+            group_durable: None,
         })
     }
 
@@ -164,11 +168,18 @@ impl AmqpSink {
                     for event in batch.iter() {
                         self.publish_event(event, &mut in_flight).await.map_err(err)?;
                     }
+                    if self.config.batch == MessageBatch::Group && input.is_empty() {
+                        self.flush_group(&mut in_flight).await.map_err(err)?;
+                    }
                 }
             }
         }
-        // Input closed: what is published gets its confirm; a transaction not yet whole is
-        // not published (the source sends it again).
+        // Input closed: what is published gets its confirm (and a group of whole
+        // transactions is published); a transaction not yet whole is not published (the
+        // source sends it again).
+        if self.config.batch == MessageBatch::Group {
+            self.flush_group(&mut in_flight).await.map_err(err)?;
+        }
         while let Some(done) = in_flight.next().await {
             if let Some(lsn) = done.map_err(err)? {
                 advance(&durable, lsn);
@@ -193,7 +204,9 @@ impl AmqpSink {
         }
         let published = match self.config.batch {
             MessageBatch::Row => self.publish_row(event, durable_at, in_flight).await?,
-            MessageBatch::Transaction => self.publish_batched(event, durable_at, in_flight).await?,
+            MessageBatch::Transaction | MessageBatch::Group => {
+                self.publish_batched(event, durable_at, in_flight).await?
+            }
         };
         if !published {
             if let Some(lsn) = durable_at {
@@ -291,7 +304,21 @@ impl AmqpSink {
         if self.chunk.len() > start && self.chunk_first.is_none() {
             self.chunk_first = position;
         }
+        let group = self.config.batch == MessageBatch::Group;
         let (ends, op) = match event {
+            // A group takes whole transactions until it is big enough or input pauses.
+            Event::Commit(_) if group => {
+                self.group_durable = durable_at;
+                if self.chunk.len() < self.config.chunk_bytes {
+                    return Ok(true);
+                }
+                (true, "transaction")
+            }
+            Event::Keepalive(_) | Event::Message(_) if group => {
+                // Whatever the group holds is confirmed before the keepalive's position.
+                self.flush_group(in_flight).await?;
+                return Ok(false);
+            }
             Event::Commit(_) => (true, "transaction"),
             Event::SnapshotEnd { .. } => (true, "snapshot"),
             Event::Message(_) => (true, "message"),
@@ -301,10 +328,45 @@ impl AmqpSink {
         if !ends && self.chunk.len() < self.config.chunk_bytes {
             return Ok(false);
         }
+        let durable_at = if group {
+            self.group_durable.take()
+        } else {
+            durable_at
+        };
+        self.flush_chunk(op, ends, if ends { durable_at } else { None }, in_flight)
+            .await?;
+        Ok(ends)
+    }
+
+    /// `batch = "group"`: publish the whole transactions gathered so far.
+    async fn flush_group(
+        &mut self,
+        in_flight: &mut FuturesOrdered<Pending>,
+    ) -> Result<(), AmqpError> {
+        if self.txn.is_some() {
+            return Ok(()); // only between transactions
+        }
+        let durable_at = self.group_durable.take();
+        self.flush_chunk("transaction", true, durable_at, in_flight)
+            .await
+    }
+
+    /// Publish the lines gathered as one message (a chunk; `ends`: the last of its
+    /// transaction or snapshot); `durable_at` becomes durable with its confirm.
+    async fn flush_chunk(
+        &mut self,
+        op: &str,
+        ends: bool,
+        durable_at: Option<Lsn>,
+        in_flight: &mut FuturesOrdered<Pending>,
+    ) -> Result<(), AmqpError> {
         let Some(first) = self.chunk_first.take() else {
             // Nothing written (a transaction with no line in this format).
             self.chunk_number = 0;
-            return Ok(false);
+            if let Some(lsn) = durable_at {
+                in_flight.push_back(Box::pin(async move { Ok(Some(lsn)) }));
+            }
+            return Ok(());
         };
         let body = std::mem::take(&mut self.chunk);
         let message = Outgoing {
@@ -317,15 +379,11 @@ impl AmqpSink {
             chunk: (op != "message").then_some((self.chunk_number, ends)),
         };
         let confirm = self.publish(message).await?;
-        in_flight.push_back(confirmed_then(
-            confirm,
-            if ends { durable_at } else { None },
-            &self.config,
-        ));
+        in_flight.push_back(confirmed_then(confirm, durable_at, &self.config));
         self.chunk_number = if ends { 0 } else { self.chunk_number + 1 };
         self.chunk = body;
         self.chunk.clear();
-        Ok(ends)
+        Ok(())
     }
 
     async fn publish(
@@ -356,7 +414,7 @@ impl AmqpSink {
             headers.insert("walrelay-last".into(), AMQPValue::Boolean(last));
         }
         let content_type = match (self.config.batch, m.chunk.is_some()) {
-            (MessageBatch::Transaction, true) => "application/x-ndjson",
+            (MessageBatch::Transaction | MessageBatch::Group, true) => "application/x-ndjson",
             _ => "application/json",
         };
         let mut properties = BasicProperties::default()
