@@ -593,5 +593,41 @@ async fn poison_messages_are_dead_lettered_or_stop_the_consumer() {
         2,
         "the repeated transaction was not applied twice"
     );
-    delete_queues(&[&queue, &dlq]).await;
+
+    // A message lost in the middle of a transaction (here: its commit) is a gap: the
+    // consumer stops there rather than apply the next transaction over it.
+    let gap_queue = unique("gap");
+    ch.queue_declare(
+        gap_queue.as_str().into(),
+        QueueDeclareOptions::durable(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let cut: String = transaction("0/400", "0/430", "t", 4)
+        .lines()
+        .take(2)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    publish(&ch, &gap_queue, "6", &cut).await;
+    publish(&ch, &gap_queue, "7", &transaction("0/500", "0/530", "t", 5)).await;
+    let gap_cfg = consume_config(dir.path(), "gap", &gap_queue, &pg.url("r"), "");
+    let mut consumer = Relay::start_consume(&gap_cfg);
+    let status = consumer.wait(Duration::from_secs(60)).await;
+    let stderr = consumer.stderr();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("expected the event at 0/400/2 next, got 0/500/0"),
+        "{stderr}"
+    );
+    assert_eq!(
+        target
+            .query_one("SELECT count(*) FROM t WHERE id IN (4, 5)", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        0,
+        "nothing of the cut transaction or after it was applied"
+    );
+    delete_queues(&[&queue, &dlq, &gap_queue]).await;
 }

@@ -49,6 +49,14 @@ pub enum ConsumeError {
     },
     #[error(transparent)]
     Pg(#[from] crate::pg::error::PgError),
+    #[error("target: checking for a table: {0}")]
+    Catalog(#[source] tokio_postgres::Error),
+    #[error("queue {queue}: {what} (message {message_id}); the queue is not a whole stream from this point: nothing after it was applied")]
+    Gap {
+        queue: String,
+        message_id: String,
+        what: String,
+    },
 }
 
 /// A delivery waiting for its acknowledgement.
@@ -66,7 +74,8 @@ impl ConsumeError {
             ConsumeError::Amqp(e) => e.is_transient(),
             ConsumeError::Sink(e) => e.is_transient(),
             ConsumeError::Pg(e) => e.is_transient(),
-            ConsumeError::Poison { .. } => false,
+            ConsumeError::Catalog(_) => true,
+            ConsumeError::Poison { .. } | ConsumeError::Gap { .. } => false,
         }
     }
 }
@@ -144,6 +153,7 @@ pub async fn consume(
         snapshot: SnapshotTxn::default(),
         open_txn: false,
         forwarded: None,
+        after_poison: false,
         applied: 0,
     };
     let mut sink_ended = false;
@@ -287,6 +297,8 @@ struct Session<'a> {
     open_txn: bool,
     /// The highest position passed to the sink in this session.
     forwarded: Option<Position>,
+    /// A poison message was moved aside: the rest of its transaction has a gap.
+    after_poison: bool,
     applied: u64,
 }
 
@@ -311,7 +323,8 @@ impl Session<'_> {
         .await
         {
             Ok(events) => events,
-            Err(reason) => {
+            Err(Rejected::Catalog(e)) => return Err(ConsumeError::Catalog(e)),
+            Err(Rejected::Poison(reason)) => {
                 if c.on_poison == OnPoison::Stop {
                     return Err(ConsumeError::Poison {
                         queue: c.queue.clone(),
@@ -321,6 +334,8 @@ impl Session<'_> {
                 }
                 dead_letter(self.poison_channel, self.config, &delivery, &reason).await?;
                 tracing::warn!(queue = %c.queue, %message_id, %reason, dead_letter_queue = %self.config.dead_letter_queue(), "poison message moved aside");
+                // What follows may continue the transaction it was part of, without it.
+                self.after_poison = true;
                 self.unacked.push_back(Unacked {
                     tag: delivery.delivery_tag,
                     after: None,
@@ -336,6 +351,13 @@ impl Session<'_> {
             if let Some(p) = position_of(&event) {
                 if self.forwarded.is_some_and(|f| p <= f) {
                     continue;
+                }
+                if let Err(what) = self.follows(&event, p) {
+                    return Err(ConsumeError::Gap {
+                        queue: c.queue.clone(),
+                        message_id,
+                        what,
+                    });
                 }
                 self.forwarded = Some(p);
             }
@@ -358,7 +380,43 @@ impl Session<'_> {
         if !batch.is_empty() {
             let _ = self.input.send(Arc::new(batch)).await;
         }
-        Ok(())
+        // Covered already (a repeat of what the target holds): acknowledged now, since no
+        // later commit may come to do it.
+        self.ack_through(durable).await
+    }
+
+    /// Whether `event` at `p` continues the stream after what was passed on: inside a
+    /// transaction or snapshot the next position in it, outside one the start of the next.
+    /// A message lost by the broker, or a snapshot cut short and sent again, shows here.
+    fn follows(&mut self, event: &Event, p: Position) -> Result<(), String> {
+        let inside = self.open_txn || self.snapshot.open;
+        if self.after_poison {
+            if !inside || matches!(event, Event::Commit(_) | Event::SnapshotEnd { .. }) {
+                self.after_poison = false;
+            }
+            return Ok(());
+        }
+        let expected = match self.forwarded {
+            Some(f) if inside => Some(Position::new(f.commit_lsn, f.seq + 1)),
+            _ => None,
+        };
+        let starts = match event {
+            Event::Begin(_) | Event::Message(_) => true,
+            Event::Read { position, .. } => position.seq == 1,
+            Event::SnapshotEnd { rows, .. } => *rows == 0,
+            _ => false,
+        };
+        match expected {
+            Some(e) if e != p => Err(format!(
+                "expected the event at {}/{} next, got {}/{}",
+                e.commit_lsn, e.seq, p.commit_lsn, p.seq
+            )),
+            None if !starts => Err(format!(
+                "the event at {}/{} continues a transaction or snapshot whose start is missing",
+                p.commit_lsn, p.seq
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// The window the consumer should have now, if not `current`: wider while a
@@ -436,14 +494,27 @@ async fn ack_through(
     Ok(())
 }
 
-/// The events of a message, or why it is poison: not walrelay's format, or a table the
-/// target lacks.
+/// Why a message is not applied.
+enum Rejected {
+    /// Not walrelay's format, or a table the target lacks.
+    Poison(String),
+    /// The target could not be asked (it may come back).
+    Catalog(tokio_postgres::Error),
+}
+
+impl From<String> for Rejected {
+    fn from(reason: String) -> Self {
+        Rejected::Poison(reason)
+    }
+}
+
+/// The events of a message, or why it is rejected.
 async fn read_message(
     delivery: &Delivery,
     parser: &mut EventParser,
     tables: &mut TableCheck,
     catalog: &tokio_postgres::Client,
-) -> Result<Vec<Event>, String> {
+) -> Result<Vec<Event>, Rejected> {
     let mut events = Vec::new();
     for line in delivery
         .data
@@ -457,7 +528,7 @@ async fn read_message(
         events.push(event);
     }
     if events.is_empty() {
-        return Err("the message holds no event".into());
+        return Err(Rejected::Poison("the message holds no event".into()));
     }
     Ok(events)
 }
@@ -494,7 +565,7 @@ impl TableCheck {
         catalog: &tokio_postgres::Client,
         schema: &str,
         name: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), Rejected> {
         let key = (schema.to_string(), name.to_string());
         let exists = match self.known.get(&key) {
             Some(e) => *e,
@@ -503,7 +574,7 @@ impl TableCheck {
                 let exists = catalog
                     .query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified])
                     .await
-                    .map_err(|e| format!("checking the target for {qualified}: {e}"))?
+                    .map_err(Rejected::Catalog)?
                     .get(0);
                 // Only a table found is remembered: one created later is found then.
                 if exists {
@@ -515,10 +586,10 @@ impl TableCheck {
         if exists {
             Ok(())
         } else {
-            Err(format!(
+            Err(Rejected::Poison(format!(
                 "the target has no table {}",
                 crate::pg::quote::qualified(schema, name)
-            ))
+            )))
         }
     }
 }

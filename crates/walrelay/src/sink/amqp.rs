@@ -47,6 +47,8 @@ pub struct AmqpSink {
     /// `batch = "group"`: the end of the last whole transaction gathered, durable with the
     /// group's confirm.
     group_durable: Option<Lsn>,
+    /// Between the snapshot's first row and its end.
+    reading: bool,
 }
 
 /// One message to publish.
@@ -141,6 +143,7 @@ impl AmqpSink {
             chunk_first: None,
             chunk_number: 0,
             group_durable: None,
+            reading: false,
         })
     }
 
@@ -199,8 +202,11 @@ impl AmqpSink {
             Event::Keepalive(lsn) => Some(*lsn),
             _ => None,
         };
-        if let Event::Begin(b) = event {
-            self.txn = Some(b.clone());
+        match event {
+            Event::Begin(b) => self.txn = Some(b.clone()),
+            Event::Read { .. } => self.reading = true,
+            Event::SnapshotEnd { .. } => self.reading = false,
+            _ => {}
         }
         let published = match self.config.batch {
             MessageBatch::Row => self.publish_row(event, durable_at, in_flight).await?,
@@ -328,10 +334,10 @@ impl AmqpSink {
         if !ends && self.chunk.len() < self.config.chunk_bytes {
             return Ok(false);
         }
-        let durable_at = if group {
-            self.group_durable.take()
-        } else {
-            durable_at
+        let durable_at = match (group, ends) {
+            (true, true) => self.group_durable.take(),
+            (true, false) => None, // kept for the message that ends at a boundary
+            (false, _) => durable_at,
         };
         self.flush_chunk(op, ends, if ends { durable_at } else { None }, in_flight)
             .await?;
@@ -343,8 +349,8 @@ impl AmqpSink {
         &mut self,
         in_flight: &mut FuturesOrdered<Pending>,
     ) -> Result<(), AmqpError> {
-        if self.txn.is_some() {
-            return Ok(()); // only between transactions
+        if self.txn.is_some() || self.reading {
+            return Ok(()); // only between transactions, and not inside the snapshot
         }
         let durable_at = self.group_durable.take();
         self.flush_chunk("transaction", true, durable_at, in_flight)
