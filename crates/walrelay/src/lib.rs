@@ -8,6 +8,7 @@ pub mod amqp;
 pub mod cli;
 pub mod config;
 pub mod format;
+pub mod ha;
 pub mod pg;
 pub mod pipeline;
 pub mod schema;
