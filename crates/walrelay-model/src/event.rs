@@ -162,6 +162,24 @@ pub enum Event {
 }
 
 impl Event {
+    /// The event's place in the stream (docs/events.md): its transaction's commit LSN and
+    /// its number in it; a non-transactional message's own LSN and 0. `None` for events
+    /// that are not delivered as such (keepalives, the parts of a streamed transaction).
+    pub fn position(&self) -> Option<Position> {
+        match self {
+            Event::Begin(b) => Some(Position::new(b.commit_lsn, 0)),
+            Event::Commit(c) => Some(Position::new(c.commit_lsn, c.seq)),
+            Event::Message(m) => Some(Position::new(m.lsn, 0)),
+            Event::Change { position, .. }
+            | Event::Read { position, .. }
+            | Event::SnapshotEnd { position, .. } => Some(*position),
+            Event::Keepalive(_)
+            | Event::StreamChange { .. }
+            | Event::StreamAbort { .. }
+            | Event::StreamCommit { .. } => None,
+        }
+    }
+
     /// The highest LSN a sink may report durable once this event and all before it are.
     pub fn durable_lsn(&self) -> Option<Lsn> {
         match self {

@@ -112,7 +112,7 @@ async fn twenty_kill_9s_neither_lose_nor_repeat_a_change() {
     relay.kill9().await;
     let cfg = dir.path().join("walrelay.toml");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (load, committed) = crate::durability::start_load(&source_pg, stop.clone());
+    let (load, committed) = crate::durability::start_load(&source_pg, stop.clone()).await;
     let mut rng = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

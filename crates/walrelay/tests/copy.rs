@@ -35,12 +35,9 @@ async fn fill_source(source: &tokio_postgres::Client) {
 }
 
 /// Writes to every table until `stop`.
-fn start_writes(pg: &TestPg, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
-    let url = pg.url("app");
+async fn start_writes(pg: &TestPg, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+    let c = pg.client("app").await;
     walrelay::task::spawn_named("test-writes", async move {
-        let info =
-            walrelay::pg::conninfo::resolve(&url, &walrelay::pg::conninfo::ProcessEnv).unwrap();
-        let c = walrelay::pg::sql::connect(&info).await.unwrap();
         let mut i: i64 = 0;
         while !stop.load(Ordering::Relaxed) {
             i += 1;
@@ -96,7 +93,7 @@ async fn setup() -> (
 async fn the_copy_and_the_stream_meet_with_no_gap_and_no_overlap() {
     let (source_pg, _t, source, target, dir) = setup().await;
     let stop = Arc::new(AtomicBool::new(false));
-    let writes = start_writes(&source_pg, stop.clone());
+    let writes = start_writes(&source_pg, stop.clone()).await;
     let mut relay = Relay::start(&dir.path().join("walrelay.toml"));
     // Writes go on through the copy and after it.
     wait_for_count(
@@ -149,7 +146,7 @@ async fn a_copy_killed_midway_is_finished_by_the_next_run() {
     )
     .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let writes = start_writes(&source_pg, stop.clone());
+    let writes = start_writes(&source_pg, stop.clone()).await;
     let relay = Relay::start(&cfg);
     // Kill as soon as the big table's copy has begun.
     wait_for_count(

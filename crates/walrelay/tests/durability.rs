@@ -154,17 +154,14 @@ async fn an_aborted_streamed_transaction_leaves_no_trace() {
 
 /// A write load: single-row transactions with increasing ids, and now and then a
 /// multi-row one. Records the ids of acknowledged commits.
-pub fn start_load(
+pub async fn start_load(
     pg: &TestPg,
     stop: Arc<AtomicBool>,
 ) -> (tokio::task::JoinHandle<()>, Arc<Mutex<Vec<i64>>>) {
     let committed = Arc::new(Mutex::new(Vec::new()));
     let record = committed.clone();
-    let url = pg.url("app");
+    let client = pg.client("app").await;
     let task = walrelay::task::spawn_named("test-load", async move {
-        let info =
-            walrelay::pg::conninfo::resolve(&url, &walrelay::pg::conninfo::ProcessEnv).unwrap();
-        let client = walrelay::pg::sql::connect(&info).await.unwrap();
         let mut id = 0i64;
         while !stop.load(Ordering::Relaxed) {
             let n = if id % 10 == 0 { 3 } else { 1 };
@@ -228,7 +225,7 @@ async fn kill_9_at_random_moments_loses_nothing_acknowledged() {
     };
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (load, committed) = start_load(&pg, stop.clone());
+    let (load, committed) = start_load(&pg, stop.clone()).await;
 
     // confirmed[k]: the slot's position when run k started.
     let mut confirmed = vec![confirmed_flush(&db, "walrelay").await];

@@ -85,15 +85,14 @@ async fn restart_broker() {
 
 /// A relay config: `tables` of `source_url` to an amqp sink with `sink` keys.
 fn relay_config(dir: &Path, source_url: &str, tables: &[&str], sink: &str) -> PathBuf {
-    let tables: Vec<String> = tables.iter().map(|t| format!("'{t}'")).collect();
-    let text = format!(
-        "[source]\nurl = \"{source_url}\"\ntables = [{}]\nspill_dir = \"{}\"\nstatus_interval = \"200ms\"\n\n[[sink]]\ntype = \"amqp\"\nurl = \"{BROKER}\"\n{sink}\n",
-        tables.join(", "),
-        dir.join("spill").display(),
-    );
-    let path = dir.join("walrelay.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    let sinks = format!("[[sink]]\ntype = \"amqp\"\nurl = \"{BROKER}\"\n{sink}\n");
+    relay_config_file(
+        dir,
+        source_url,
+        tables,
+        "status_interval = \"200ms\"",
+        &sinks,
+    )
 }
 
 /// A `walrelay consume` config: `queue` applied to `target_url`.
@@ -109,12 +108,9 @@ fn consume_config(dir: &Path, name: &str, queue: &str, target_url: &str, extra: 
 const ACCOUNTS: &str = "CREATE TABLE acct (id int PRIMARY KEY, balance int8 NOT NULL, note text)";
 
 /// Transactions of inserts, updates and deletes on `acct` until `stop`.
-fn start_load(pg: &TestPg, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
-    let url = pg.url("app");
+async fn start_load(pg: &TestPg, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+    let c = pg.client("app").await;
     walrelay::task::spawn_named("test-load", async move {
-        let info =
-            walrelay::pg::conninfo::resolve(&url, &walrelay::pg::conninfo::ProcessEnv).unwrap();
-        let c = walrelay::pg::sql::connect(&info).await.unwrap();
         let mut i: i64 = 0;
         while !stop.load(Ordering::Relaxed) {
             i += 1;
@@ -179,7 +175,7 @@ async fn two_replicas_through_a_fanout_survive_a_killed_consumer_and_a_broker_re
     let mut c3 = Relay::start_consume(&c3_cfg);
 
     let stop = Arc::new(AtomicBool::new(false));
-    let load = start_load(&source_pg, stop.clone());
+    let load = start_load(&source_pg, stop.clone()).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     c1.kill9().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -472,6 +468,16 @@ async fn batch_group_delivers_every_change_once() {
     every_change_once("group").await;
 }
 
+/// Run `walrelay consume` with `config` until it exits, which must be with an error (exit
+/// code 1); its log.
+async fn consume_fails(config: &Path) -> String {
+    let mut consumer = Relay::start_consume(config);
+    let status = consumer.wait(Duration::from_secs(60)).await;
+    let stderr = consumer.stderr();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    stderr
+}
+
 async fn publish(ch: &Channel, queue: &str, id: &str, body: &str) {
     ch.basic_publish(
         "".into(),
@@ -571,10 +577,7 @@ async fn poison_messages_are_dead_lettered_or_stop_the_consumer() {
     publish(&ch, &queue, "1", &transaction("0/100", "0/130", "t", 1)).await;
     publish(&ch, &queue, "5", "still not an event").await;
     let stop_cfg = consume_config(dir.path(), "stop", &queue, &pg.url("r"), "");
-    let mut consumer = Relay::start_consume(&stop_cfg);
-    let status = consumer.wait(Duration::from_secs(60)).await;
-    let stderr = consumer.stderr();
-    assert_eq!(status.code(), Some(1), "{stderr}");
+    let stderr = consume_fails(&stop_cfg).await;
     assert!(
         stderr.contains("poison message 5") && stderr.contains("not JSON"),
         "{stderr}"
@@ -612,10 +615,7 @@ async fn poison_messages_are_dead_lettered_or_stop_the_consumer() {
     publish(&ch, &gap_queue, "6", &cut).await;
     publish(&ch, &gap_queue, "7", &transaction("0/500", "0/530", "t", 5)).await;
     let gap_cfg = consume_config(dir.path(), "gap", &gap_queue, &pg.url("r"), "");
-    let mut consumer = Relay::start_consume(&gap_cfg);
-    let status = consumer.wait(Duration::from_secs(60)).await;
-    let stderr = consumer.stderr();
-    assert_eq!(status.code(), Some(1), "{stderr}");
+    let stderr = consume_fails(&gap_cfg).await;
     assert!(
         stderr.contains("expected the event at 0/400/2 next, got 0/500/0"),
         "{stderr}"

@@ -11,18 +11,30 @@ use walrelay_testkit::wait_for;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_walrelay");
 
-/// A config for `url`, capturing `tables`, writing to the JSONL file `out`.
-pub fn config(dir: &Path, url: &str, tables: &[&str], out: &Path, extra_source: &str) -> PathBuf {
+/// Write `dir/walrelay.toml`: a source capturing `tables` of `url` (plus `extra_source`
+/// keys), then `sinks`.
+pub fn relay_config_file(
+    dir: &Path,
+    url: &str,
+    tables: &[&str],
+    extra_source: &str,
+    sinks: &str,
+) -> PathBuf {
     let tables: Vec<String> = tables.iter().map(|t| format!("'{t}'")).collect();
     let text = format!(
-        "[source]\nurl = \"{url}\"\ntables = [{}]\nspill_dir = \"{}\"\n{extra_source}\n\n[[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
+        "[source]\nurl = \"{url}\"\ntables = [{}]\nspill_dir = \"{}\"\n{extra_source}\n\n{sinks}",
         tables.join(", "),
         dir.join("spill").display(),
-        out.display()
     );
     let path = dir.join("walrelay.toml");
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// A config for `url`, capturing `tables`, writing to the JSONL file `out`.
+pub fn config(dir: &Path, url: &str, tables: &[&str], out: &Path, extra_source: &str) -> PathBuf {
+    let sink = format!("[[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n", out.display());
+    relay_config_file(dir, url, tables, extra_source, &sink)
 }
 
 /// A running `walrelay run`.
@@ -289,15 +301,8 @@ pub fn postgres_config(
     tables: &[&str],
     extra_sink: &str,
 ) -> PathBuf {
-    let tables: Vec<String> = tables.iter().map(|t| format!("'{t}'")).collect();
-    let text = format!(
-        "[source]\nurl = \"{source_url}\"\ntables = [{}]\nspill_dir = \"{}\"\n\n[[sink]]\ntype = \"postgres\"\nurl = \"{target_url}\"\n{extra_sink}\n",
-        tables.join(", "),
-        dir.join("spill").display(),
-    );
-    let path = dir.join("walrelay.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    let sink = format!("[[sink]]\ntype = \"postgres\"\nurl = \"{target_url}\"\n{extra_sink}\n");
+    relay_config_file(dir, source_url, tables, "", &sink)
 }
 
 /// Row count and the sum of every row's hash: equal on two tables means equal contents,

@@ -15,7 +15,7 @@
 //! acknowledged with one `multiple` ack. A transaction spread over more messages than the
 //! prefetch window lifts the window until it is complete (it could not commit otherwise).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use futures_util::StreamExt as _;
@@ -453,19 +453,16 @@ fn wait_for(event: &Event) -> Option<Lsn> {
     }
 }
 
-/// An event's position in the stream, which only increases along it.
+/// An event's position in the order the consumer applies: the stream's position, with the
+/// snapshot's rows placed just before its LSN (as the synthetic transaction applies them).
 fn position_of(event: &Event) -> Option<Position> {
     match event {
-        Event::Begin(b) => Some(Position::new(b.commit_lsn, 0)),
-        Event::Commit(c) => Some(Position::new(c.commit_lsn, c.seq)),
-        Event::Change { position, .. } => Some(*position),
         // Before any transaction that commits at the snapshot's position (as applied).
         Event::Read { position, .. } | Event::SnapshotEnd { position, .. } => Some(Position::new(
             Position::covered_by_snapshot(position.commit_lsn).commit_lsn,
             position.seq,
         )),
-        Event::Message(m) => Some(Position::new(m.lsn, 0)),
-        _ => None,
+        _ => event.position(),
     }
 }
 
@@ -553,44 +550,41 @@ fn tables_of(event: &Event) -> Vec<(&str, &str)> {
     }
 }
 
-/// Which tables the target has, asked once per table.
+/// Which tables the target has; a table is asked for until it is found.
 #[derive(Default)]
 struct TableCheck {
-    known: HashMap<(String, String), bool>,
+    /// Tables found, by schema. Only a table found is remembered: one created later is
+    /// found when a message first names it after that.
+    found: HashMap<String, HashSet<String>>,
 }
 
 impl TableCheck {
+    /// Asked for every change: a table found before costs a lookup, no allocation.
     async fn check(
         &mut self,
         catalog: &tokio_postgres::Client,
         schema: &str,
         name: &str,
     ) -> Result<(), Rejected> {
-        let key = (schema.to_string(), name.to_string());
-        let exists = match self.known.get(&key) {
-            Some(e) => *e,
-            None => {
-                let qualified = crate::pg::quote::qualified(schema, name);
-                let exists = catalog
-                    .query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified])
-                    .await
-                    .map_err(Rejected::Catalog)?
-                    .get(0);
-                // Only a table found is remembered: one created later is found then.
-                if exists {
-                    self.known.insert(key, true);
-                }
-                exists
-            }
-        };
-        if exists {
-            Ok(())
-        } else {
-            Err(Rejected::Poison(format!(
-                "the target has no table {}",
-                crate::pg::quote::qualified(schema, name)
-            )))
+        if self.found.get(schema).is_some_and(|t| t.contains(name)) {
+            return Ok(());
         }
+        let qualified = crate::pg::quote::qualified(schema, name);
+        let exists: bool = catalog
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified])
+            .await
+            .map_err(Rejected::Catalog)?
+            .get(0);
+        if !exists {
+            return Err(Rejected::Poison(format!(
+                "the target has no table {qualified}"
+            )));
+        }
+        self.found
+            .entry(schema.to_string())
+            .or_default()
+            .insert(name.to_string());
+        Ok(())
     }
 }
 

@@ -329,11 +329,7 @@ pub enum OnPoison {
 
 impl ConsumeConfig {
     pub fn load(path: &Path) -> Result<ConsumeConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        Self::parse(&read_file(path)?, path)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<ConsumeConfig, ConfigError> {
@@ -479,11 +475,7 @@ pub enum ConfigError {
 impl Config {
     /// Read, parse and validate a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        Self::parse(&read_file(path)?, path)
     }
 
     /// Parse and validate configuration text; `path` is for messages.
@@ -587,6 +579,14 @@ impl Config {
             std::env::temp_dir().join(format!("walrelay-spill-{}", self.source.slot))
         })
     }
+}
+
+/// A configuration file's text.
+fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// TOML into a config type, with the line and column of what does not fit.

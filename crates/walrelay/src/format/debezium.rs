@@ -13,7 +13,7 @@ use std::io::Write as _;
 
 use walrelay_model::{Change, Column, Event, Lsn, OldRow, PgTimestamp, Relation, Row, TxnBegin};
 
-use super::json::{json_string, row_object};
+use super::json::{row_object, string as json_string};
 
 /// One envelope: its routing fields and body.
 #[derive(Debug, Clone, PartialEq, Eq)]

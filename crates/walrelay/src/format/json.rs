@@ -20,10 +20,12 @@ impl JsonEncoder {
     /// Append the line for `event` (with its newline) to `out`. Returns the event's position,
     /// or `None` for events that make no line (keepalives).
     pub fn encode(&mut self, event: &Event, out: &mut Vec<u8>) -> Option<Position> {
+        // Keepalives and the parts of streamed transactions have no position and no line:
+        // a consumer of this format gets streamed transactions whole, at their commit.
+        let pos = event.position()?;
         match event {
             Event::Begin(b) => {
                 self.txn = Some(b.clone());
-                let pos = Position::new(b.commit_lsn, 0);
                 head(out, "begin", pos);
                 field_u64(out, "xid", u64::from(b.xid));
                 field_str(out, "commit_time", &b.commit_time.to_string());
@@ -32,50 +34,33 @@ impl JsonEncoder {
                     Some(o) => string(out, o),
                     None => out.extend_from_slice(b"null"),
                 }
-                end(out);
-                Some(pos)
             }
             Event::Commit(c) => {
-                let pos = Position::new(c.commit_lsn, c.seq);
                 head(out, "commit", pos);
                 field_u64(out, "xid", u64::from(c.xid));
                 field_str(out, "commit_time", &c.commit_time.to_string());
                 field_str(out, "end_lsn", &c.end_lsn.to_string());
-                end(out);
                 self.txn = None;
-                Some(pos)
             }
             Event::Message(m) => {
-                let pos = Position::new(m.lsn, 0);
                 head(out, "message", pos);
                 out.extend_from_slice(b",\"transactional\":false");
                 message_body(out, &m.prefix, &m.content);
-                end(out);
-                Some(pos)
             }
-            // A consumer of this format gets streamed transactions whole, at their commit.
             Event::Keepalive(_)
             | Event::StreamChange { .. }
             | Event::StreamAbort { .. }
-            | Event::StreamCommit { .. } => None,
-            Event::Read {
-                position,
-                relation,
-                row,
-            } => {
-                head(out, "read", *position);
+            | Event::StreamCommit { .. } => return None,
+            Event::Read { relation, row, .. } => {
+                head(out, "read", pos);
                 table(out, relation);
                 row_field(out, "new", relation, row, false);
-                end(out);
-                Some(*position)
             }
-            Event::SnapshotEnd { position, rows } => {
-                head(out, "snapshot_end", *position);
+            Event::SnapshotEnd { rows, .. } => {
+                head(out, "snapshot_end", pos);
                 field_u64(out, "rows", *rows);
-                end(out);
-                Some(*position)
             }
-            Event::Change { position, change } => {
+            Event::Change { change, .. } => {
                 let kind = match change {
                     Change::Insert { .. } => "insert",
                     Change::Update { .. } => "update",
@@ -83,7 +68,7 @@ impl JsonEncoder {
                     Change::Truncate { .. } => "truncate",
                     Change::Message { .. } => "message",
                 };
-                head(out, kind, *position);
+                head(out, kind, pos);
                 if let Some(t) = &self.txn {
                     field_u64(out, "xid", u64::from(t.xid));
                     field_str(out, "commit_time", &t.commit_time.to_string());
@@ -132,10 +117,10 @@ impl JsonEncoder {
                         message_body(out, prefix, content);
                     }
                 }
-                end(out);
-                Some(*position)
             }
         }
+        end(out);
+        Some(pos)
     }
 }
 
@@ -165,7 +150,8 @@ fn field_u64(out: &mut Vec<u8>, k: &str, v: u64) {
     let _ = write!(out, "{v}");
 }
 
-fn string(out: &mut Vec<u8>, s: &str) {
+/// A JSON string.
+pub(crate) fn string(out: &mut Vec<u8>, s: &str) {
     // Writing a str into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, s);
 }
@@ -264,11 +250,6 @@ pub(crate) fn row_object<'a>(out: &mut Vec<u8>, columns: &[&'a Column], row: &Ro
     }
     out.push(b'}');
     unchanged
-}
-
-/// A JSON string.
-pub(crate) fn json_string(out: &mut Vec<u8>, s: &str) {
-    string(out, s);
 }
 
 const BOOL: u32 = 16;

@@ -217,7 +217,7 @@ impl AmqpSink {
         if !published {
             if let Some(lsn) = durable_at {
                 // Nothing to confirm for it: durable once everything before it is.
-                in_flight.push_back(Box::pin(async move { Ok(Some(lsn)) }));
+                in_flight.push_back(durable_now(lsn));
             }
         }
         if let Event::Commit(_) = event {
@@ -260,7 +260,7 @@ impl AmqpSink {
             }
             MessageFormat::Debezium => {
                 let envelopes = self.debezium.encode(event);
-                let Some(position) = event_position(event) else {
+                let Some(position) = event.position() else {
                     return Ok(false);
                 };
                 let several = envelopes.len() > 1;
@@ -303,7 +303,7 @@ impl AmqpSink {
                 if envelopes.is_empty() {
                     None
                 } else {
-                    event_position(event)
+                    event.position()
                 }
             }
         };
@@ -370,7 +370,7 @@ impl AmqpSink {
             // Nothing written (a transaction with no line in this format).
             self.chunk_number = 0;
             if let Some(lsn) = durable_at {
-                in_flight.push_back(Box::pin(async move { Ok(Some(lsn)) }));
+                in_flight.push_back(durable_now(lsn));
             }
             return Ok(());
         };
@@ -447,6 +447,11 @@ impl AmqpSink {
     }
 }
 
+/// Nothing to confirm: `lsn` is durable once everything published before it is.
+fn durable_now(lsn: Lsn) -> Pending {
+    Box::pin(async move { Ok(Some(lsn)) })
+}
+
 /// Wait for the broker's confirm; then `durable_at` may become durable.
 fn confirmed_then(
     (confirm, message_id): (lapin::PublisherConfirm, String),
@@ -476,13 +481,6 @@ fn message_id(position: Position, part: Option<usize>) -> String {
     match part {
         Some(i) => format!("{}/{}/{i}", position.commit_lsn, position.seq),
         None => format!("{}/{}", position.commit_lsn, position.seq),
-    }
-}
-
-fn event_position(event: &Event) -> Option<Position> {
-    match event {
-        Event::Change { position, .. } | Event::Read { position, .. } => Some(*position),
-        _ => None,
     }
 }
 
