@@ -156,6 +156,21 @@ fn clean_leftovers() {
                 continue;
             }
             let path = entry.path();
+            // Processes a test started and recorded here (etcd, HA agents) go first, or
+            // an agent would start its server again.
+            for file in fs::read_dir(&path).into_iter().flatten().flatten() {
+                if file.path().extension().is_some_and(|e| e == "pid") {
+                    if let Some(pid) = fs::read_to_string(file.path())
+                        .ok()
+                        .and_then(|t| t.trim().parse::<i32>().ok())
+                    {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+            }
             if let Ok(pidfile) = fs::read_to_string(path.join("data/postmaster.pid")) {
                 if let Some(pm) = pidfile
                     .lines()
@@ -189,5 +204,93 @@ where
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(250));
+    }
+}
+
+/// A fresh directory for one test's files, removed with the test process's other leftovers
+/// (a `data/` inside it holding a running server is stopped first).
+pub fn scratch_dir() -> PathBuf {
+    clean_leftovers();
+    let dir = next_dir();
+    fs::create_dir_all(&dir).expect("creating a scratch directory");
+    dir
+}
+
+/// A real etcd (Debian's `etcd-server`) on free loopback ports, one member, its data in a
+/// directory of its own; stopped and removed when dropped.
+pub struct TestEtcd {
+    pub dir: PathBuf,
+    pub client_port: u16,
+    peer_port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl TestEtcd {
+    pub fn start() -> TestEtcd {
+        let dir = scratch_dir();
+        let mut etcd = TestEtcd {
+            dir,
+            client_port: free_port(),
+            peer_port: free_port(),
+            child: None,
+        };
+        etcd.resume();
+        etcd
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Start (again) with the same data: leases and keys survive a stop.
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none(), "etcd runs already");
+        let log = fs::File::create(self.dir.join("etcd.log")).expect("etcd log");
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = std::process::Command::new("etcd")
+            .args(["--name", "test", "--data-dir"])
+            .arg(self.dir.join("data.etcd"))
+            .args(["--listen-client-urls", &self.url()])
+            .args(["--advertise-client-urls", &self.url()])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("test={peer}")])
+            .stdout(log.try_clone().expect("etcd log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting etcd: install Debian's etcd-server (.ci/run does)");
+        let _ = fs::write(self.dir.join("etcd.pid"), child.id().to_string());
+        self.child = Some(child);
+        let addr = format!("127.0.0.1:{}", self.client_port);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not start: {}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kill etcd (SIGKILL): it is gone until `resume`.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let log = fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for TestEtcd {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = fs::remove_dir_all(&self.dir);
     }
 }

@@ -9,6 +9,7 @@ mod copy;
 mod decoder;
 mod durability;
 mod fanout;
+mod ha;
 mod schema;
 mod support;
 mod tls;

@@ -57,7 +57,7 @@ impl Relay {
         Self::spawn("consume", config, Stdio::null())
     }
 
-    fn spawn(command: &str, config: &Path, stdout: impl Into<Stdio>) -> Relay {
+    pub fn spawn(command: &str, config: &Path, stdout: impl Into<Stdio>) -> Relay {
         let stderr_path = config.with_extension(format!("stderr.{}", rand_suffix()));
         let stderr = File::create(&stderr_path).unwrap();
         let child = Command::new(BIN)

@@ -3,6 +3,7 @@
 mod check;
 mod consume;
 mod demo;
+mod ha;
 mod run;
 mod status;
 
@@ -51,9 +52,34 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Run the high-availability agent of one PostgreSQL node until SIGINT/SIGTERM:
+    /// bootstrap or clone it, then lead or follow, with the leader lease in etcd.
+    Ha {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Look at and steer an HA cluster (needs the `[cluster]` section of a node's file).
+    Ctl {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
     /// Start a throwaway PostgreSQL server, capture it under a write load, verify that every
     /// committed change arrived exactly once, and clean up.
     Demo(demo::DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Members with host, role, state, timeline, lag, and whether each could be promoted.
+    List,
+    /// Hand the primary role to another member without losing a write.
+    Switchover {
+        /// The member to promote (default: the most advanced streaming replica).
+        #[arg(long)]
+        candidate: Option<String>,
+    },
 }
 
 /// Logs go to standard error, so that `path = "-"` keeps standard output for events.
@@ -76,6 +102,14 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => demo::demo(args).await,
         Command::Consume { config } => {
             consume::consume(&crate::config::ConsumeConfig::load(&config)?).await
+        }
+        Command::Ha { config } => ha::ha(crate::config::ha::HaConfig::load(&config)?).await,
+        Command::Ctl { config, command } => {
+            let config = crate::config::ha::CtlConfig::load(&config)?;
+            match command {
+                CtlCommand::List => ha::list(&config).await,
+                CtlCommand::Switchover { candidate } => ha::switchover(&config, candidate).await,
+            }
         }
         Command::Status { config } => status::status(&Config::load(&config)?).await,
     }

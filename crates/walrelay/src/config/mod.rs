@@ -1,6 +1,7 @@
 //! The configuration file: typed sections, defaults, and `validate()`. Every key is listed
 //! with its default in `docs/config.md`; a test keeps the two in step.
 
+pub mod ha;
 pub mod table_pattern;
 
 use std::fmt;

@@ -57,6 +57,11 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// A lease renewed less than this long ago certainly holds until the next loop.
+    pub fn fence_after(&self) -> Duration {
+        self.ttl.saturating_sub(self.loop_wait + self.retry_timeout)
+    }
+
     /// `loop_wait + 2 × retry_timeout ≤ ttl`: a primary that fails to renew for a whole
     /// retry has time to demote before its lease can expire.
     pub fn validate(&self) -> Result<(), String> {
@@ -70,6 +75,16 @@ impl Policy {
     }
 }
 
+/// A switchover asked for (`ctl switchover`, `POST /switchover`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Switchover {
+    /// Who takes over; the primary picks one when none was named.
+    pub candidate: Option<String>,
+    /// Set once the primary has stopped cleanly: where its shutdown checkpoint record
+    /// starts. The candidate takes the key only once it has received beyond it.
+    pub stopped_at: Option<Lsn>,
+}
+
 /// Everything one loop observed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observation {
@@ -77,84 +92,100 @@ pub struct Observation {
     pub role: Role,
     pub received: Lsn,
     pub nofailover: bool,
-    /// `None`: no one holds the key.
+    /// `None`: no one holds the key (or, when etcd cannot be read, no one was last seen to).
     pub leader: Option<LeaderKey>,
-    /// Since the last successful renewal of my lease (when I hold the key).
+    /// Since the last successful renewal of this agent's lease, which the leader key is
+    /// bound to; `None` if it was never renewed.
     pub since_renewal: Option<Duration>,
     pub members: Vec<Member>,
     /// In synchronous mode, the standby PostgreSQL confirms commits with.
     pub synchronous_standby: Option<String>,
+    pub switchover: Option<Switchover>,
 }
 
 /// What the agent does, in the order given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Stop accepting writes now (demote, or stop PostgreSQL if demoting fails).
-    Demote {
-        generation: u64,
-    },
-    RenewLease,
-    /// Compare-and-set the leader key from empty to me (or from my own expired lease).
+    /// Stop accepting writes now: stop PostgreSQL at once (a later `Follow` starts it again
+    /// read-only).
+    Demote { generation: u64 },
+    /// Go on as the primary: the lease was renewed; keep slots and the synchronous standby
+    /// in order.
+    Lead,
+    /// Compare-and-set the leader key from absent to me, bound to my lease.
     TakeLeaderKey,
-    Promote {
-        generation: u64,
-    },
-    /// Point replication at the holder (`primary_conninfo`), restarting if it changed.
-    Follow {
-        leader: String,
-    },
+    /// Become (or, after a crash, start again as) the primary.
+    Promote { generation: u64 },
+    /// Run as a replica of `leader` (`None`: of no one yet, read-only): rewind or clone if
+    /// needed, start, point `primary_conninfo` at it.
+    Follow { leader: Option<String> },
+    /// Switchover: checkpoint, stop cleanly, record where the WAL ends, give up the key.
+    StepDown { generation: u64 },
     /// Leave things as they are this loop, and say why (for `ctl list` and the log).
-    Wait {
-        why: String,
-    },
+    Wait { why: String },
 }
 
 /// The actions for one loop.
 pub fn decide(o: &Observation, p: &Policy) -> Vec<Action> {
-    let held_by_me = o.leader.as_ref().filter(|l| l.holder == o.me);
+    // The lease certainly holds until the next loop: renewed within ttl − loop_wait −
+    // retry_timeout. If not, what etcd said may be out of date, and a primary fences.
+    let fresh = o.since_renewal.is_some_and(|s| s < p.fence_after());
+    let mine = o.leader.as_ref().filter(|l| l.holder == o.me);
     let generation = o.leader.as_ref().map_or(0, |l| l.generation);
     match o.role {
-        Role::Primary => {
-            if let Some(l) = held_by_me {
-                let deadline = p.ttl.saturating_sub(p.loop_wait + p.retry_timeout);
-                if o.since_renewal.is_none_or(|s| s >= deadline) {
-                    // The lease may run out before the next loop: writes stop first.
-                    return vec![
-                        Action::Demote {
-                            generation: l.generation,
-                        },
-                        Action::RenewLease,
-                    ];
-                }
-                return vec![Action::RenewLease];
+        Role::Primary => match (&o.leader, fresh) {
+            (_, false) => vec![Action::Demote { generation }],
+            (Some(l), true) if l.holder == o.me => match &o.switchover {
+                Some(s) if s.stopped_at.is_none() => vec![Action::StepDown {
+                    generation: l.generation,
+                }],
+                _ => vec![Action::Lead],
+            },
+            (Some(other), true) => vec![
+                Action::Demote { generation },
+                Action::Follow {
+                    leader: Some(other.holder.clone()),
+                },
+            ],
+            // My key expired and no one took it: take it back (compare-and-set); if that
+            // fails, the next loop sees the new holder and demotes.
+            (None, true) => vec![Action::TakeLeaderKey],
+        },
+        Role::Replica | Role::Stopped => {
+            if let Some(l) = mine {
+                return if fresh {
+                    vec![Action::Promote {
+                        generation: l.generation,
+                    }]
+                } else {
+                    vec![Action::Wait {
+                        why: "holding the leader key but the lease was not renewed in time".into(),
+                    }]
+                };
             }
-            match &o.leader {
-                Some(other) => vec![
-                    Action::Demote { generation },
-                    Action::Follow {
-                        leader: other.holder.clone(),
-                    },
-                ],
-                // My key expired and no one took it: take it back (compare-and-set); if
-                // that fails, the next loop sees the new holder and demotes.
-                None => vec![Action::TakeLeaderKey],
+            if let Some(l) = &o.leader {
+                return vec![Action::Follow {
+                    leader: Some(l.holder.clone()),
+                }];
+            }
+            if !fresh {
+                // etcd is out of reach: serve reads, decide nothing.
+                return match o.role {
+                    Role::Stopped => vec![Action::Follow { leader: None }],
+                    _ => vec![Action::Wait {
+                        why: "etcd is out of reach".into(),
+                    }],
+                };
+            }
+            match eligible(o, p) {
+                Ok(()) => vec![Action::TakeLeaderKey],
+                Err(_) if o.role == Role::Stopped && o.switchover.is_none() => {
+                    // Start read-only, so this node can be considered next loop.
+                    vec![Action::Follow { leader: None }]
+                }
+                Err(why) => vec![Action::Wait { why }],
             }
         }
-        Role::Replica | Role::Stopped => match &o.leader {
-            Some(l) if l.holder == o.me => {
-                // I won the key (last loop's TakeLeaderKey): now promote.
-                vec![Action::Promote {
-                    generation: l.generation,
-                }]
-            }
-            Some(l) => vec![Action::Follow {
-                leader: l.holder.clone(),
-            }],
-            None => match eligible(o, p) {
-                Ok(()) => vec![Action::TakeLeaderKey],
-                Err(why) => vec![Action::Wait { why }],
-            },
-        },
     }
 }
 
@@ -165,6 +196,23 @@ pub fn eligible(o: &Observation, p: &Policy) -> Result<(), String> {
     }
     if o.nofailover {
         return Err("tagged nofailover".into());
+    }
+    if let Some(s) = &o.switchover {
+        let candidate = s
+            .candidate
+            .as_deref()
+            .unwrap_or("a replica the primary picks");
+        if s.candidate.as_deref() != Some(o.me.as_str()) {
+            return Err(format!("switchover to {candidate} in progress"));
+        }
+        return match s.stopped_at {
+            Some(end) if o.received > end => Ok(()),
+            Some(end) => Err(format!(
+                "switchover: received {} of the old primary's {}",
+                o.received, end
+            )),
+            None => Err("switchover: the primary has not stopped yet".into()),
+        };
     }
     if p.synchronous_mode {
         // The synchronous standby holds every acknowledged commit: it, and only it, may
@@ -235,6 +283,7 @@ mod tests {
             since_renewal: Some(Duration::from_secs(1)),
             members: vec![member("a", 1000), member("b", 1000), member("c", 1000)],
             synchronous_standby: None,
+            switchover: None,
         }
     }
 
@@ -249,9 +298,9 @@ mod tests {
     }
 
     #[test]
-    fn a_primary_holding_its_lease_renews_it() {
+    fn a_primary_holding_a_fresh_lease_leads() {
         let o = observation("a", Role::Primary, Some("a"));
-        assert_eq!(decide(&o, &policy()), [Action::RenewLease]);
+        assert_eq!(decide(&o, &policy()), [Action::Lead]);
     }
 
     #[test]
@@ -259,12 +308,15 @@ mod tests {
         let mut o = observation("a", Role::Primary, Some("a"));
         // ttl 10 s − loop_wait 2 s − retry 3 s = 5 s: at 5 s without renewal, fence.
         o.since_renewal = Some(Duration::from_secs(5));
-        let actions = decide(&o, &policy());
-        assert_eq!(actions[0], Action::Demote { generation: 7 });
+        assert_eq!(decide(&o, &policy()), [Action::Demote { generation: 7 }]);
         o.since_renewal = None;
-        assert_eq!(decide(&o, &policy())[0], Action::Demote { generation: 7 });
+        assert_eq!(decide(&o, &policy()), [Action::Demote { generation: 7 }]);
         o.since_renewal = Some(Duration::from_millis(4999));
-        assert_eq!(decide(&o, &policy()), [Action::RenewLease]);
+        assert_eq!(decide(&o, &policy()), [Action::Lead]);
+        // Even when the last read said no one holds the key: that read may be stale.
+        let mut none = observation("a", Role::Primary, None);
+        none.since_renewal = Some(Duration::from_secs(6));
+        assert_eq!(decide(&none, &policy()), [Action::Demote { generation: 0 }]);
     }
 
     #[test]
@@ -274,7 +326,9 @@ mod tests {
             decide(&o, &policy()),
             [
                 Action::Demote { generation: 7 },
-                Action::Follow { leader: "b".into() }
+                Action::Follow {
+                    leader: Some("b".into())
+                }
             ]
         );
     }
@@ -287,17 +341,27 @@ mod tests {
 
     #[test]
     fn a_replica_follows_the_holder() {
-        let o = observation("b", Role::Replica, Some("a"));
-        assert_eq!(
-            decide(&o, &policy()),
-            [Action::Follow { leader: "a".into() }]
-        );
+        for role in [Role::Replica, Role::Stopped] {
+            let o = observation("b", role, Some("a"));
+            assert_eq!(
+                decide(&o, &policy()),
+                [Action::Follow {
+                    leader: Some("a".into())
+                }]
+            );
+        }
     }
 
     #[test]
     fn a_replica_that_won_the_key_promotes_under_its_generation() {
-        let o = observation("b", Role::Replica, Some("b"));
+        let mut o = observation("b", Role::Replica, Some("b"));
         assert_eq!(decide(&o, &policy()), [Action::Promote { generation: 7 }]);
+        // A primary that crashed while its agent held the key starts again as primary.
+        o.role = Role::Stopped;
+        assert_eq!(decide(&o, &policy()), [Action::Promote { generation: 7 }]);
+        // Not on a lease that may have run out.
+        o.since_renewal = Some(Duration::from_secs(5));
+        assert!(matches!(decide(&o, &policy())[0], Action::Wait { .. }));
     }
 
     #[test]
@@ -355,9 +419,9 @@ mod tests {
         );
 
         let s = observation("b", Role::Stopped, None);
-        assert!(
-            matches!(&decide(&s, &policy())[0], Action::Wait { why } if why.contains("not running"))
-        );
+        assert!(eligible(&s, &policy()).unwrap_err().contains("not running"));
+        // A stopped node starts read-only so that it can be considered.
+        assert_eq!(decide(&s, &policy()), [Action::Follow { leader: None }]);
     }
 
     #[test]
@@ -373,5 +437,53 @@ mod tests {
         );
         o.me = "c".into();
         assert_eq!(decide(&o, &p), [Action::TakeLeaderKey]);
+    }
+
+    #[test]
+    fn with_etcd_out_of_reach_replicas_wait_and_a_stopped_node_starts_read_only() {
+        let mut o = observation("b", Role::Replica, None);
+        o.since_renewal = Some(Duration::from_secs(9));
+        assert!(matches!(&decide(&o, &policy())[0], Action::Wait { why } if why.contains("etcd")));
+        o.role = Role::Stopped;
+        assert_eq!(decide(&o, &policy()), [Action::Follow { leader: None }]);
+    }
+
+    #[test]
+    fn a_switchover_steps_the_primary_down_and_only_the_candidate_takes_over() {
+        let mut p = observation("a", Role::Primary, Some("a"));
+        p.switchover = Some(Switchover {
+            candidate: None,
+            stopped_at: None,
+        });
+        assert_eq!(decide(&p, &policy()), [Action::StepDown { generation: 7 }]);
+
+        // The primary stopped at 2000 and named c.
+        let stepped = Switchover {
+            candidate: Some("c".into()),
+            stopped_at: Some(Lsn(2000)),
+        };
+        let mut c = observation("c", Role::Replica, None);
+        c.switchover = Some(stepped.clone());
+        c.received = Lsn(1500);
+        assert!(
+            matches!(&decide(&c, &policy())[0], Action::Wait { why } if why.contains("received"))
+        );
+        c.received = Lsn(2000);
+        assert!(matches!(decide(&c, &policy())[0], Action::Wait { .. }));
+        c.received = Lsn(2001);
+        assert_eq!(decide(&c, &policy()), [Action::TakeLeaderKey]);
+
+        // b is further ahead than c, but c was named.
+        let mut b = observation("b", Role::Replica, None);
+        b.received = Lsn(3000);
+        b.switchover = Some(stepped.clone());
+        assert!(
+            matches!(&decide(&b, &policy())[0], Action::Wait { why } if why.contains("switchover to c"))
+        );
+
+        // The old primary, stopped, waits rather than starting as a replica of no one.
+        let mut a = observation("a", Role::Stopped, None);
+        a.switchover = Some(stepped);
+        assert!(matches!(decide(&a, &policy())[0], Action::Wait { .. }));
     }
 }

@@ -1,6 +1,14 @@
-//! High availability (issue 5, in progress): one agent per PostgreSQL node keeps a leader
-//! lease in etcd and promotes, demotes or follows. This module holds the decision logic as
-//! pure code — observations in, actions out — so every transition is unit-tested apart
-//! from the I/O loop (etcd, PostgreSQL, the REST API), which is still to come.
+//! High availability: one agent per PostgreSQL node (`walrelay ha`) keeps a leader lease in
+//! etcd and bootstraps, promotes, demotes, follows, switches over and rejoins.
+//!
+//! - `decide`: the decisions as pure code (observations in, actions out), unit-tested;
+//! - `store`: the cluster's keys in etcd (lease, leader by compare-and-set, members);
+//! - `node`: the PostgreSQL server the agent runs (initdb, clone, rewind, promote);
+//! - `agent`: the loop that ties them together;
+//! - `api`: the REST API HAProxy and `ctl` use.
 
+pub mod agent;
+pub mod api;
 pub mod decide;
+pub mod node;
+pub mod store;

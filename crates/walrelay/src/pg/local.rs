@@ -115,7 +115,7 @@ impl LocalServerOptions {
 }
 
 /// A PostgreSQL server in a directory of its own, listening on 127.0.0.1 and a Unix socket.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LocalServer {
     pub options: LocalServerOptions,
     pub bindir: PathBuf,
@@ -137,6 +137,54 @@ impl LocalServer {
 
     pub fn port(&self) -> u16 {
         self.options.port
+    }
+
+    /// A server whose data directory exists already, or is about to be made by another
+    /// tool (pg_basebackup): no initdb.
+    pub fn open(options: LocalServerOptions) -> Result<Self, LocalServerError> {
+        let bindir = find_bindir()?;
+        let run_as = server_os_user(&options.os_user)?;
+        let server = LocalServer {
+            options,
+            bindir,
+            run_as,
+        };
+        let base = &server.options.base_dir;
+        fs::create_dir_all(server.socket_dir()).map_err(io_err("creating", base))?;
+        server.hand_over(base)?;
+        server.hand_over(&server.socket_dir())?;
+        Ok(server)
+    }
+
+    /// Run one of the server binaries (as the server's OS user) and return its standard
+    /// output; a failure carries its standard error.
+    pub fn exec(
+        &self,
+        program: &str,
+        args: &[&std::ffi::OsStr],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<String, LocalServerError> {
+        let mut cmd = self.command(program);
+        cmd.args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = run(cmd, program)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Write a file the server reads (its OS user owns it), with `mode`.
+    pub fn write_owned(
+        &self,
+        path: &Path,
+        contents: &str,
+        mode: u32,
+    ) -> Result<(), LocalServerError> {
+        use std::os::unix::fs::PermissionsExt;
+        fs::write(path, contents).map_err(io_err("writing", path))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .map_err(io_err("setting the mode of", path))?;
+        self.hand_over(path)
     }
 
     /// Create the cluster with initdb (fixed locale and encoding, no fsync during init) and

@@ -1,0 +1,241 @@
+//! The configuration of one HA node (`walrelay ha --config node.toml`): who this node is,
+//! where etcd is, the cluster's timings, and how its PostgreSQL is run.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{parse_toml, read_file, ConfigError};
+use crate::ha::decide::Policy;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaConfig {
+    pub node: NodeSection,
+    pub cluster: ClusterSection,
+    #[serde(default)]
+    pub postgres: PostgresSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// Unique in the cluster; also the replication slot and `application_name` of this
+    /// node, so lower-case letters, digits and `_`.
+    pub name: String,
+    /// Where this node keeps PostgreSQL: `data/`, the socket directory and `server.log`.
+    pub base_dir: PathBuf,
+    /// The address other nodes and clients use to reach this PostgreSQL.
+    #[serde(default = "default_host")]
+    pub host: String,
+    pub port: u16,
+    /// The REST API's listen address (also advertised to `ctl` and HAProxy).
+    pub api: String,
+    /// Never promote this node.
+    #[serde(default)]
+    pub nofailover: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// etcd client URLs (`http://host:2379`).
+    pub etcd: Vec<String>,
+    #[serde(default = "default_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+    #[serde(default = "default_loop_wait", with = "humantime_serde")]
+    pub loop_wait: Duration,
+    #[serde(default = "default_retry_timeout", with = "humantime_serde")]
+    pub retry_timeout: Duration,
+    /// A replica more than this many bytes behind the most advanced member is not promoted.
+    #[serde(default = "default_maximum_lag")]
+    pub maximum_lag_on_failover: u64,
+    /// Commits wait for one synchronous standby, and only it may be promoted.
+    #[serde(default)]
+    pub synchronous_mode: bool,
+    /// Rejoin a former primary with pg_rewind (else clone it again).
+    #[serde(default = "yes")]
+    pub use_pg_rewind: bool,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSection {
+    #[serde(default = "default_superuser")]
+    pub superuser: String,
+    #[serde(default = "default_password")]
+    pub superuser_password: String,
+    #[serde(default = "default_replication_user")]
+    pub replication_user: String,
+    #[serde(default = "default_password")]
+    pub replication_password: String,
+    /// Extra `pg_hba.conf` lines (loopback replication and superuser access are always
+    /// there).
+    #[serde(default)]
+    pub hba: Vec<String>,
+    /// Extra `postgresql.conf` settings, as `name = "value"` (quoted as PostgreSQL wants).
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
+}
+
+impl Default for PostgresSection {
+    fn default() -> Self {
+        PostgresSection {
+            superuser: default_superuser(),
+            superuser_password: default_password(),
+            replication_user: default_replication_user(),
+            replication_password: default_password(),
+            hba: Vec::new(),
+            settings: BTreeMap::new(),
+        }
+    }
+}
+
+impl fmt::Debug for PostgresSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresSection")
+            .field("superuser", &self.superuser)
+            .field("replication_user", &self.replication_user)
+            .field("hba", &self.hba)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_namespace() -> String {
+    "walrelay".into()
+}
+// Fast failover: a dead primary's lease runs out 8 s after its last renewal; a primary that
+// cannot renew fences itself after 8 − 1 − 3 = 4 s, before the lease can expire.
+fn default_ttl() -> Duration {
+    Duration::from_secs(8)
+}
+fn default_loop_wait() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_retry_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+fn default_maximum_lag() -> u64 {
+    1 << 20
+}
+fn yes() -> bool {
+    true
+}
+fn default_superuser() -> String {
+    "postgres".into()
+}
+fn default_password() -> String {
+    "walrelay".into()
+}
+fn default_replication_user() -> String {
+    "replicator".into()
+}
+
+impl HaConfig {
+    pub fn load(path: &Path) -> Result<HaConfig, ConfigError> {
+        Self::parse(&read_file(path)?, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<HaConfig, ConfigError> {
+        let config: HaConfig = parse_toml(text, path)?;
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.into(),
+            message,
+        };
+        let name = &config.node.name;
+        if name.is_empty()
+            || name.len() > 63
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            return Err(invalid(
+                "node.name",
+                "1 to 63 lower-case letters, digits or _ (it names a replication slot)".into(),
+            ));
+        }
+        if config.node.port == 0 {
+            return Err(invalid("node.port", "must not be 0".into()));
+        }
+        if config.node.api.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "node.api",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:8008",
+                    config.node.api
+                ),
+            ));
+        }
+        if config.cluster.etcd.is_empty() {
+            return Err(invalid("cluster.etcd", "give at least one etcd URL".into()));
+        }
+        for key in [&config.cluster.name, &config.cluster.namespace] {
+            if key.is_empty() || key.contains('/') {
+                return Err(invalid(
+                    "cluster.name",
+                    "cluster name and namespace must be non-empty and hold no /".into(),
+                ));
+            }
+        }
+        if config.cluster.ttl.as_secs() < 2 {
+            return Err(invalid("cluster.ttl", "must be at least 2 s".into()));
+        }
+        if config.cluster.loop_wait.is_zero() {
+            return Err(invalid("cluster.loop_wait", "must be more than 0".into()));
+        }
+        config
+            .policy()
+            .validate()
+            .map_err(|m| invalid("cluster.ttl", m))?;
+        Ok(config)
+    }
+
+    pub fn policy(&self) -> Policy {
+        Policy {
+            ttl: self.cluster.ttl,
+            loop_wait: self.cluster.loop_wait,
+            retry_timeout: self.cluster.retry_timeout,
+            maximum_lag_on_failover: self.cluster.maximum_lag_on_failover,
+            synchronous_mode: self.cluster.synchronous_mode,
+        }
+    }
+
+    /// `/<namespace>/<cluster>/`: every key of the cluster is under it.
+    pub fn prefix(&self) -> String {
+        format!("/{}/{}/", self.cluster.namespace, self.cluster.name)
+    }
+}
+
+/// The keys `ctl` needs (it runs with a node's file, or with a cluster section alone).
+#[derive(Debug, Clone, Deserialize)]
+pub struct CtlConfig {
+    pub cluster: ClusterSection,
+}
+
+impl CtlConfig {
+    pub fn load(path: &Path) -> Result<CtlConfig, ConfigError> {
+        #[derive(Deserialize)]
+        struct Any {
+            cluster: ClusterSection,
+        }
+        let any: Any = parse_toml(&read_file(path)?, path)?;
+        Ok(CtlConfig {
+            cluster: any.cluster,
+        })
+    }
+
+    pub fn prefix(&self) -> String {
+        format!("/{}/{}/", self.cluster.namespace, self.cluster.name)
+    }
+}

@@ -1,0 +1,669 @@
+//! The HA agent's loop: every `loop_wait`, renew the lease, read the cluster from etcd,
+//! look at PostgreSQL, let `decide` say what to do, do it, and publish this node's state.
+
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+use walrelay_model::Lsn;
+
+use super::decide::{self, Action, Member, Observation, Policy, Role};
+use super::node::{Node, NodeError, PgState, Upstream};
+use super::store::{
+    ClusterView, HistoryEntry, MemberInfo, Store, StoreError, SwitchoverKey, SyncState,
+};
+use crate::config::ha::HaConfig;
+use crate::pg::local::StopMode;
+
+/// What the REST API reports; the loop replaces it once per loop.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    pub me: Option<MemberInfo>,
+    pub pg: PgState,
+    /// This node is the primary and holds the leader key on a fresh lease...
+    pub is_leader: bool,
+    /// ...until then, unless renewed: past it, `/primary` says no even if the loop is late.
+    pub leader_until: Option<Instant>,
+    pub view: ClusterView,
+    pub generation: u64,
+    /// The last loop's decision when it was to wait, and why.
+    pub waiting: Option<String>,
+}
+
+pub type SharedStatus = Arc<RwLock<Status>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Node(#[from] NodeError),
+}
+
+pub struct Agent {
+    config: Arc<HaConfig>,
+    policy: Policy,
+    store: Store,
+    node: Node,
+    status: SharedStatus,
+    last_renewal: Option<Instant>,
+    view: ClusterView,
+    /// Loops a replica has not streamed from a leader on a newer timeline.
+    stuck_loops: u32,
+    /// Synchronous mode: the standby named in `synchronous_standby_names` and not yet in
+    /// the `sync` key, with the WAL position it must reach first.
+    sync_pending: Option<(String, Option<Lsn>)>,
+    stepped_down_at: Option<Instant>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    pub async fn new(config: Arc<HaConfig>, status: SharedStatus) -> Result<Agent, AgentError> {
+        let store = Store::new(
+            &config.cluster.etcd,
+            config.prefix(),
+            config.cluster.retry_timeout,
+            config.cluster.ttl,
+        )
+        .await?;
+        let node = Node::new(config.clone())?;
+        Ok(Agent {
+            policy: config.policy(),
+            config,
+            store,
+            node,
+            status,
+            last_renewal: None,
+            view: ClusterView::default(),
+            stuck_loops: 0,
+            sync_pending: None,
+            stepped_down_at: None,
+        })
+    }
+
+    fn me(&self) -> &str {
+        &self.config.node.name
+    }
+
+    /// Run until cancelled; then stop PostgreSQL and give up the lease, so that another
+    /// node takes over at once rather than after `ttl`.
+    pub async fn run(mut self, cancel: CancellationToken) -> Result<(), AgentError> {
+        self.bootstrap_if_needed(&cancel).await?;
+        while !cancel.is_cancelled() {
+            let started = Instant::now();
+            let again = self.run_once().await;
+            if again {
+                continue;
+            }
+            let pause = self.policy.loop_wait.saturating_sub(started.elapsed());
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+        tracing::info!("stopping PostgreSQL and giving up the lease");
+        if let Err(e) = self.node.stop(StopMode::Fast).await {
+            tracing::warn!(error = %e, "stopping PostgreSQL");
+        }
+        let me = self.me().to_string();
+        let _ = self.store.release_leader(&me).await;
+        self.store.revoke().await;
+        Ok(())
+    }
+
+    /// A node with no data directory: the first agent to claim `initialize` runs initdb and
+    /// becomes the primary; every other one is cloned in the loop once a leader exists.
+    async fn bootstrap_if_needed(&mut self, cancel: &CancellationToken) -> Result<(), AgentError> {
+        if self.node.has_data() {
+            return Ok(());
+        }
+        // Until etcd answers, nothing can be decided.
+        let view = loop {
+            match self.renew_and_read().await {
+                Ok(v) => break v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "waiting for etcd to bootstrap");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(self.policy.loop_wait) => {}
+                    }
+                }
+            }
+        };
+        self.publish(&PgState::default(), "starting", None).await;
+        let me = self.me().to_string();
+        if view.initialized.is_some() || !self.store.claim_initialize(&me).await? {
+            tracing::info!("the cluster exists: this node is cloned from its leader");
+            return Ok(());
+        }
+        tracing::info!("bootstrapping the cluster: initdb, then start as the primary");
+        if let Err(e) = self.node.bootstrap().await {
+            // Let another node (or this one, fixed) try again.
+            tracing::error!(error = %e, "bootstrap failed; releasing the initialize key");
+            let _ = self.store.clear_key("initialize").await;
+            return Err(e.into());
+        }
+        self.store
+            .put_config(&serde_json::json!({
+                "ttl": humantime::format_duration(self.policy.ttl).to_string(),
+                "loop_wait": humantime::format_duration(self.policy.loop_wait).to_string(),
+                "retry_timeout": humantime::format_duration(self.policy.retry_timeout).to_string(),
+                "maximum_lag_on_failover": self.policy.maximum_lag_on_failover,
+                "synchronous_mode": self.policy.synchronous_mode,
+            }))
+            .await?;
+        if self.store.take_leader(&me).await? {
+            tracing::info!("bootstrapped; this node leads");
+        }
+        Ok(())
+    }
+
+    async fn renew_and_read(&mut self) -> Result<ClusterView, StoreError> {
+        let asked = Instant::now();
+        self.store.renew().await?;
+        // Measured from when the renewal was asked for: the lease runs from no later.
+        self.last_renewal = Some(asked);
+        let view = self.store.read().await?;
+        self.view = view.clone();
+        Ok(view)
+    }
+
+    /// One loop; true to run the next at once (this loop took the leader key).
+    pub async fn run_once(&mut self) -> bool {
+        let etcd_ok = match self.renew_and_read().await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "etcd");
+                false
+            }
+        };
+        let pg = self.node.observe().await;
+        let role = if !pg.running {
+            Role::Stopped
+        } else if pg.in_recovery {
+            Role::Replica
+        } else {
+            Role::Primary
+        };
+        self.expire_stalled_switchover(etcd_ok).await;
+        let observation = self.observation(role, &pg);
+        let actions = decide::decide(&observation, &self.policy);
+        tracing::debug!(?role, ?actions, "decided");
+        let mut again = false;
+        let mut waiting = None;
+        for action in actions {
+            match self.act(&action, role, &pg).await {
+                Ok(took_key) => again |= took_key,
+                Err(e) => {
+                    tracing::warn!(?action, error = %e, "action failed; retrying next loop");
+                    waiting = Some(format!("{action:?} failed: {e}"));
+                    break;
+                }
+            }
+            if let Action::Wait { why } = &action {
+                waiting = Some(why.clone());
+            }
+        }
+        let pg = self.node.observe().await;
+        let fresh = observation
+            .since_renewal
+            .is_some_and(|s| s < self.policy.fence_after());
+        let state = if !pg.running {
+            "stopped"
+        } else if pg.in_recovery && pg.streaming {
+            "streaming"
+        } else {
+            "running"
+        };
+        let mut check = self.observation(
+            if pg.running && !pg.in_recovery {
+                Role::Primary
+            } else if pg.running {
+                Role::Replica
+            } else {
+                Role::Stopped
+            },
+            &pg,
+        );
+        // Could this node take over if the leader went now? Compared with the others.
+        if let Some(l) = check.leader.take() {
+            check.members.retain(|m| m.name != l.holder);
+        }
+        let not_promotable = decide::eligible(&check, &self.policy).err();
+        if etcd_ok {
+            self.publish(&pg, state, not_promotable).await;
+        }
+        let is_leader = fresh
+            && pg.running
+            && !pg.in_recovery
+            && observation
+                .leader
+                .as_ref()
+                .is_some_and(|l| l.holder == self.me());
+        let fence_after = self.policy.fence_after();
+        let mut status = self.status.write().expect("status lock");
+        status.pg = pg;
+        status.is_leader = is_leader;
+        status.leader_until = self.last_renewal.map(|t| t + fence_after);
+        status.view = self.view.clone();
+        status.generation = self.view.leader.as_ref().map_or(0, |l| l.generation);
+        status.waiting = waiting;
+        again
+    }
+
+    fn observation(&self, role: Role, pg: &PgState) -> Observation {
+        let members = self
+            .view
+            .members
+            .iter()
+            .map(|m| Member {
+                name: m.name.clone(),
+                // Member keys live on their agents' leases: present means alive.
+                reachable: m.role != "stopped",
+                received: m.received,
+                nofailover: m.nofailover,
+            })
+            .collect();
+        Observation {
+            me: self.me().to_string(),
+            role,
+            received: pg.received,
+            nofailover: self.config.node.nofailover,
+            leader: self.view.leader.clone(),
+            since_renewal: self.last_renewal.map(|t| t.elapsed()),
+            members,
+            synchronous_standby: self.view.sync.as_ref().and_then(|s| s.standby.clone()),
+            switchover: self.view.switchover(),
+        }
+    }
+
+    async fn publish(&mut self, pg: &PgState, state: &str, not_promotable: Option<String>) {
+        let n = &self.config.node;
+        let me = MemberInfo {
+            name: n.name.clone(),
+            api: n.api.clone(),
+            host: n.host.clone(),
+            port: n.port,
+            role: match (pg.running, pg.in_recovery) {
+                (false, _) => "stopped",
+                (true, true) => "replica",
+                (true, false) => "primary",
+            }
+            .into(),
+            state: state.into(),
+            timeline: pg.timeline,
+            received: pg.received,
+            replayed: pg.replayed,
+            nofailover: n.nofailover,
+            not_promotable,
+        };
+        if let Err(e) = self.store.put_member(&me).await {
+            tracing::warn!(error = %e, "publishing this member");
+        }
+        self.status.write().expect("status lock").me = Some(me);
+    }
+
+    /// Do one action; true if it took the leader key (the next loop runs at once).
+    async fn act(&mut self, action: &Action, role: Role, pg: &PgState) -> Result<bool, AgentError> {
+        match action {
+            Action::Demote { generation } => {
+                // Health checks stop sending writes here before the server is down.
+                self.status.write().expect("status lock").is_leader = false;
+                tracing::warn!(generation, "demoting: stopping PostgreSQL at once");
+                self.node.stop(StopMode::Immediate).await?;
+                self.sync_pending = None;
+            }
+            Action::Lead => self.lead().await?,
+            Action::TakeLeaderKey => {
+                let me = self.me().to_string();
+                if self.store.take_leader(&me).await? {
+                    tracing::info!("took the leader key");
+                    return Ok(true);
+                }
+            }
+            Action::Promote { generation } => self.promote(*generation, role).await?,
+            Action::Follow { leader } => self.follow(leader.as_deref(), role, pg).await?,
+            Action::StepDown { generation } => self.step_down(*generation).await?,
+            Action::Wait { why } => tracing::debug!(why, "waiting"),
+        }
+        Ok(false)
+    }
+
+    async fn promote(&mut self, generation: u64, role: Role) -> Result<(), AgentError> {
+        tracing::info!(generation, "promoting");
+        if role == Role::Stopped {
+            if self.node.was_primary().await? {
+                self.node.start_as_primary().await?;
+                tracing::info!(generation, "started again as the primary");
+                return Ok(());
+            }
+            // A stopped replica starts as one first: promotion opens a new timeline, so a
+            // former primary's WAL beyond this point can never be mistaken for ours.
+            self.node.start_as_replica(None).await?;
+        }
+        self.node.promote().await?;
+        // The control file must show the new timeline before anyone rewinds from here
+        // (pg_rewind reads it): checkpoint now rather than whenever the server gets to it.
+        if let Err(e) = self.node.sql().await?.batch_execute("CHECKPOINT").await {
+            tracing::warn!(error = %e, "checkpoint after promotion");
+        }
+        let pg = self.node.observe().await;
+        tracing::info!(generation, timeline = pg.timeline, lsn = %pg.received, "promoted");
+        self.store
+            .put_history(&HistoryEntry {
+                generation,
+                leader: self.me().to_string(),
+                timeline: pg.timeline,
+                lsn: pg.received,
+                at: chrono::Utc::now().to_rfc3339(),
+                reason: if self.view.switchover.is_some() {
+                    "switchover".into()
+                } else {
+                    "failover".into()
+                },
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn follow(
+        &mut self,
+        leader: Option<&str>,
+        role: Role,
+        pg: &PgState,
+    ) -> Result<(), AgentError> {
+        let Some(name) = leader else {
+            if role == Role::Stopped && self.node.has_data() {
+                tracing::info!("starting read-only, following no one yet");
+                self.node.start_as_replica(None).await?;
+            }
+            return Ok(());
+        };
+        let Some(leader) = self.view.member(name).cloned() else {
+            return Ok(());
+        };
+        let upstream = Upstream::of(&leader);
+        if !self.node.has_data() {
+            tracing::info!(leader = name, "cloning from the leader (pg_basebackup)");
+            self.node.clone_from(&leader).await?;
+            return Ok(());
+        }
+        match role {
+            Role::Stopped => {
+                self.rewind_if_needed(&leader).await?;
+                tracing::info!(leader = name, "starting as a replica");
+                self.node.start_as_replica(Some(upstream)).await?;
+                self.stuck_loops = 0;
+            }
+            Role::Replica if self.node.upstream() != Some(&upstream) => {
+                tracing::info!(leader = name, "following the new leader");
+                self.node.set_upstream(Some(upstream)).await?;
+                self.stuck_loops = 0;
+            }
+            Role::Replica if !pg.streaming && leader.timeline > pg.timeline => {
+                // It may have received WAL the new leader never had: it cannot follow until
+                // rewound. Give the WAL receiver a while, then stop (the next loop rewinds).
+                self.stuck_loops += 1;
+                let patience =
+                    (self.policy.ttl.as_millis() / self.policy.loop_wait.as_millis().max(1)) as u32;
+                if self.stuck_loops > patience {
+                    tracing::warn!(
+                        leader = name,
+                        "not streaming from the new timeline; stopping to rewind"
+                    );
+                    self.node.stop(StopMode::Fast).await?;
+                    self.stuck_loops = 0;
+                }
+            }
+            _ => self.stuck_loops = 0,
+        }
+        Ok(())
+    }
+
+    /// A stopped node that was a primary, or whose timeline differs from the leader's, may
+    /// hold WAL the leader never had: pg_rewind it, or clone it again if that fails.
+    async fn rewind_if_needed(&mut self, leader: &MemberInfo) -> Result<(), AgentError> {
+        let was_primary = self.node.was_primary().await?;
+        let (timeline, _) = self.node.stopped_at().await?;
+        if !was_primary && timeline == leader.timeline {
+            return Ok(());
+        }
+        if self.config.cluster.use_pg_rewind {
+            tracing::info!(
+                was_primary,
+                timeline,
+                leader_timeline = leader.timeline,
+                "rewinding"
+            );
+            match self.node.rewind(leader).await {
+                Ok(()) => return Ok(()),
+                Err(e) => tracing::warn!(error = %e, "pg_rewind failed; cloning again"),
+            }
+        } else if !was_primary {
+            return Ok(());
+        }
+        self.node.clone_from(leader).await?;
+        // clone_from starts the server; stop it so the caller's start is the one that counts.
+        self.node.stop(StopMode::Fast).await?;
+        Ok(())
+    }
+
+    /// The primary's upkeep: a slot per member, the synchronous standby, a finished
+    /// switchover's key removed.
+    async fn lead(&mut self) -> Result<(), AgentError> {
+        let me = self.me().to_string();
+        if self
+            .view
+            .switchover
+            .as_ref()
+            .is_some_and(|s| s.stopped_at.is_some())
+        {
+            self.store.clear_key("switchover").await?;
+        }
+        let others: Vec<String> = self
+            .view
+            .members
+            .iter()
+            .filter(|m| m.name != me)
+            .map(|m| m.name.clone())
+            .collect();
+        let client = self.node.sql().await?;
+        let existing: Vec<String> = client
+            .query(
+                "SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical'",
+                &[],
+            )
+            .await
+            .map_err(|e| NodeError::Sql(e.to_string()))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for name in others.iter().filter(|n| !existing.contains(n)) {
+            client
+                .execute(
+                    "SELECT pg_create_physical_replication_slot($1, true)",
+                    &[name],
+                )
+                .await
+                .map_err(|e| NodeError::Sql(e.to_string()))?;
+            tracing::info!(slot = name, "created a replication slot for a member");
+        }
+        if self.policy.synchronous_mode {
+            self.keep_sync_standby().await?;
+        } else if self.node.sync_standby().is_some() {
+            self.node.set_sync_standby(None).await?;
+        }
+        Ok(())
+    }
+
+    /// Synchronous mode: the `sync` key names a standby only while every acknowledged
+    /// commit is on it. Changing it: the key first says no one (no one may be promoted),
+    /// then PostgreSQL waits for the new standby, and once that standby has everything
+    /// written before the change took effect, the key names it.
+    async fn keep_sync_standby(&mut self) -> Result<(), AgentError> {
+        let me = self.me().to_string();
+        let client = self.node.sql().await?;
+        let rows = client
+            .query(
+                "SELECT application_name, flush_lsn::text FROM pg_stat_replication
+                  WHERE state = 'streaming' AND flush_lsn IS NOT NULL",
+                &[],
+            )
+            .await
+            .map_err(|e| NodeError::Sql(e.to_string()))?;
+        let current: Lsn = client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(|e| NodeError::Sql(e.to_string()))?
+            .get::<_, String>(0)
+            .parse()
+            .unwrap_or_default();
+        let nofailover = |name: &str| self.view.member(name).is_none_or(|m| m.nofailover);
+        let mut streaming: Vec<(Lsn, String)> = rows
+            .iter()
+            .map(|r| {
+                let name: String = r.get(0);
+                let flush = r.get::<_, String>(1).parse().unwrap_or_default();
+                (flush, name)
+            })
+            .filter(|(_, name)| !nofailover(name))
+            .collect();
+        streaming.sort();
+        let named = self
+            .view
+            .sync
+            .as_ref()
+            .filter(|s| s.leader == me)
+            .and_then(|s| s.standby.clone());
+        if let Some(n) = &named {
+            if streaming.iter().any(|(_, s)| s == n) && self.node.sync_standby() == Some(n) {
+                return Ok(());
+            }
+        }
+        // The named standby is gone (or the key is another leader's): no one may be
+        // promoted until a new one has caught up.
+        if named.is_some() || self.view.sync.as_ref().is_none_or(|s| s.leader != me) {
+            self.store
+                .put_sync(&SyncState {
+                    leader: me.clone(),
+                    standby: None,
+                })
+                .await?;
+            tracing::info!("synchronous standby: none for now");
+        }
+        let keep = self
+            .node
+            .sync_standby()
+            .filter(|s| streaming.iter().any(|(_, n)| n == s))
+            .map(str::to_string);
+        let choice = keep.or_else(|| streaming.last().map(|(_, n)| n.clone()));
+        let Some(choice) = choice else {
+            self.node.set_sync_standby(None).await?;
+            self.sync_pending = None;
+            return Ok(());
+        };
+        if self.node.sync_standby() != Some(choice.as_str()) {
+            self.node.set_sync_standby(Some(choice.clone())).await?;
+            // The target is taken next loop, once every session has the new setting.
+            self.sync_pending = Some((choice, None));
+            return Ok(());
+        }
+        match self.sync_pending.take() {
+            Some((name, None)) if name == choice => {
+                self.sync_pending = Some((name, Some(current)));
+            }
+            Some((name, Some(target))) if name == choice => {
+                let flushed = streaming
+                    .iter()
+                    .find(|(_, n)| *n == name)
+                    .map(|(l, _)| *l)
+                    .unwrap_or_default();
+                if flushed >= target {
+                    self.store
+                        .put_sync(&SyncState {
+                            leader: me,
+                            standby: Some(name.clone()),
+                        })
+                        .await?;
+                    tracing::info!(standby = name, "synchronous standby named");
+                } else {
+                    self.sync_pending = Some((name, Some(target)));
+                }
+            }
+            _ => self.sync_pending = Some((choice, None)),
+        }
+        Ok(())
+    }
+
+    /// Switchover, on the primary: checkpoint (so the clean stop is short), stop cleanly
+    /// (the WAL senders ship everything to connected replicas first), say where the WAL
+    /// ends and who takes over, and give up the key.
+    async fn step_down(&mut self, generation: u64) -> Result<(), AgentError> {
+        let me = self.me().to_string();
+        let requested = self.view.switchover.clone().unwrap_or(SwitchoverKey {
+            candidate: None,
+            stopped_at: None,
+        });
+        let candidate = match requested.candidate {
+            Some(c) => Some(c),
+            None if self.policy.synchronous_mode => {
+                self.view.sync.as_ref().and_then(|s| s.standby.clone())
+            }
+            None => self
+                .view
+                .members
+                .iter()
+                .filter(|m| m.name != me && m.state == "streaming" && !m.nofailover)
+                .max_by_key(|m| (m.received, std::cmp::Reverse(m.name.clone())))
+                .map(|m| m.name.clone()),
+        };
+        let Some(candidate) = candidate else {
+            tracing::warn!("switchover: no replica can take over; cancelled");
+            self.store.clear_key("switchover").await?;
+            return Ok(());
+        };
+        tracing::info!(generation, candidate, "switchover: stepping down");
+        let client = self.node.sql().await?;
+        client
+            .batch_execute("CHECKPOINT")
+            .await
+            .map_err(|e| NodeError::Sql(e.to_string()))?;
+        self.node.stop(StopMode::Fast).await?;
+        let (_, stopped_at) = self.node.stopped_at().await?;
+        self.store
+            .put_switchover(&SwitchoverKey {
+                candidate: Some(candidate),
+                stopped_at: Some(stopped_at),
+            })
+            .await?;
+        self.store.release_leader(&me).await?;
+        self.stepped_down_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// A switchover whose candidate did not take over within two ttl is dropped: the
+    /// cluster falls back to an ordinary election.
+    async fn expire_stalled_switchover(&mut self, etcd_ok: bool) {
+        let Some(at) = self.stepped_down_at else {
+            return;
+        };
+        if self.view.leader.is_some() || self.view.switchover.is_none() {
+            self.stepped_down_at = None;
+            return;
+        }
+        if etcd_ok && at.elapsed() > 2 * self.policy.ttl {
+            tracing::warn!("switchover: the candidate did not take over; dropping it");
+            if self.store.clear_key("switchover").await.is_ok() {
+                self.view.switchover = None;
+                self.stepped_down_at = None;
+            }
+        }
+    }
+}
