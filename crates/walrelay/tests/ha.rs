@@ -579,3 +579,50 @@ async fn without_etcd_the_primary_stops_taking_writes_and_the_cluster_recovers()
         .clone();
     cluster.wait_streaming(&other).await;
 }
+
+#[tokio::test]
+async fn a_taken_api_port_and_an_unreachable_etcd_are_clear_errors() {
+    let dir = scratch_dir();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let api = taken.local_addr().unwrap();
+    let config = dir.join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nname = \"n1\"\nbase_dir = \"{}\"\nport = {}\napi = \"{api}\"\n\
+             [cluster]\nname = \"c\"\netcd = [\"http://127.0.0.1:{}\"]\n",
+            dir.join("n1").display(),
+            free_port(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let ha = tokio::process::Command::new(BIN)
+        .args(["ha", "--config"])
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&ha.stderr);
+    assert!(!ha.status.success());
+    assert!(
+        stderr.contains(&format!("the REST API cannot listen on {api}")),
+        "{stderr}"
+    );
+    assert!(!dir.join("n1/data").exists(), "nothing was created");
+
+    let ctl = tokio::process::Command::new(BIN)
+        .args(["ctl", "--config"])
+        .arg(&config)
+        .arg("list")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&ctl.stderr);
+    assert!(!ctl.status.success());
+    assert!(
+        stderr.contains("walrelay: error: reading the cluster from etcd"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

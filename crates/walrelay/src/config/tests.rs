@@ -176,10 +176,84 @@ fn consume_config_errors_name_the_key() {
     );
 }
 
+const HA_MINIMAL: &str = "[node]\nname = \"n1\"\nbase_dir = \"/x\"\nport = 5432\napi = \"127.0.0.1:8008\"\n[cluster]\nname = \"c\"\netcd = [\"http://e:2379\"]\n";
+
+/// Every key of a `walrelay ha` file.
+fn ha_key_paths() -> Vec<String> {
+    let text = format!(
+        "{HA_MINIMAL}[postgres]\nhba = [\"host all all 0/0 reject\"]\nsettings = {{ a = \"1\" }}\n"
+    );
+    let config = ha::HaConfig::parse(&text, Path::new("node.toml")).unwrap();
+    let value = toml::Value::try_from(&config).unwrap();
+    let mut paths = Vec::new();
+    collect_paths(&value, "", &mut paths);
+    paths.retain(|p| !p.starts_with("postgres.settings."));
+    paths.push("postgres.settings".into());
+    paths
+}
+
+#[test]
+fn every_ha_key_is_documented_with_its_default() {
+    for path in ha_key_paths() {
+        assert!(
+            DOC.lines().any(|l| l.starts_with(&format!("| `{path}` |"))),
+            "docs/config.md has no table row for `{path}`"
+        );
+    }
+}
+
+#[test]
+fn ha_config_defaults_and_errors_name_the_key() {
+    let c = ha::HaConfig::parse(HA_MINIMAL, Path::new("n.toml")).unwrap();
+    assert_eq!(c.cluster.ttl, Duration::from_secs(8));
+    assert_eq!(c.prefix(), "/walrelay/c/");
+    assert!(c.policy().validate().is_ok());
+    for (from, to, key) in [
+        ("name = \"n1\"", "name = \"N-1\"", "node.name"),
+        ("port = 5432", "port = 0", "node.port"),
+        (
+            "api = \"127.0.0.1:8008\"",
+            "api = \"localhost\"",
+            "node.api",
+        ),
+        ("etcd = [\"http://e:2379\"]", "etcd = []", "cluster.etcd"),
+        ("name = \"c\"", "name = \"a/b\"", "cluster.name"),
+        (
+            "[cluster]",
+            "[cluster]\nretry_timeout = \"4s\"",
+            "must not exceed ttl",
+        ),
+        ("[cluster]", "[cluster]\nttl = \"1s\"", "cluster.ttl"),
+        (
+            "[cluster]",
+            "[cluster]\nloop_wait = \"0s\"",
+            "cluster.loop_wait",
+        ),
+        (
+            "[cluster]",
+            "[cluster]\ntll = \"8s\"",
+            "unknown field `tll`",
+        ),
+    ] {
+        let text = HA_MINIMAL.replacen(from, to, 1);
+        let e = ha::HaConfig::parse(&text, Path::new("n.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key), "{to}: {e}");
+    }
+    let secret = format!("{HA_MINIMAL}[postgres]\nsuperuser_password = \"hunter2\"\n");
+    let c = ha::HaConfig::parse(&secret, Path::new("n.toml")).unwrap();
+    assert!(
+        !format!("{c:?}").contains("hunter2"),
+        "passwords stay out of logs"
+    );
+}
+
 #[test]
 fn documented_keys_exist() {
     let mut known = all_key_paths();
     known.extend(consume_key_paths());
+    known.extend(ha_key_paths());
     for line in DOC.lines().filter(|l| l.starts_with("| `")) {
         let key = line.split('`').nth(1).unwrap();
         assert!(
