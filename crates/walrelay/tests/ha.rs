@@ -98,13 +98,24 @@ impl Cluster {
         self.nodes.iter().map(|n| n.port).collect()
     }
 
-    /// kill -9 of the node's agent and of its PostgreSQL postmaster.
+    /// kill -9 of the node's agent and of its PostgreSQL: the postmaster and every backend
+    /// (a backend whose postmaster died can still commit a write or two).
     async fn kill9(&mut self, name: &str) {
         let node = self.node_mut(name);
         let agent = node.agent.take().expect("agent running");
         agent.kill9().await;
         let pidfile = std::fs::read_to_string(node.base_dir.join("data/postmaster.pid")).unwrap();
         let pid: i32 = pidfile.lines().next().unwrap().trim().parse().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGSTOP,
+        )
+        .unwrap();
+        let children = std::process::Command::new("pkill")
+            .args(["-9", "-P", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(children.success(), "the postmaster had backends to kill");
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
@@ -135,9 +146,14 @@ impl Cluster {
         .await;
     }
 
+    /// `/cluster` from the first agent that answers.
     async fn cluster_json(&self) -> J {
-        let (_, body) = http(self.nodes[0].api_port, "/cluster").await.unwrap();
-        serde_json::from_str(&body).unwrap()
+        for n in self.nodes.iter().filter(|n| n.agent.is_some()) {
+            if let Some((_, body)) = http(n.api_port, "/cluster").await {
+                return serde_json::from_str(&body).unwrap();
+            }
+        }
+        panic!("no agent answered /cluster");
     }
 
     fn dump_logs(&self) -> String {
@@ -472,7 +488,7 @@ async fn in_synchronous_mode_a_failover_loses_no_acknowledged_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switchover_under_writes_pauses_briefly_and_loses_nothing() {
-    let cluster = Cluster::start(3, "");
+    let mut cluster = Cluster::start(3, "");
     let leader = cluster.wait_for_leader(None, "a bootstrapped leader").await;
     create_table_and_wait_on_replicas(&cluster, &leader).await;
     let writer = Writer::start(cluster.ports());
@@ -504,6 +520,37 @@ async fn a_switchover_under_writes_pauses_briefly_and_loses_nothing() {
     );
     // The old primary follows the new one.
     cluster.wait_streaming(&leader).await;
+
+    // The leader's agent alone crashes and restarts: it adopts the lease its key is bound
+    // to, and keeps leading under the same generation (no failover).
+    let generation = cluster.cluster_json().await["generation"].clone();
+    let agent = cluster.node_mut(&new_leader).agent.take().unwrap();
+    agent.kill9().await;
+    cluster.start_agent(&new_leader);
+    wait_for(
+        "the restarted agent to adopt its lease",
+        Duration::from_secs(60),
+        || async {
+            cluster
+                .agent_log(&new_leader)
+                .contains("adopting")
+                .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(cluster_ttl()).await;
+    assert_eq!(
+        cluster.wait_for_leader(None, "the same leader").await,
+        new_leader,
+        "{}",
+        cluster.dump_logs()
+    );
+    assert_eq!(cluster.cluster_json().await["generation"], generation);
+}
+
+/// The default lease ttl, which the tests do not change.
+fn cluster_ttl() -> Duration {
+    Duration::from_secs(8)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -125,7 +125,10 @@ pub async fn switchover(config: &CtlConfig, candidate: Option<String>) -> anyhow
         anyhow::bail!("switchover refused: {why}");
     }
     let old = view.leader.clone().expect("validated: a leader exists");
-    if !store.request_switchover(candidate.clone()).await? {
+    if !store
+        .request_switchover(&old.holder, candidate.clone())
+        .await?
+    {
         anyhow::bail!("a switchover is already under way");
     }
     let asked = Instant::now();

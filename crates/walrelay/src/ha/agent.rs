@@ -170,7 +170,15 @@ impl Agent {
         self.store.renew().await?;
         // Measured from when the renewal was asked for: the lease runs from no later.
         self.last_renewal = Some(asked);
-        let view = self.store.read().await?;
+        let mut view = self.store.read().await?;
+        let mine = view.leader.as_ref().is_some_and(|l| l.holder == self.me());
+        if mine && self.store.lease() != Some(view.leader_lease) {
+            // This agent restarted while holding the key: renew the lease the key is bound
+            // to, or it would expire under a primary that thinks it leads.
+            tracing::info!(lease = view.leader_lease, "adopting the leader key's lease");
+            self.store.adopt(view.leader_lease).await?;
+            view = self.store.read().await?;
+        }
         self.view = view.clone();
         Ok(view)
     }
@@ -459,11 +467,13 @@ impl Agent {
     /// switchover's key removed.
     async fn lead(&mut self) -> Result<(), AgentError> {
         let me = self.me().to_string();
+        // A finished switchover (it stepped down, I lead now), or one asked of an earlier
+        // leader: done with.
         if self
             .view
             .switchover
             .as_ref()
-            .is_some_and(|s| s.stopped_at.is_some())
+            .is_some_and(|s| s.stopped_at.is_some() || s.leader != me)
         {
             self.store.clear_key("switchover").await?;
         }
@@ -608,6 +618,7 @@ impl Agent {
     async fn step_down(&mut self, generation: u64) -> Result<(), AgentError> {
         let me = self.me().to_string();
         let requested = self.view.switchover.clone().unwrap_or(SwitchoverKey {
+            leader: me.clone(),
             candidate: None,
             stopped_at: None,
         });
@@ -639,6 +650,7 @@ impl Agent {
         let (_, stopped_at) = self.node.stopped_at().await?;
         self.store
             .put_switchover(&SwitchoverKey {
+                leader: me.clone(),
                 candidate: Some(candidate),
                 stopped_at: Some(stopped_at),
             })

@@ -216,7 +216,14 @@ async fn switchover(State(api): State<Api>, Json(req): Json<SwitchoverRequest>) 
     let s = snapshot(&api);
     match validate_switchover(&s.view, req.leader.as_deref(), req.candidate.as_deref()) {
         Err(why) => (StatusCode::PRECONDITION_FAILED, format!("{why}\n")).into_response(),
-        Ok(()) => match api.store.request_switchover(req.candidate).await {
+        Ok(()) => match api
+            .store
+            .request_switchover(
+                &s.view.leader.as_ref().expect("validated").holder,
+                req.candidate,
+            )
+            .await
+        {
             Ok(true) => (StatusCode::ACCEPTED, "switchover requested\n").into_response(),
             Ok(false) => {
                 (StatusCode::CONFLICT, "a switchover is already under way\n").into_response()

@@ -179,7 +179,10 @@ pub fn decide(o: &Observation, p: &Policy) -> Vec<Action> {
             }
             match eligible(o, p) {
                 Ok(()) => vec![Action::TakeLeaderKey],
-                Err(_) if o.role == Role::Stopped && o.switchover.is_none() => {
+                Err(_)
+                    if o.role == Role::Stopped
+                        && o.switchover.as_ref().is_none_or(|s| s.stopped_at.is_none()) =>
+                {
                     // Start read-only, so this node can be considered next loop.
                     vec![Action::Follow { leader: None }]
                 }
@@ -197,22 +200,20 @@ pub fn eligible(o: &Observation, p: &Policy) -> Result<(), String> {
     if o.nofailover {
         return Err("tagged nofailover".into());
     }
-    if let Some(s) = &o.switchover {
-        let candidate = s
-            .candidate
-            .as_deref()
-            .unwrap_or("a replica the primary picks");
+    // A switchover matters here once the primary has stopped for it; a request it has not
+    // acted on (it may have died first) does not hold up a failover.
+    if let Some((s, end)) = o.switchover.as_ref().and_then(|s| Some((s, s.stopped_at?))) {
         if s.candidate.as_deref() != Some(o.me.as_str()) {
+            let candidate = s.candidate.as_deref().unwrap_or("another member");
             return Err(format!("switchover to {candidate} in progress"));
         }
-        return match s.stopped_at {
-            Some(end) if o.received > end => Ok(()),
-            Some(end) => Err(format!(
+        if o.received <= end {
+            return Err(format!(
                 "switchover: received {} of the old primary's {}",
                 o.received, end
-            )),
-            None => Err("switchover: the primary has not stopped yet".into()),
-        };
+            ));
+        }
+        return Ok(());
     }
     if p.synchronous_mode {
         // The synchronous standby holds every acknowledged commit: it, and only it, may
@@ -485,5 +486,14 @@ mod tests {
         let mut a = observation("a", Role::Stopped, None);
         a.switchover = Some(stepped);
         assert!(matches!(decide(&a, &policy())[0], Action::Wait { .. }));
+
+        // A request the primary never acted on (it died first) does not stop a failover.
+        let mut orphan = observation("b", Role::Replica, None);
+        orphan.members = vec![member("b", 1000), member("c", 900)];
+        orphan.switchover = Some(Switchover {
+            candidate: Some("c".into()),
+            stopped_at: None,
+        });
+        assert_eq!(decide(&orphan, &policy()), [Action::TakeLeaderKey]);
     }
 }

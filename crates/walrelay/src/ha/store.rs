@@ -64,6 +64,8 @@ pub struct SyncState {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SwitchoverKey {
+    /// The leader it was asked of: a request left over from an earlier leader is dropped.
+    pub leader: String,
     pub candidate: Option<String>,
     pub stopped_at: Option<Lsn>,
 }
@@ -84,6 +86,8 @@ pub struct HistoryEntry {
 pub struct ClusterView {
     pub initialized: Option<String>,
     pub leader: Option<LeaderKey>,
+    /// The lease the leader key is bound to.
+    pub leader_lease: i64,
     pub members: Vec<MemberInfo>,
     pub sync: Option<SyncState>,
     pub switchover: Option<SwitchoverKey>,
@@ -95,11 +99,16 @@ impl ClusterView {
         self.members.iter().find(|m| m.name == name)
     }
 
+    /// The switchover that concerns the current leader (or one already stepped down).
     pub fn switchover(&self) -> Option<Switchover> {
-        self.switchover.as_ref().map(|s| Switchover {
-            candidate: s.candidate.clone(),
-            stopped_at: s.stopped_at,
-        })
+        let current = self.leader.as_ref().map(|l| l.holder.as_str());
+        self.switchover
+            .as_ref()
+            .filter(|s| s.stopped_at.is_some() || current == Some(s.leader.as_str()))
+            .map(|s| Switchover {
+                candidate: s.candidate.clone(),
+                stopped_at: s.stopped_at,
+            })
     }
 }
 
@@ -209,6 +218,14 @@ impl Store {
         self.lease
     }
 
+    /// Keep `id` alive from now on instead of this agent's own lease: the leader key of an
+    /// agent that restarted is still bound to its previous lease.
+    pub async fn adopt(&mut self, id: i64) -> Result<(), StoreError> {
+        self.lease = Some(id);
+        self.keeper = None;
+        self.renew().await.map(|_| ())
+    }
+
     /// Give up the lease: the leader key and member key go at once (a clean stop).
     pub async fn revoke(&mut self) {
         if let Some(id) = self.lease.take() {
@@ -238,7 +255,8 @@ impl Store {
                     view.leader = Some(LeaderKey {
                         holder: String::from_utf8_lossy(value).into(),
                         generation: kv.create_revision() as u64,
-                    })
+                    });
+                    view.leader_lease = kv.lease();
                 }
                 "sync" => view.sync = Some(serde_json::from_slice(value).map_err(decode)?),
                 "switchover" => {
@@ -325,8 +343,13 @@ impl Store {
     }
 
     /// Ask for a switchover; fails if one is already under way.
-    pub async fn request_switchover(&self, candidate: Option<String>) -> Result<bool, StoreError> {
+    pub async fn request_switchover(
+        &self,
+        leader: &str,
+        candidate: Option<String>,
+    ) -> Result<bool, StoreError> {
         let value = serde_json::to_vec(&SwitchoverKey {
+            leader: leader.to_string(),
             candidate,
             stopped_at: None,
         })
