@@ -32,6 +32,71 @@ pub struct Status {
 
 pub type SharedStatus = Arc<RwLock<Status>>;
 
+/// The fencing watchdog's view: when the lease was last renewed (and the cluster read),
+/// and whether this node acts as the primary (from the loop's first `Lead` or the start of
+/// a promotion, until it demotes or is seen as a replica).
+#[derive(Debug, Default)]
+struct FenceState {
+    renewed: Option<Instant>,
+    armed: bool,
+}
+
+/// Stops a primary's PostgreSQL (SIGQUIT to the postmaster: immediate shutdown) once its
+/// lease may have run out, checking every 100 ms — independent of the loop, which can be
+/// slow (a promotion replaying a backlog, a checkpoint, etcd calls that time out).
+#[derive(Debug, Clone)]
+struct Fence {
+    state: Arc<std::sync::Mutex<FenceState>>,
+    fence_after: std::time::Duration,
+    data_dir: std::path::PathBuf,
+}
+
+impl Fence {
+    fn renewed(&self, at: Instant) {
+        self.state.lock().expect("fence lock").renewed = Some(at);
+    }
+
+    fn arm(&self, on: bool) {
+        self.state.lock().expect("fence lock").armed = on;
+    }
+
+    fn postmaster(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
+    /// One check; true if it fenced.
+    fn check(&self) -> bool {
+        let (renewed, armed) = {
+            let s = self.state.lock().expect("fence lock");
+            (s.renewed, s.armed)
+        };
+        if !armed || renewed.is_some_and(|t| t.elapsed() < self.fence_after) {
+            return false;
+        }
+        let Some(pid) = self.postmaster() else {
+            return false;
+        };
+        let pid = nix::unistd::Pid::from_raw(pid);
+        if nix::sys::signal::kill(pid, None).is_err() {
+            return false;
+        }
+        tracing::warn!("fencing: the lease may have run out; immediate shutdown of PostgreSQL");
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGQUIT);
+        self.arm(false);
+        true
+    }
+
+    fn watch(self, cancel: CancellationToken) {
+        crate::task::spawn_named("fence", async move {
+            while !cancel.is_cancelled() {
+                self.check();
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        });
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
@@ -54,6 +119,7 @@ pub struct Agent {
     /// the `sync` key, with the WAL position it must reach first.
     sync_pending: Option<(String, Option<Lsn>)>,
     stepped_down_at: Option<Instant>,
+    fence: Fence,
 }
 
 impl std::fmt::Debug for Agent {
@@ -74,7 +140,13 @@ impl Agent {
         )
         .await?;
         let node = Node::new(config.clone())?;
+        let fence = Fence {
+            state: Default::default(),
+            fence_after: config.policy().fence_after(),
+            data_dir: node.server.data_dir(),
+        };
         Ok(Agent {
+            fence,
             policy: config.policy(),
             config,
             store,
@@ -95,6 +167,9 @@ impl Agent {
     /// Run until cancelled; then stop PostgreSQL and give up the lease, so that another
     /// node takes over at once rather than after `ttl`.
     pub async fn run(mut self, cancel: CancellationToken) -> Result<(), AgentError> {
+        let watchdog = CancellationToken::new();
+        self.fence.clone().watch(watchdog.clone());
+        let _stop_watchdog = watchdog.drop_guard();
         self.bootstrap_if_needed(&cancel).await?;
         while !cancel.is_cancelled() {
             let started = Instant::now();
@@ -110,7 +185,18 @@ impl Agent {
         }
         tracing::info!("stopping PostgreSQL and giving up the lease");
         if let Err(e) = self.node.stop(StopMode::Fast).await {
-            tracing::warn!(error = %e, "stopping PostgreSQL");
+            tracing::warn!(error = %e, "fast shutdown failed; immediate shutdown");
+            if let Err(e) = self.node.stop(StopMode::Immediate).await {
+                tracing::error!(error = %e, "PostgreSQL did not stop");
+            }
+        }
+        if self.node.postmaster_running() {
+            // Another node must not take over while this server may take writes: the
+            // lease runs out on its own (and the watchdog is gone with this process).
+            tracing::error!(
+                "PostgreSQL still runs: keeping the leader key until the lease expires"
+            );
+            return Ok(());
         }
         let me = self.me().to_string();
         let _ = self.store.release_leader(&me).await;
@@ -147,6 +233,9 @@ impl Agent {
         if let Err(e) = self.node.bootstrap().await {
             // Let another node (or this one, fixed) try again.
             tracing::error!(error = %e, "bootstrap failed; releasing the initialize key");
+            // A half-made data directory would be taken for a cluster at the next start.
+            let _ = self.node.stop(StopMode::Immediate).await;
+            let _ = std::fs::remove_dir_all(self.node.server.data_dir());
             let _ = self.store.clear_key("initialize").await;
             return Err(e.into());
         }
@@ -168,8 +257,6 @@ impl Agent {
     async fn renew_and_read(&mut self) -> Result<ClusterView, StoreError> {
         let asked = Instant::now();
         self.store.renew().await?;
-        // Measured from when the renewal was asked for: the lease runs from no later.
-        self.last_renewal = Some(asked);
         let mut view = self.store.read().await?;
         let mine = view.leader.as_ref().is_some_and(|l| l.holder == self.me());
         if mine && self.store.lease() != Some(view.leader_lease) {
@@ -179,6 +266,11 @@ impl Agent {
             self.store.adopt(view.leader_lease).await?;
             view = self.store.read().await?;
         }
+        // Fresh only when the renewal and the read both succeeded, measured from when the
+        // renewal was asked for (the lease runs from no later): decisions on a stale view
+        // are fenced like a lost lease.
+        self.last_renewal = Some(asked);
+        self.fence.renewed(asked);
         self.view = view.clone();
         Ok(view)
     }
@@ -220,6 +312,9 @@ impl Agent {
             }
         }
         let pg = self.node.observe().await;
+        if !pg.running || pg.in_recovery {
+            self.fence.arm(false);
+        }
         let fresh = observation
             .since_renewal
             .is_some_and(|s| s < self.policy.fence_after());
@@ -275,6 +370,7 @@ impl Agent {
                 name: m.name.clone(),
                 // Member keys live on their agents' leases: present means alive.
                 reachable: m.role != "stopped",
+                timeline: m.timeline,
                 received: m.received,
                 nofailover: m.nofailover,
             })
@@ -282,12 +378,14 @@ impl Agent {
         Observation {
             me: self.me().to_string(),
             role,
+            timeline: pg.timeline,
             received: pg.received,
             nofailover: self.config.node.nofailover,
             leader: self.view.leader.clone(),
             since_renewal: self.last_renewal.map(|t| t.elapsed()),
             members,
             synchronous_standby: self.view.sync.as_ref().and_then(|s| s.standby.clone()),
+            synchronous_leader: self.view.sync.as_ref().map(|s| s.leader.clone()),
             switchover: self.view.switchover(),
         }
     }
@@ -328,7 +426,10 @@ impl Agent {
                 self.node.stop(StopMode::Immediate).await?;
                 self.sync_pending = None;
             }
-            Action::Lead => self.lead().await?,
+            Action::Lead => {
+                self.fence.arm(true);
+                self.lead().await?
+            }
             Action::TakeLeaderKey => {
                 let me = self.me().to_string();
                 if self.store.take_leader(&me).await? {
@@ -346,6 +447,17 @@ impl Agent {
 
     async fn promote(&mut self, generation: u64, role: Role) -> Result<(), AgentError> {
         tracing::info!(generation, "promoting");
+        if self.policy.synchronous_mode {
+            // Until this primary names a standby that has caught up, no one may take over
+            // from it: the key must stop naming the old one before a commit is acknowledged.
+            self.store
+                .put_sync(&SyncState {
+                    leader: self.me().to_string(),
+                    standby: None,
+                })
+                .await?;
+        }
+        self.fence.arm(true);
         if role == Role::Stopped {
             if self.node.was_primary().await? {
                 self.node.start_as_primary().await?;
@@ -398,6 +510,12 @@ impl Agent {
             return Ok(());
         };
         let upstream = Upstream::of(&leader);
+        if role == Role::Stopped && self.node.postmaster_running() {
+            // Running but not answering (starting, overloaded): never rewind or clone under
+            // a live server.
+            tracing::info!("PostgreSQL runs but does not answer yet; waiting");
+            return Ok(());
+        }
         if !self.node.has_data() {
             tracing::info!(leader = name, "cloning from the leader (pg_basebackup)");
             self.node.clone_from(&leader).await?;
@@ -438,8 +556,18 @@ impl Agent {
     /// A stopped node that was a primary, or whose timeline differs from the leader's, may
     /// hold WAL the leader never had: pg_rewind it, or clone it again if that fails.
     async fn rewind_if_needed(&mut self, leader: &MemberInfo) -> Result<(), AgentError> {
-        let was_primary = self.node.was_primary().await?;
-        let (timeline, _) = self.node.stopped_at().await?;
+        let control = match (self.node.was_primary().await, self.node.stopped_at().await) {
+            (Ok(p), Ok((t, _))) => Some((p, t)),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "the data directory is unreadable; cloning again");
+                None
+            }
+        };
+        let Some((was_primary, timeline)) = control else {
+            self.node.clone_from(leader).await?;
+            self.node.stop(StopMode::Fast).await?;
+            return Ok(());
+        };
         if !was_primary && timeline == leader.timeline {
             return Ok(());
         }
@@ -656,6 +784,8 @@ impl Agent {
             })
             .await?;
         self.store.release_leader(&me).await?;
+        // Not mine any more, whatever the last read said.
+        self.view.leader = None;
         self.stepped_down_at = Some(Instant::now());
         Ok(())
     }
@@ -677,5 +807,43 @@ impl Agent {
                 self.stepped_down_at = None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// The watchdog signals the process named in `postmaster.pid` only when armed and the
+    /// renewal is older than `fence_after`.
+    #[test]
+    fn the_watchdog_fences_an_armed_primary_whose_lease_went_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        std::fs::write(
+            dir.path().join("postmaster.pid"),
+            format!("{}\n", child.id()),
+        )
+        .unwrap();
+        let fence = Fence {
+            state: Default::default(),
+            fence_after: Duration::from_millis(200),
+            data_dir: dir.path().to_path_buf(),
+        };
+        fence.renewed(Instant::now() - Duration::from_secs(1));
+        assert!(!fence.check(), "not armed: a replica is never fenced");
+        fence.arm(true);
+        fence.renewed(Instant::now());
+        assert!(!fence.check(), "a fresh lease");
+        fence.renewed(Instant::now() - Duration::from_secs(1));
+        assert!(fence.check(), "armed and stale: fenced");
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(nix::libc::SIGQUIT));
+        assert!(!fence.check(), "disarmed once fenced");
     }
 }

@@ -42,6 +42,7 @@ pub struct LeaderKey {
 pub struct Member {
     pub name: String,
     pub reachable: bool,
+    pub timeline: u32,
     pub received: Lsn,
     pub nofailover: bool,
 }
@@ -90,6 +91,7 @@ pub struct Switchover {
 pub struct Observation {
     pub me: String,
     pub role: Role,
+    pub timeline: u32,
     pub received: Lsn,
     pub nofailover: bool,
     /// `None`: no one holds the key (or, when etcd cannot be read, no one was last seen to).
@@ -98,8 +100,10 @@ pub struct Observation {
     /// bound to; `None` if it was never renewed.
     pub since_renewal: Option<Duration>,
     pub members: Vec<Member>,
-    /// In synchronous mode, the standby PostgreSQL confirms commits with.
+    /// In synchronous mode, the standby PostgreSQL confirms commits with...
     pub synchronous_standby: Option<String>,
+    /// ...and the primary that named it (it holds every commit it acknowledged, too).
+    pub synchronous_leader: Option<String>,
     pub switchover: Option<Switchover>,
 }
 
@@ -216,9 +220,11 @@ pub fn eligible(o: &Observation, p: &Policy) -> Result<(), String> {
         return Ok(());
     }
     if p.synchronous_mode {
-        // The synchronous standby holds every acknowledged commit: it, and only it, may
-        // take over, however far others received.
-        if o.synchronous_standby.as_deref() != Some(o.me.as_str()) {
+        // The synchronous standby holds every acknowledged commit, and so does the primary
+        // that named it (back after losing its lease): they, and only they, may take over,
+        // however far others received.
+        let me = Some(o.me.as_str());
+        if o.synchronous_standby.as_deref() != me && o.synchronous_leader.as_deref() != me {
             return Err(format!(
                 "synchronous mode: only the synchronous standby ({}) may be promoted",
                 o.synchronous_standby.as_deref().unwrap_or("none")
@@ -226,23 +232,31 @@ pub fn eligible(o: &Observation, p: &Policy) -> Result<(), String> {
         }
         return Ok(());
     }
+    // Positions compare only on one timeline: a member on a newer one has history this
+    // node may lack (or contradict), whatever the LSNs say.
     let best = o
         .members
         .iter()
         .filter(|m| m.reachable && m.name != o.me && !m.nofailover)
-        .map(|m| (m.received, std::cmp::Reverse(m.name.clone())))
+        .map(|m| (m.timeline, m.received, std::cmp::Reverse(m.name.clone())))
         .max();
-    let mine = (o.received, std::cmp::Reverse(o.me.clone()));
+    let mine = (o.timeline, o.received, std::cmp::Reverse(o.me.clone()));
     if let Some(best) = best {
-        let lag = best.0 .0.saturating_sub(o.received.0);
-        if lag > p.maximum_lag_on_failover {
+        let name = &best.2 .0;
+        if best.0 > o.timeline {
             return Err(format!(
-                "{lag} bytes behind {}, more than maximum_lag_on_failover",
-                best.1 .0
+                "on timeline {}, {name} is on the newer {}",
+                o.timeline, best.0
+            ));
+        }
+        let lag = best.1.bytes_since(o.received);
+        if best.0 == o.timeline && lag > p.maximum_lag_on_failover {
+            return Err(format!(
+                "{lag} bytes behind {name}, more than maximum_lag_on_failover"
             ));
         }
         if best > mine {
-            return Err(format!("{} is further ahead", best.1 .0));
+            return Err(format!("{name} is further ahead"));
         }
     }
     Ok(())
@@ -266,6 +280,7 @@ mod tests {
         Member {
             name: name.into(),
             reachable: true,
+            timeline: 1,
             received: Lsn(received),
             nofailover: false,
         }
@@ -275,6 +290,7 @@ mod tests {
         Observation {
             me: me.into(),
             role,
+            timeline: 1,
             received: Lsn(1000),
             nofailover: false,
             leader: leader.map(|h| LeaderKey {
@@ -284,6 +300,7 @@ mod tests {
             since_renewal: Some(Duration::from_secs(1)),
             members: vec![member("a", 1000), member("b", 1000), member("c", 1000)],
             synchronous_standby: None,
+            synchronous_leader: None,
             switchover: None,
         }
     }
@@ -438,6 +455,31 @@ mod tests {
         );
         o.me = "c".into();
         assert_eq!(decide(&o, &p), [Action::TakeLeaderKey]);
+        // The primary that named it, back read-only after losing its lease, may lead again.
+        o.me = "a".into();
+        o.synchronous_leader = Some("a".into());
+        assert_eq!(decide(&o, &p), [Action::TakeLeaderKey]);
+    }
+
+    #[test]
+    fn a_member_on_a_newer_timeline_outranks_any_position_on_an_older_one() {
+        let mut o = observation("c", Role::Replica, None);
+        o.received = Lsn(5000);
+        o.members = vec![
+            Member {
+                timeline: 2,
+                ..member("b", 3000)
+            },
+            member("c", 5000),
+        ];
+        assert!(
+            matches!(&decide(&o, &policy())[0], Action::Wait { why } if why.contains("newer 2"))
+        );
+        let mut b = o.clone();
+        b.me = "b".into();
+        b.timeline = 2;
+        b.received = Lsn(3000);
+        assert_eq!(decide(&b, &policy()), [Action::TakeLeaderKey]);
     }
 
     #[test]

@@ -87,6 +87,11 @@ impl std::fmt::Debug for Node {
 impl Node {
     pub fn new(config: Arc<HaConfig>) -> Result<Node, NodeError> {
         let server = LocalServer::open(Self::options(&config))?;
+        // Local connections are trusted (the agent's own session): only the server's OS
+        // user may reach the socket.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(server.socket_dir(), std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| NodeError::Other(format!("securing the socket directory: {e}")))?;
         Ok(Node {
             config,
             server,
@@ -224,10 +229,11 @@ impl Node {
         let config = self.config.clone();
         let p = &config.postgres;
         let client = self.client().await?;
-        // CREATE ROLE takes no bind parameters: the password is quoted as a literal.
+        // CREATE ROLE takes no bind parameters: the password is quoted as a literal, and
+        // the statement kept out of the server log even if it fails.
         client
             .batch_execute(&format!(
-                "CREATE ROLE {} WITH REPLICATION LOGIN PASSWORD {}",
+                "SET log_min_error_statement = panic; CREATE ROLE {} WITH REPLICATION LOGIN PASSWORD {}",
                 quote::ident(&p.replication_user),
                 quote::literal(&p.replication_password)
             ))
@@ -237,15 +243,17 @@ impl Node {
     }
 
     /// A new replica of `leader`: pg_basebackup (WAL streamed alongside), then started.
+    /// The copy goes to `data.new` and replaces `data` only once complete, so a failed or
+    /// interrupted clone leaves the old directory (or none) rather than half a copy.
     pub async fn clone_from(&mut self, leader: &MemberInfo) -> Result<(), NodeError> {
+        self.refuse_while_running("clone")?;
         self.write_pgpass()?;
         let data = self.server.data_dir();
-        if data.exists() {
-            let _ = std::fs::remove_dir_all(&data);
-        }
+        let fresh = data.with_extension("new");
+        let _ = std::fs::remove_dir_all(&fresh);
         let args: Vec<std::ffi::OsString> = vec![
             "-D".into(),
-            data.into(),
+            fresh.clone().into(),
             "-h".into(),
             leader.host.clone().into(),
             "-p".into(),
@@ -257,7 +265,14 @@ impl Node {
             "--checkpoint=fast".into(),
             "--no-password".into(),
         ];
-        self.run_tool("pg_basebackup", args).await?;
+        if let Err(e) = self.run_tool("pg_basebackup", args).await {
+            let _ = std::fs::remove_dir_all(&fresh);
+            return Err(e);
+        }
+        if data.exists() {
+            std::fs::remove_dir_all(&data).map_err(|e| NodeError::Other(e.to_string()))?;
+        }
+        std::fs::rename(&fresh, &data).map_err(|e| NodeError::Other(e.to_string()))?;
         self.start_as_replica(Some(Upstream::of(leader))).await
     }
 
@@ -384,6 +399,7 @@ impl Node {
     /// Make a stopped data directory a descendant of `leader`'s timeline: pg_rewind (it
     /// says so, and changes nothing, when no rewind is needed).
     pub async fn rewind(&mut self, leader: &MemberInfo) -> Result<(), NodeError> {
+        self.refuse_while_running("rewind")?;
         self.write_pgpass()?;
         // pg_rewind finishes an interrupted recovery in single-user mode, which refuses
         // standby mode.
@@ -429,6 +445,16 @@ impl Node {
     /// A SQL session to this node's server (for the primary's upkeep).
     pub async fn sql(&mut self) -> Result<&tokio_postgres::Client, NodeError> {
         self.client().await
+    }
+
+    fn refuse_while_running(&self, what: &str) -> Result<(), NodeError> {
+        if self.postmaster_running() {
+            return Err(NodeError::Other(format!(
+                "will not {what} while PostgreSQL runs in {}",
+                self.server.data_dir().display()
+            )));
+        }
+        Ok(())
     }
 
     pub fn postmaster_running(&self) -> bool {
