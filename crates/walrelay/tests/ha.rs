@@ -538,6 +538,7 @@ async fn a_switchover_under_writes_pauses_briefly_and_loses_nothing() {
         },
     )
     .await;
+    // What must not happen is the old lease expiring under it: wait past that moment.
     tokio::time::sleep(cluster_ttl()).await;
     assert_eq!(
         cluster.wait_for_leader(None, "the same leader").await,

@@ -768,8 +768,26 @@ impl Agent {
             self.store.clear_key("switchover").await?;
             return Ok(());
         };
-        tracing::info!(generation, candidate, "switchover: stepping down");
         let client = self.node.sql().await?;
+        // The candidate must be streaming from this primary now, or the stop would leave
+        // the cluster without a primary until the switchover is dropped.
+        let streaming = client
+            .query_opt(
+                "SELECT 1 FROM pg_stat_replication WHERE application_name = $1 AND state = 'streaming'",
+                &[&candidate],
+            )
+            .await
+            .map_err(|e| NodeError::Sql(e.to_string()))?
+            .is_some();
+        if !streaming {
+            tracing::warn!(
+                candidate,
+                "switchover: the candidate is not streaming; cancelled"
+            );
+            self.store.clear_key("switchover").await?;
+            return Ok(());
+        }
+        tracing::info!(generation, candidate, "switchover: stepping down");
         client
             .batch_execute("CHECKPOINT")
             .await
