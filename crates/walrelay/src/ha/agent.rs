@@ -312,7 +312,9 @@ impl Agent {
             }
         }
         let pg = self.node.observe().await;
-        if !pg.running || pg.in_recovery {
+        // Disarmed only when surely not a primary: a server that runs but did not answer
+        // may still take writes.
+        if (pg.running && pg.in_recovery) || !self.node.postmaster_running() {
             self.fence.arm(false);
         }
         let fresh = observation
@@ -499,6 +501,12 @@ impl Agent {
         role: Role,
         pg: &PgState,
     ) -> Result<(), AgentError> {
+        if role == Role::Stopped && self.node.postmaster_running() {
+            // Running but not answering (starting, overloaded): never start, rewind or
+            // clone under a live server.
+            tracing::info!("PostgreSQL runs but does not answer yet; waiting");
+            return Ok(());
+        }
         let Some(name) = leader else {
             if role == Role::Stopped && self.node.has_data() {
                 tracing::info!("starting read-only, following no one yet");
@@ -510,12 +518,6 @@ impl Agent {
             return Ok(());
         };
         let upstream = Upstream::of(&leader);
-        if role == Role::Stopped && self.node.postmaster_running() {
-            // Running but not answering (starting, overloaded): never rewind or clone under
-            // a live server.
-            tracing::info!("PostgreSQL runs but does not answer yet; waiting");
-            return Ok(());
-        }
         if !self.node.has_data() {
             tracing::info!(leader = name, "cloning from the leader (pg_basebackup)");
             self.node.clone_from(&leader).await?;
