@@ -171,16 +171,10 @@ fn clean_leftovers() {
                     }
                 }
             }
-            if let Ok(pidfile) = fs::read_to_string(path.join("data/postmaster.pid")) {
-                if let Some(pm) = pidfile
-                    .lines()
-                    .next()
-                    .and_then(|l| l.trim().parse::<i32>().ok())
-                {
-                    let pm = nix::unistd::Pid::from_raw(pm);
-                    let _ = nix::sys::signal::kill(pm, nix::sys::signal::Signal::SIGQUIT);
-                    walrelay::pg::local::wait_for_exit(pm.as_raw(), Duration::from_secs(10));
-                }
+            if let Some(pm) = walrelay::pg::local::postmaster_pid(&path.join("data")) {
+                let pm = nix::unistd::Pid::from_raw(pm);
+                let _ = nix::sys::signal::kill(pm, nix::sys::signal::Signal::SIGQUIT);
+                walrelay::pg::local::wait_for_exit(pm.as_raw(), Duration::from_secs(10));
             }
             let _ = fs::remove_dir_all(&path);
         }
@@ -283,8 +277,7 @@ impl TestEtcd {
 
     pub fn log_tail(&self) -> String {
         let log = fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        walrelay::pg::local::last_lines(&log, 20)
     }
 }
 

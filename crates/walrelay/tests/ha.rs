@@ -104,8 +104,8 @@ impl Cluster {
         let node = self.node_mut(name);
         let agent = node.agent.take().expect("agent running");
         agent.kill9().await;
-        let pidfile = std::fs::read_to_string(node.base_dir.join("data/postmaster.pid")).unwrap();
-        let pid: i32 = pidfile.lines().next().unwrap().trim().parse().unwrap();
+        let pid = walrelay::pg::local::postmaster_pid(&node.base_dir.join("data"))
+            .expect("the killed node's postmaster.pid");
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGSTOP,
@@ -163,7 +163,7 @@ impl Cluster {
                 format!(
                     "--- {} agent:\n{}",
                     n.name,
-                    tail(&self.agent_log(&n.name), 40)
+                    walrelay::pg::local::last_lines(&self.agent_log(&n.name), 40)
                 )
             })
             .collect::<Vec<_>>()
@@ -183,11 +183,6 @@ impl Drop for Cluster {
             let _ = std::fs::remove_dir_all(&node.base_dir);
         }
     }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// One HTTP/1.0 request to an agent's API: the status and the body.

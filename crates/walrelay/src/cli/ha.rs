@@ -15,13 +15,7 @@ pub async fn ha(config: HaConfig) -> anyhow::Result<ExitCode> {
     let cancel = super::run::cancel_on_signal()?;
     let config = Arc::new(config);
     let status = SharedStatus::default();
-    let api_store = Store::new(
-        &config.cluster.etcd,
-        config.prefix(),
-        config.cluster.retry_timeout,
-        config.cluster.ttl,
-    )
-    .await?;
+    let api_store = Store::new(&config.cluster).await?;
     let addr = config.node.api.parse().expect("validated at load");
     let api = api::serve(addr, status.clone(), Arc::new(api_store), cancel.clone())
         .await
@@ -36,8 +30,7 @@ pub async fn ha(config: HaConfig) -> anyhow::Result<ExitCode> {
 }
 
 async fn read(config: &CtlConfig) -> anyhow::Result<(Store, ClusterView)> {
-    let c = &config.cluster;
-    let store = Store::new(&c.etcd, config.prefix(), c.retry_timeout, c.ttl).await?;
+    let store = Store::new(&config.cluster).await?;
     let view = store
         .read()
         .await
@@ -54,7 +47,7 @@ pub async fn list(config: &CtlConfig) -> anyhow::Result<ExitCode> {
 
 pub fn render_list(view: &ClusterView, cluster: &str) -> String {
     let leader = view.leader.as_ref().map(|l| l.holder.as_str());
-    let leader_at = leader.and_then(|l| view.member(l)).map(|m| m.received);
+    let leader_at = view.leader_position();
     let mut rows = vec![[
         "Member",
         "Host",

@@ -210,10 +210,12 @@ impl HaConfig {
             synchronous_mode: self.cluster.synchronous_mode,
         }
     }
+}
 
+impl ClusterSection {
     /// `/<namespace>/<cluster>/`: every key of the cluster is under it.
     pub fn prefix(&self) -> String {
-        format!("/{}/{}/", self.cluster.namespace, self.cluster.name)
+        format!("/{}/{}/", self.namespace, self.name)
     }
 }
 
@@ -233,9 +235,5 @@ impl CtlConfig {
         Ok(CtlConfig {
             cluster: any.cluster,
         })
-    }
-
-    pub fn prefix(&self) -> String {
-        format!("/{}/{}/", self.cluster.namespace, self.cluster.name)
     }
 }

@@ -60,11 +60,6 @@ impl Fence {
         self.state.lock().expect("fence lock").armed = on;
     }
 
-    fn postmaster(&self) -> Option<i32> {
-        let text = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
-        text.lines().next()?.trim().parse().ok()
-    }
-
     /// One check; true if it fenced.
     fn check(&self) -> bool {
         let (renewed, armed) = {
@@ -74,7 +69,7 @@ impl Fence {
         if !armed || renewed.is_some_and(|t| t.elapsed() < self.fence_after) {
             return false;
         }
-        let Some(pid) = self.postmaster() else {
+        let Some(pid) = crate::pg::local::postmaster_pid(&self.data_dir) else {
             return false;
         };
         let pid = nix::unistd::Pid::from_raw(pid);
@@ -132,13 +127,7 @@ impl std::fmt::Debug for Agent {
 
 impl Agent {
     pub async fn new(config: Arc<HaConfig>, status: SharedStatus) -> Result<Agent, AgentError> {
-        let store = Store::new(
-            &config.cluster.etcd,
-            config.prefix(),
-            config.cluster.retry_timeout,
-            config.cluster.ttl,
-        )
-        .await?;
+        let store = Store::new(&config.cluster).await?;
         let node = Node::new(config.clone())?;
         let fence = Fence {
             state: Default::default(),
@@ -285,13 +274,7 @@ impl Agent {
             }
         };
         let pg = self.node.observe().await;
-        let role = if !pg.running {
-            Role::Stopped
-        } else if pg.in_recovery {
-            Role::Replica
-        } else {
-            Role::Primary
-        };
+        let role = pg.role();
         self.expire_stalled_switchover(etcd_ok).await;
         let observation = self.observation(role, &pg);
         let actions = decide::decide(&observation, &self.policy);
@@ -317,9 +300,7 @@ impl Agent {
         if (pg.running && pg.in_recovery) || !self.node.postmaster_running() {
             self.fence.arm(false);
         }
-        let fresh = observation
-            .since_renewal
-            .is_some_and(|s| s < self.policy.fence_after());
+        let fresh = self.policy.fresh(observation.since_renewal);
         let state = if !pg.running {
             "stopped"
         } else if pg.in_recovery && pg.streaming {
@@ -327,16 +308,7 @@ impl Agent {
         } else {
             "running"
         };
-        let mut check = self.observation(
-            if pg.running && !pg.in_recovery {
-                Role::Primary
-            } else if pg.running {
-                Role::Replica
-            } else {
-                Role::Stopped
-            },
-            &pg,
-        );
+        let mut check = self.observation(pg.role(), &pg);
         // Could this node take over if the leader went now? Compared with the others.
         if let Some(l) = check.leader.take() {
             check.members.retain(|m| m.name != l.holder);
@@ -371,7 +343,7 @@ impl Agent {
             .map(|m| Member {
                 name: m.name.clone(),
                 // Member keys live on their agents' leases: present means alive.
-                reachable: m.role != "stopped",
+                reachable: m.role != Role::Stopped.as_str(),
                 timeline: m.timeline,
                 received: m.received,
                 nofailover: m.nofailover,
@@ -399,12 +371,7 @@ impl Agent {
             api: n.api.clone(),
             host: n.host.clone(),
             port: n.port,
-            role: match (pg.running, pg.in_recovery) {
-                (false, _) => "stopped",
-                (true, true) => "replica",
-                (true, false) => "primary",
-            }
-            .into(),
+            role: pg.role().as_str().into(),
             state: state.into(),
             timeline: pg.timeline,
             received: pg.received,
@@ -521,6 +488,7 @@ impl Agent {
         if !self.node.has_data() {
             tracing::info!(leader = name, "cloning from the leader (pg_basebackup)");
             self.node.clone_from(&leader).await?;
+            self.node.start_as_replica(Some(upstream)).await?;
             return Ok(());
         }
         match role {
@@ -566,9 +534,7 @@ impl Agent {
             }
         };
         let Some((was_primary, timeline)) = control else {
-            self.node.clone_from(leader).await?;
-            self.node.stop(StopMode::Fast).await?;
-            return Ok(());
+            return Ok(self.node.clone_from(leader).await?);
         };
         if !was_primary && timeline == leader.timeline {
             return Ok(());
@@ -587,10 +553,7 @@ impl Agent {
         } else if !was_primary {
             return Ok(());
         }
-        self.node.clone_from(leader).await?;
-        // clone_from starts the server; stop it so the caller's start is the one that counts.
-        self.node.stop(StopMode::Fast).await?;
-        Ok(())
+        Ok(self.node.clone_from(leader).await?)
     }
 
     /// The primary's upkeep: a slot per member, the synchronous standby, a finished

@@ -113,12 +113,7 @@ async fn replica(State(api): State<Api>, Query(q): Query<HashMap<String, String>
             )
                 .into_response();
         };
-        let leader_at = s
-            .view
-            .leader
-            .as_ref()
-            .and_then(|l| s.view.member(&l.holder))
-            .map(|m| m.received);
+        let leader_at = s.view.leader_position();
         ok &= leader_at.is_some_and(|at| at.bytes_since(s.pg.received) <= max);
     }
     verdict(ok, &s)
@@ -191,12 +186,7 @@ async fn metrics(State(api): State<Api>) -> Response {
         "Generation of the current leader key.",
         s.generation,
     );
-    let leader_at = s
-        .view
-        .leader
-        .as_ref()
-        .and_then(|l| s.view.member(&l.holder))
-        .map_or(s.pg.received, |m| m.received);
+    let leader_at = s.view.leader_position().unwrap_or(s.pg.received);
     gauge(
         "walrelay_ha_lag_bytes",
         "Bytes the leader has written that this node has not received.",

@@ -28,6 +28,17 @@ pub enum Role {
     Stopped,
 }
 
+impl Role {
+    /// As members publish it in etcd.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+            Role::Stopped => "stopped",
+        }
+    }
+}
+
 /// The leader key as read from etcd.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaderKey {
@@ -61,6 +72,11 @@ impl Policy {
     /// A lease renewed less than this long ago certainly holds until the next loop.
     pub fn fence_after(&self) -> Duration {
         self.ttl.saturating_sub(self.loop_wait + self.retry_timeout)
+    }
+
+    /// Whether a lease last renewed `since_renewal` ago (never: `None`) is certain.
+    pub fn fresh(&self, since_renewal: Option<Duration>) -> bool {
+        since_renewal.is_some_and(|s| s < self.fence_after())
     }
 
     /// `loop_wait + 2 × retry_timeout ≤ ttl`: a primary that fails to renew for a whole
@@ -133,7 +149,7 @@ pub enum Action {
 pub fn decide(o: &Observation, p: &Policy) -> Vec<Action> {
     // The lease certainly holds until the next loop: renewed within ttl − loop_wait −
     // retry_timeout. If not, what etcd said may be out of date, and a primary fences.
-    let fresh = o.since_renewal.is_some_and(|s| s < p.fence_after());
+    let fresh = p.fresh(o.since_renewal);
     let mine = o.leader.as_ref().filter(|l| l.holder == o.me);
     let generation = o.leader.as_ref().map_or(0, |l| l.generation);
     match o.role {

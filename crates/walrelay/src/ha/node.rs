@@ -14,9 +14,12 @@ use std::time::Duration;
 
 use walrelay_model::Lsn;
 
+use super::decide::Role;
 use super::store::MemberInfo;
 use crate::config::ha::HaConfig;
-use crate::pg::local::{LocalServer, LocalServerError, LocalServerOptions, StopMode};
+use crate::pg::local::{
+    postmaster_pid, LocalServer, LocalServerError, LocalServerOptions, StopMode,
+};
 use crate::pg::quote;
 
 const NODE_CONF: &str = "walrelay-node.conf";
@@ -64,6 +67,16 @@ pub struct PgState {
     pub timeline: u32,
     /// A replica's WAL receiver is streaming.
     pub streaming: bool,
+}
+
+impl PgState {
+    pub fn role(&self) -> Role {
+        match (self.running, self.in_recovery) {
+            (false, _) => Role::Stopped,
+            (true, true) => Role::Replica,
+            (true, false) => Role::Primary,
+        }
+    }
 }
 
 pub struct Node {
@@ -242,7 +255,9 @@ impl Node {
         Ok(())
     }
 
-    /// A new replica of `leader`: pg_basebackup (WAL streamed alongside), then started.
+    /// A new copy of `leader`'s data directory: pg_basebackup (WAL streamed alongside). The
+    /// caller starts it as a replica.
+    ///
     /// The copy goes to `data.new` and replaces `data` only once complete, so a failed or
     /// interrupted clone leaves the old directory (or none) rather than half a copy.
     pub async fn clone_from(&mut self, leader: &MemberInfo) -> Result<(), NodeError> {
@@ -273,7 +288,7 @@ impl Node {
             std::fs::remove_dir_all(&data).map_err(|e| NodeError::Other(e.to_string()))?;
         }
         std::fs::rename(&fresh, &data).map_err(|e| NodeError::Other(e.to_string()))?;
-        self.start_as_replica(Some(Upstream::of(leader))).await
+        Ok(())
     }
 
     async fn run_tool(
@@ -458,16 +473,9 @@ impl Node {
     }
 
     pub fn postmaster_running(&self) -> bool {
-        let pidfile = self.server.data_dir().join("postmaster.pid");
-        let Ok(text) = std::fs::read_to_string(pidfile) else {
-            return false;
-        };
-        text.lines()
-            .next()
-            .and_then(|l| l.trim().parse::<i32>().ok())
-            .is_some_and(|pid| {
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
-            })
+        postmaster_pid(&self.server.data_dir()).is_some_and(|pid| {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+        })
     }
 
     pub async fn observe(&mut self) -> PgState {

@@ -20,6 +20,7 @@ use etcd_client::{
 use serde::{Deserialize, Serialize};
 
 use super::decide::{LeaderKey, Switchover};
+use crate::config::ha::ClusterSection;
 use walrelay_model::Lsn;
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +100,12 @@ impl ClusterView {
         self.members.iter().find(|m| m.name == name)
     }
 
+    /// How far the leader has written, as its member key says.
+    pub fn leader_position(&self) -> Option<Lsn> {
+        let holder = &self.leader.as_ref()?.holder;
+        self.member(holder).map(|m| m.received)
+    }
+
     /// The switchover that concerns the current leader (or one already stepped down).
     pub fn switchover(&self) -> Option<Switchover> {
         let current = self.leader.as_ref().map(|l| l.holder.as_str());
@@ -131,14 +138,12 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// A client for `endpoints`. The channel connects on first use, so an etcd that is down
-    /// now does not stop the agent from starting (it fences, and waits).
-    pub async fn new(
-        endpoints: &[String],
-        prefix: String,
-        timeout: Duration,
-        ttl: Duration,
-    ) -> Result<Store, StoreError> {
+    /// A client for the cluster's etcd, each call bounded by `retry_timeout`, leases of
+    /// `ttl`. The channel connects on first use, so an etcd that is down now does not stop
+    /// the agent from starting (it fences, and waits).
+    pub async fn new(cluster: &ClusterSection) -> Result<Store, StoreError> {
+        let (timeout, ttl) = (cluster.retry_timeout, cluster.ttl);
+        let endpoints = &cluster.etcd;
         let options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout)
@@ -150,7 +155,7 @@ impl Store {
             };
         Ok(Store {
             client,
-            prefix,
+            prefix: cluster.prefix(),
             timeout,
             ttl,
             lease: None,

@@ -190,18 +190,8 @@ impl LocalServer {
     /// Create the cluster with initdb (fixed locale and encoding, no fsync during init) and
     /// the settings logical replication needs.
     pub fn init(options: LocalServerOptions) -> Result<Self, LocalServerError> {
-        let bindir = find_bindir()?;
-        let run_as = server_os_user(&options.os_user)?;
-        let server = LocalServer {
-            options,
-            bindir,
-            run_as,
-        };
+        let server = Self::open(options)?;
         let base = &server.options.base_dir;
-        fs::create_dir_all(base).map_err(io_err("creating", base))?;
-        fs::create_dir_all(server.socket_dir()).map_err(io_err("creating", base))?;
-        server.hand_over(base)?;
-        server.hand_over(&server.socket_dir())?;
         let pwfile = base.join("pwfile");
         fs::write(&pwfile, &server.options.password).map_err(io_err("writing", &pwfile))?;
         server.hand_over(&pwfile)?;
@@ -313,9 +303,10 @@ impl LocalServer {
 
     /// The last lines of the server log, for error messages.
     pub fn log_tail(&self, lines: usize) -> String {
-        let log = fs::read_to_string(self.log_file()).unwrap_or_default();
-        let all: Vec<&str> = log.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        last_lines(
+            &fs::read_to_string(self.log_file()).unwrap_or_default(),
+            lines,
+        )
     }
 
     /// A command for one of the server binaries, run as the server's OS user.
@@ -385,6 +376,18 @@ fn run(mut cmd: Command, name: &str) -> Result<Output, LocalServerError> {
             stderr,
         })
     }
+}
+
+/// The last `n` lines of `text` (of a log, for an error message).
+pub fn last_lines(text: &str, n: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(n)..].join("\n")
+}
+
+/// The postmaster's pid from `data_dir/postmaster.pid` (whether or not it still runs).
+pub fn postmaster_pid(data_dir: &Path) -> Option<i32> {
+    let text = fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    text.lines().next()?.trim().parse().ok()
 }
 
 /// A loopback port that was free a moment ago. A server started on it retries elsewhere if
