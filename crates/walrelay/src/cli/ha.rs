@@ -118,10 +118,7 @@ pub async fn switchover(config: &CtlConfig, candidate: Option<String>) -> anyhow
         anyhow::bail!("switchover refused: {why}");
     }
     let old = view.leader.clone().expect("validated: a leader exists");
-    if !store
-        .request_switchover(&old.holder, candidate.clone())
-        .await?
-    {
+    if !store.request_switchover(&old, candidate.clone()).await? {
         anyhow::bail!("a switchover is already under way");
     }
     let asked = Instant::now();

@@ -7,7 +7,7 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 use walrelay_model::Lsn;
 
-use super::decide::{self, Action, Member, Observation, Policy, Role};
+use super::decide::{self, Action, LeaderKey, Member, Observation, Policy, Role};
 use super::node::{Node, NodeError, PgState, Upstream};
 use super::store::{
     ClusterView, HistoryEntry, MemberInfo, Store, StoreError, SwitchoverKey, SyncState,
@@ -225,7 +225,7 @@ impl Agent {
             // A half-made data directory would be taken for a cluster at the next start.
             let _ = self.node.stop(StopMode::Immediate).await;
             let _ = std::fs::remove_dir_all(self.node.server.data_dir());
-            let _ = self.store.clear_key("initialize").await;
+            let _ = self.store.clear_initialize().await;
             return Err(e.into());
         }
         self.store
@@ -416,14 +416,21 @@ impl Agent {
 
     async fn promote(&mut self, generation: u64, role: Role) -> Result<(), AgentError> {
         tracing::info!(generation, "promoting");
+        let key = LeaderKey {
+            holder: self.me().to_string(),
+            generation,
+        };
         if self.policy.synchronous_mode {
             // Until this primary names a standby that has caught up, no one may take over
             // from it: the key must stop naming the old one before a commit is acknowledged.
             self.store
-                .put_sync(&SyncState {
-                    leader: self.me().to_string(),
-                    standby: None,
-                })
+                .put_sync(
+                    &key,
+                    &SyncState {
+                        leader: key.holder.clone(),
+                        standby: None,
+                    },
+                )
                 .await?;
         }
         self.fence.arm(true);
@@ -446,18 +453,21 @@ impl Agent {
         let pg = self.node.observe().await;
         tracing::info!(generation, timeline = pg.timeline, lsn = %pg.received, "promoted");
         self.store
-            .put_history(&HistoryEntry {
-                generation,
-                leader: self.me().to_string(),
-                timeline: pg.timeline,
-                lsn: pg.received,
-                at: chrono::Utc::now().to_rfc3339(),
-                reason: if self.view.switchover.is_some() {
-                    "switchover".into()
-                } else {
-                    "failover".into()
+            .put_history(
+                &key,
+                &HistoryEntry {
+                    generation,
+                    leader: self.me().to_string(),
+                    timeline: pg.timeline,
+                    lsn: pg.received,
+                    at: chrono::Utc::now().to_rfc3339(),
+                    reason: if self.view.switchover.is_some() {
+                        "switchover".into()
+                    } else {
+                        "failover".into()
+                    },
                 },
-            })
+            )
             .await?;
         Ok(())
     }
@@ -556,10 +566,28 @@ impl Agent {
         Ok(self.node.clone_from(leader).await?)
     }
 
+    /// The leader key as this node holds it (the loop decided `Lead` on it); `NotLeader` if
+    /// the last read says otherwise.
+    fn held_key(&self) -> Result<LeaderKey, AgentError> {
+        let me = self.me();
+        match &self.view.leader {
+            Some(l) if l.holder == me => Ok(l.clone()),
+            other => Err(StoreError::NotLeader {
+                holder: me.to_string(),
+                generation: other.as_ref().map_or(0, |l| l.generation),
+            }
+            .into()),
+        }
+    }
+
     /// The primary's upkeep: a slot per member, the synchronous standby, a finished
     /// switchover's key removed.
     async fn lead(&mut self) -> Result<(), AgentError> {
         let me = self.me().to_string();
+        let key = self.held_key()?;
+        // Slots first: a member that (re)appears must be able to stream whatever else
+        // fails this loop.
+        self.keep_slots().await?;
         // A finished switchover (it stepped down, I lead now), or one asked of an earlier
         // leader: done with.
         if self
@@ -568,40 +596,59 @@ impl Agent {
             .as_ref()
             .is_some_and(|s| s.stopped_at.is_some() || s.leader != me)
         {
-            self.store.clear_key("switchover").await?;
+            self.store.clear_switchover(&key).await?;
         }
-        let others: Vec<String> = self
+        if self.policy.synchronous_mode {
+            self.keep_sync_standby(&key).await?;
+        } else if self.node.sync_standby().is_some() {
+            self.node.set_sync_standby(None).await?;
+        }
+        Ok(())
+    }
+
+    /// A physical slot for every other member in etcd, so a replica finds its slot on
+    /// whichever node leads — including a new primary, which had none as a replica, and
+    /// a member that comes back after its key expired. A slot PostgreSQL invalidated (it
+    /// fell more than `max_slot_wal_keep_size` behind) cannot serve its replica again: it is
+    /// made anew, once no one uses it. Slots are never dropped for members that vanish:
+    /// a member restarting must find its WAL kept.
+    async fn keep_slots(&mut self) -> Result<(), AgentError> {
+        let me = self.me().to_string();
+        let members: Vec<String> = self
             .view
             .members
             .iter()
             .filter(|m| m.name != me)
             .map(|m| m.name.clone())
             .collect();
+        let sql = |e: tokio_postgres::Error| NodeError::Sql(e.to_string());
         let client = self.node.sql().await?;
-        let existing: Vec<String> = client
+        let existing: Vec<(String, bool, bool)> = client
             .query(
-                "SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical'",
+                "SELECT slot_name::text, active, coalesce(wal_status = 'lost', false)
+                   FROM pg_replication_slots WHERE slot_type = 'physical'",
                 &[],
             )
             .await
-            .map_err(|e| NodeError::Sql(e.to_string()))?
+            .map_err(sql)?
             .iter()
-            .map(|r| r.get(0))
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect();
-        for name in others.iter().filter(|n| !existing.contains(n)) {
+        for (name, plan) in slot_plan(&members, &existing) {
+            if plan == SlotPlan::Recreate {
+                client
+                    .execute("SELECT pg_drop_replication_slot($1)", &[&name])
+                    .await
+                    .map_err(sql)?;
+            }
             client
                 .execute(
                     "SELECT pg_create_physical_replication_slot($1, true)",
-                    &[name],
+                    &[&name],
                 )
                 .await
-                .map_err(|e| NodeError::Sql(e.to_string()))?;
-            tracing::info!(slot = name, "created a replication slot for a member");
-        }
-        if self.policy.synchronous_mode {
-            self.keep_sync_standby().await?;
-        } else if self.node.sync_standby().is_some() {
-            self.node.set_sync_standby(None).await?;
+                .map_err(sql)?;
+            tracing::info!(slot = name, ?plan, "replication slot for a member");
         }
         Ok(())
     }
@@ -610,7 +657,7 @@ impl Agent {
     /// commit is on it. Changing it: the key first says no one (no one may be promoted),
     /// then PostgreSQL waits for the new standby, and once that standby has everything
     /// written before the change took effect, the key names it.
-    async fn keep_sync_standby(&mut self) -> Result<(), AgentError> {
+    async fn keep_sync_standby(&mut self, key: &LeaderKey) -> Result<(), AgentError> {
         let me = self.me().to_string();
         let client = self.node.sql().await?;
         let rows = client
@@ -654,10 +701,13 @@ impl Agent {
         // promoted until a new one has caught up.
         if named.is_some() || self.view.sync.as_ref().is_none_or(|s| s.leader != me) {
             self.store
-                .put_sync(&SyncState {
-                    leader: me.clone(),
-                    standby: None,
-                })
+                .put_sync(
+                    key,
+                    &SyncState {
+                        leader: me.clone(),
+                        standby: None,
+                    },
+                )
                 .await?;
             tracing::info!("synchronous standby: none for now");
         }
@@ -690,10 +740,13 @@ impl Agent {
                     .unwrap_or_default();
                 if flushed >= target {
                     self.store
-                        .put_sync(&SyncState {
-                            leader: me,
-                            standby: Some(name.clone()),
-                        })
+                        .put_sync(
+                            key,
+                            &SyncState {
+                                leader: me,
+                                standby: Some(name.clone()),
+                            },
+                        )
                         .await?;
                     tracing::info!(standby = name, "synchronous standby named");
                 } else {
@@ -710,6 +763,10 @@ impl Agent {
     /// ends and who takes over, and give up the key.
     async fn step_down(&mut self, generation: u64) -> Result<(), AgentError> {
         let me = self.me().to_string();
+        let key = LeaderKey {
+            holder: me.clone(),
+            generation,
+        };
         let requested = self.view.switchover.clone().unwrap_or(SwitchoverKey {
             leader: me.clone(),
             candidate: None,
@@ -730,7 +787,7 @@ impl Agent {
         };
         let Some(candidate) = candidate else {
             tracing::warn!("switchover: no replica can take over; cancelled");
-            self.store.clear_key("switchover").await?;
+            self.store.clear_switchover(&key).await?;
             return Ok(());
         };
         let client = self.node.sql().await?;
@@ -749,7 +806,7 @@ impl Agent {
                 candidate,
                 "switchover: the candidate is not streaming; cancelled"
             );
-            self.store.clear_key("switchover").await?;
+            self.store.clear_switchover(&key).await?;
             return Ok(());
         }
         tracing::info!(generation, candidate, "switchover: stepping down");
@@ -760,13 +817,15 @@ impl Agent {
         self.node.stop(StopMode::Fast).await?;
         let (_, stopped_at) = self.node.stopped_at().await?;
         self.store
-            .put_switchover(&SwitchoverKey {
-                leader: me.clone(),
-                candidate: Some(candidate),
-                stopped_at: Some(stopped_at),
-            })
+            .step_down(
+                &key,
+                &SwitchoverKey {
+                    leader: me.clone(),
+                    candidate: Some(candidate),
+                    stopped_at: Some(stopped_at),
+                },
+            )
             .await?;
-        self.store.release_leader(&me).await?;
         // Not mine any more, whatever the last read said.
         self.view.leader = None;
         self.stepped_down_at = Some(Instant::now());
@@ -785,12 +844,34 @@ impl Agent {
         }
         if etcd_ok && at.elapsed() > 2 * self.policy.ttl {
             tracing::warn!("switchover: the candidate did not take over; dropping it");
-            if self.store.clear_key("switchover").await.is_ok() {
+            let revision = self.view.switchover_revision;
+            if let Ok(true) = self.store.drop_stalled_switchover(revision).await {
                 self.view.switchover = None;
                 self.stepped_down_at = None;
             }
         }
     }
+}
+
+/// What the primary does about one member's slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotPlan {
+    Create,
+    /// Invalidated and unused: drop it and create it again.
+    Recreate,
+}
+
+/// The slots to make for `members`, given the physical slots that exist (name, in use,
+/// invalidated).
+fn slot_plan(members: &[String], existing: &[(String, bool, bool)]) -> Vec<(String, SlotPlan)> {
+    members
+        .iter()
+        .filter_map(|name| match existing.iter().find(|(n, _, _)| n == name) {
+            None => Some((name.clone(), SlotPlan::Create)),
+            Some((_, false, true)) => Some((name.clone(), SlotPlan::Recreate)),
+            Some(_) => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -828,5 +909,26 @@ mod tests {
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(status.signal(), Some(nix::libc::SIGQUIT));
         assert!(!fence.check(), "disarmed once fenced");
+    }
+
+    #[test]
+    fn every_member_gets_a_usable_slot_and_none_is_dropped() {
+        let members = ["n2".to_string(), "n3".into(), "n4".into()];
+        let existing = [
+            ("n2".to_string(), true, false),
+            // Invalidated but its replica still holds it: left until it lets go.
+            ("n3".into(), true, true),
+            // A member no longer in etcd keeps its slot.
+            ("n9".into(), false, false),
+        ];
+        assert_eq!(
+            slot_plan(&members, &existing),
+            [("n4".to_string(), SlotPlan::Create)]
+        );
+        let lost = [("n2".to_string(), false, true)];
+        assert_eq!(
+            slot_plan(&members[..1], &lost),
+            [("n2".to_string(), SlotPlan::Recreate)]
+        );
     }
 }

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use super::agent::{SharedStatus, Status};
-use super::store::{ClusterView, Store};
+use super::store::{ClusterView, Store, StoreError};
 
 #[derive(Clone)]
 struct Api {
@@ -208,15 +208,15 @@ async fn switchover(State(api): State<Api>, Json(req): Json<SwitchoverRequest>) 
         Err(why) => (StatusCode::PRECONDITION_FAILED, format!("{why}\n")).into_response(),
         Ok(()) => match api
             .store
-            .request_switchover(
-                &s.view.leader.as_ref().expect("validated").holder,
-                req.candidate,
-            )
+            .request_switchover(s.view.leader.as_ref().expect("validated"), req.candidate)
             .await
         {
             Ok(true) => (StatusCode::ACCEPTED, "switchover requested\n").into_response(),
             Ok(false) => {
                 (StatusCode::CONFLICT, "a switchover is already under way\n").into_response()
+            }
+            Err(e @ StoreError::NotLeader { .. }) => {
+                (StatusCode::CONFLICT, format!("{e}: the leader changed\n")).into_response()
             }
             Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
         },

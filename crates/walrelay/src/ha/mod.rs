@@ -2,6 +2,7 @@
 //! etcd and bootstraps, promotes, demotes, follows, switches over and rejoins.
 //!
 //! - `decide`: the decisions as pure code (observations in, actions out), unit-tested;
+//! - `etcd`: etcd's v3 JSON gateway over HTTP (no gRPC, so no `protoc` to build);
 //! - `store`: the cluster's keys in etcd (lease, leader by compare-and-set, members);
 //! - `node`: the PostgreSQL server the agent runs (initdb, clone, rewind, promote);
 //! - `agent`: the loop that ties them together;
@@ -10,5 +11,6 @@
 pub mod agent;
 pub mod api;
 pub mod decide;
+pub mod etcd;
 pub mod node;
 pub mod store;

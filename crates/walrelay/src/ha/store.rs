@@ -10,27 +10,35 @@
 //!
 //! Every call is bounded by `retry_timeout`: an agent that cannot reach etcd must find out
 //! in time to fence itself.
+//!
+//! The leader's writes (`sync`, `switchover`, `history`) are transactions that compare the
+//! leader key's create revision and value with the generation and holder the writer read:
+//! a primary deposed meanwhile (its lease expired, another node took the key) cannot
+//! overwrite what the new leader decided. A member key that does not decode (another
+//! walrelay version during a rolling upgrade) is skipped, with a warning, rather than
+//! failing the whole read.
 
 use std::time::Duration;
 
-use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper,
-    PutOptions, Txn, TxnOp,
-};
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::decide::{LeaderKey, Switchover};
+use super::etcd::{Compare, Etcd, EtcdError, KeyValue, Op};
 use crate::config::ha::ClusterSection;
 use walrelay_model::Lsn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("etcd: {0}")]
-    Etcd(#[from] etcd_client::Error),
-    #[error("etcd did not answer within {0:?}")]
-    Timeout(Duration),
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
     #[error("etcd key {key} holds unexpected data: {error}")]
     Decode { key: String, error: String },
+    /// A write only the leader may make, refused: the leader key is no longer this
+    /// holder's at this generation (it expired, or another node took it).
+    #[error("{holder} no longer holds the leader key of generation {generation}")]
+    NotLeader { holder: String, generation: u64 },
 }
 
 /// What an agent publishes about its node.
@@ -92,6 +100,9 @@ pub struct ClusterView {
     pub members: Vec<MemberInfo>,
     pub sync: Option<SyncState>,
     pub switchover: Option<SwitchoverKey>,
+    /// The switchover key's last modification (0: none), so that a stalled one is dropped
+    /// only if no one changed it meanwhile.
+    pub switchover_revision: i64,
     pub history: Vec<HistoryEntry>,
 }
 
@@ -120,12 +131,13 @@ impl ClusterView {
 }
 
 pub struct Store {
-    client: Client,
+    etcd: Etcd,
     prefix: String,
-    timeout: Duration,
     ttl: Duration,
     lease: Option<i64>,
-    keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+    /// Keys skipped because they did not decode, at the revision warned about: warned once
+    /// per version rather than every loop.
+    skipped: std::sync::Mutex<BTreeMap<String, i64>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -137,29 +149,90 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// The comparisons that hold only while `leader.holder` still holds the leader key it
+/// took at `leader.generation` (its create revision).
+pub fn leader_guard(leader_key: &str, leader: &LeaderKey) -> [Compare; 2] {
+    [
+        Compare::CreateRevision(leader_key.to_string(), leader.generation as i64),
+        Compare::Value(leader_key.to_string(), leader.holder.as_bytes().to_vec()),
+    ]
+}
+
+/// A key that was skipped: its name and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub key: String,
+    pub mod_revision: i64,
+    pub error: String,
+}
+
+/// The cluster as the keys under `prefix` say. A member or history key that does not
+/// decode is left out and returned with why; `sync` and `switchover` decide who may be
+/// promoted, so one of them that does not decode fails the read.
+pub fn view_from(
+    prefix: &str,
+    kvs: &[KeyValue],
+) -> Result<(ClusterView, Vec<Skipped>), StoreError> {
+    let mut view = ClusterView::default();
+    let mut skipped = Vec::new();
+    for kv in kvs {
+        let key = String::from_utf8_lossy(&kv.key).into_owned();
+        let Some(name) = key.strip_prefix(prefix) else {
+            continue;
+        };
+        let value = kv.value.as_slice();
+        let decode = |e: serde_json::Error| StoreError::Decode {
+            key: key.clone(),
+            error: e.to_string(),
+        };
+        let mut skip = |e: serde_json::Error| {
+            skipped.push(Skipped {
+                key: key.clone(),
+                mod_revision: kv.mod_revision,
+                error: e.to_string(),
+            })
+        };
+        match name {
+            "initialize" => view.initialized = Some(String::from_utf8_lossy(value).into()),
+            "leader" => {
+                view.leader = Some(LeaderKey {
+                    holder: String::from_utf8_lossy(value).into(),
+                    generation: kv.create_revision as u64,
+                });
+                view.leader_lease = kv.lease;
+            }
+            "sync" => view.sync = Some(serde_json::from_slice(value).map_err(decode)?),
+            "switchover" => {
+                view.switchover = Some(serde_json::from_slice(value).map_err(decode)?);
+                view.switchover_revision = kv.mod_revision;
+            }
+            _ if name.starts_with("members/") => match serde_json::from_slice(value) {
+                Ok(m) => view.members.push(m),
+                Err(e) => skip(e),
+            },
+            _ if name.starts_with("history/") => match serde_json::from_slice(value) {
+                Ok(h) => view.history.push(h),
+                Err(e) => skip(e),
+            },
+            _ => {}
+        }
+    }
+    view.members.sort_by(|a, b| a.name.cmp(&b.name));
+    view.history.sort_by_key(|h| h.generation);
+    Ok((view, skipped))
+}
+
 impl Store {
     /// A client for the cluster's etcd, each call bounded by `retry_timeout`, leases of
-    /// `ttl`. The channel connects on first use, so an etcd that is down now does not stop
-    /// the agent from starting (it fences, and waits).
+    /// `ttl`. Nothing connects until the first call, so an etcd that is down now does not
+    /// stop the agent from starting (it fences, and waits).
     pub async fn new(cluster: &ClusterSection) -> Result<Store, StoreError> {
-        let (timeout, ttl) = (cluster.retry_timeout, cluster.ttl);
-        let endpoints = &cluster.etcd;
-        let options = ConnectOptions::new()
-            .with_connect_timeout(timeout)
-            .with_timeout(timeout)
-            .with_keep_alive(Duration::from_secs(1), timeout);
-        let client =
-            match tokio::time::timeout(timeout, Client::connect(endpoints, Some(options))).await {
-                Ok(c) => c?,
-                Err(_) => return Err(StoreError::Timeout(timeout)),
-            };
         Ok(Store {
-            client,
+            etcd: Etcd::new(&cluster.etcd, cluster.retry_timeout)?,
             prefix: cluster.prefix(),
-            timeout,
-            ttl,
+            ttl: cluster.ttl,
             lease: None,
-            keeper: None,
+            skipped: Default::default(),
         })
     }
 
@@ -167,56 +240,23 @@ impl Store {
         format!("{}{name}", self.prefix)
     }
 
-    async fn bounded<T>(
-        &self,
-        call: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(StoreError::Timeout(self.timeout)),
-        }
-    }
-
-    /// Keep this agent's lease alive, or grant a new one if it expired (keys bound to the
-    /// old one are gone then). Returns the lease id.
+    /// Keep this agent's lease alive, or grant a new one if it is gone — expired, revoked,
+    /// or not found after a restart (keys bound to it are gone then, and the loop publishes
+    /// this member again on the new one). Returns the lease id.
     pub async fn renew(&mut self) -> Result<i64, StoreError> {
-        if let (Some(id), Some((keeper, stream))) = (self.lease, self.keeper.as_mut()) {
-            let timeout = self.timeout;
-            let answer = tokio::time::timeout(timeout, async {
-                keeper.keep_alive().await?;
-                stream.message().await
-            })
-            .await;
-            match answer {
-                Ok(Ok(Some(r))) if r.ttl() > 0 => return Ok(id),
-                Ok(Ok(_)) => {
-                    tracing::warn!(lease = id, "the agent's lease expired; taking a new one");
+        if let Some(id) = self.lease {
+            match self.etcd.lease_keepalive(id).await? {
+                ttl if ttl > 0 => return Ok(id),
+                _ => {
+                    tracing::warn!(lease = id, "the agent's lease is gone; taking a new one");
                     self.lease = None;
                 }
-                Ok(Err(e)) => {
-                    self.keeper = None;
-                    return Err(e.into());
-                }
-                Err(_) => {
-                    self.keeper = None;
-                    return Err(StoreError::Timeout(timeout));
-                }
             }
         }
-        let mut client = self.client.clone();
-        let id = match self.lease {
-            Some(id) => id,
-            None => {
-                let ttl = self.ttl.as_secs().max(1) as i64;
-                let granted = self.bounded(client.lease_grant(ttl, None)).await?;
-                self.lease = Some(granted.id());
-                granted.id()
-            }
-        };
-        let keeper = self.bounded(client.lease_keep_alive(id)).await?;
-        self.keeper = Some(keeper);
-        // The new stream has not renewed anything yet: do it now.
-        Box::pin(self.renew()).await
+        let ttl = self.ttl.as_secs().max(1) as i64;
+        let id = self.etcd.lease_grant(ttl).await?;
+        self.lease = Some(id);
+        Ok(id)
     }
 
     pub fn lease(&self) -> Option<i64> {
@@ -224,78 +264,46 @@ impl Store {
     }
 
     /// Keep `id` alive from now on instead of this agent's own lease: the leader key of an
-    /// agent that restarted is still bound to its previous lease.
+    /// agent that restarted is still bound to its previous lease. If that lease is gone,
+    /// a new one is taken (and the key with the old one is gone too).
     pub async fn adopt(&mut self, id: i64) -> Result<(), StoreError> {
         self.lease = Some(id);
-        self.keeper = None;
         self.renew().await.map(|_| ())
     }
 
     /// Give up the lease: the leader key and member key go at once (a clean stop).
     pub async fn revoke(&mut self) {
         if let Some(id) = self.lease.take() {
-            let mut client = self.client.clone();
-            let _ = self.bounded(client.lease_revoke(id)).await;
+            let _ = self.etcd.lease_revoke(id).await;
         }
-        self.keeper = None;
     }
 
     pub async fn read(&self) -> Result<ClusterView, StoreError> {
-        let mut client = self.client.clone();
-        let response = self
-            .bounded(client.get(self.prefix.as_str(), Some(GetOptions::new().with_prefix())))
-            .await?;
-        let mut view = ClusterView::default();
-        for kv in response.kvs() {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            let name = &key[self.prefix.len()..];
-            let value = kv.value();
-            let decode = |e: serde_json::Error| StoreError::Decode {
-                key: key.clone(),
-                error: e.to_string(),
-            };
-            match name {
-                "initialize" => view.initialized = Some(String::from_utf8_lossy(value).into()),
-                "leader" => {
-                    view.leader = Some(LeaderKey {
-                        holder: String::from_utf8_lossy(value).into(),
-                        generation: kv.create_revision() as u64,
-                    });
-                    view.leader_lease = kv.lease();
-                }
-                "sync" => view.sync = Some(serde_json::from_slice(value).map_err(decode)?),
-                "switchover" => {
-                    view.switchover = Some(serde_json::from_slice(value).map_err(decode)?)
-                }
-                _ if name.starts_with("members/") => {
-                    view.members
-                        .push(serde_json::from_slice(value).map_err(decode)?);
-                }
-                _ if name.starts_with("history/") => {
-                    view.history
-                        .push(serde_json::from_slice(value).map_err(decode)?);
-                }
-                _ => {}
+        let kvs = self.etcd.range(&self.prefix, true).await?;
+        let (view, skipped) = view_from(&self.prefix, &kvs)?;
+        let mut warned = self.skipped.lock().expect("skipped lock");
+        for s in skipped {
+            if warned.get(&s.key) != Some(&s.mod_revision) {
+                tracing::warn!(
+                    key = s.key,
+                    error = s.error,
+                    "skipping a key that does not decode (another walrelay version?)"
+                );
+                warned.insert(s.key, s.mod_revision);
             }
         }
-        view.members.sort_by(|a, b| a.name.cmp(&b.name));
-        view.history.sort_by_key(|h| h.generation);
         Ok(view)
     }
 
-    fn on_lease(&self) -> Option<PutOptions> {
-        self.lease.map(|id| PutOptions::new().with_lease(id))
-    }
-
     pub async fn put_member(&self, me: &MemberInfo) -> Result<(), StoreError> {
-        let mut client = self.client.clone();
         let value = serde_json::to_vec(me).expect("member info serialises");
-        self.bounded(client.put(
-            self.key(&format!("members/{}", me.name)),
-            value,
-            self.on_lease(),
-        ))
-        .await?;
+        self.etcd
+            .put(
+                &self.key(&format!("members/{}", me.name)),
+                &value,
+                self.lease,
+            )
+            .await?;
         Ok(())
     }
 
@@ -304,14 +312,30 @@ impl Store {
         &self,
         key: &str,
         value: Vec<u8>,
-        options: Option<PutOptions>,
+        lease: Option<i64>,
     ) -> Result<bool, StoreError> {
-        let mut client = self.client.clone();
         let key = self.key(key);
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.as_str(), value, options)]);
-        Ok(self.bounded(client.txn(txn)).await?.succeeded())
+        Ok(self
+            .etcd
+            .txn(
+                &[Compare::CreateRevision(key.clone(), 0)],
+                &[Op::Put { key, value, lease }],
+            )
+            .await?)
+    }
+
+    /// `ops` only while `leader` holds the leader key at its generation; `NotLeader` if
+    /// not.
+    async fn as_leader(&self, leader: &LeaderKey, ops: &[Op]) -> Result<(), StoreError> {
+        let guard = leader_guard(&self.key("leader"), leader);
+        if self.etcd.txn(&guard, ops).await? {
+            Ok(())
+        } else {
+            Err(StoreError::NotLeader {
+                holder: leader.holder.clone(),
+                generation: leader.generation,
+            })
+        }
     }
 
     /// The race to bootstrap: true for the one agent that creates the key.
@@ -320,81 +344,228 @@ impl Store {
             .await
     }
 
+    /// A failed bootstrap lets another node (or this one, fixed) try again.
+    pub async fn clear_initialize(&self) -> Result<(), StoreError> {
+        self.etcd.delete(&self.key("initialize")).await?;
+        Ok(())
+    }
+
     /// Take the leader key, bound to this agent's lease, if no one holds it.
     pub async fn take_leader(&self, me: &str) -> Result<bool, StoreError> {
         if self.lease.is_none() {
             return Ok(false);
         }
-        self.create("leader", me.as_bytes().to_vec(), self.on_lease())
+        self.create("leader", me.as_bytes().to_vec(), self.lease)
             .await
     }
 
     /// Delete the leader key if it is still mine.
     pub async fn release_leader(&self, me: &str) -> Result<bool, StoreError> {
-        let mut client = self.client.clone();
         let key = self.key("leader");
-        let txn = Txn::new()
-            .when([Compare::value(key.as_str(), CompareOp::Equal, me)])
-            .and_then([TxnOp::delete(key.as_str(), None)]);
-        Ok(self.bounded(client.txn(txn)).await?.succeeded())
+        Ok(self
+            .etcd
+            .txn(
+                &[Compare::Value(key.clone(), me.as_bytes().to_vec())],
+                &[Op::Delete { key }],
+            )
+            .await?)
     }
 
-    pub async fn put_sync(&self, sync: &SyncState) -> Result<(), StoreError> {
-        let mut client = self.client.clone();
+    /// The synchronous standby, as the leader names it.
+    pub async fn put_sync(&self, leader: &LeaderKey, sync: &SyncState) -> Result<(), StoreError> {
         let value = serde_json::to_vec(sync).expect("sync state serialises");
-        self.bounded(client.put(self.key("sync"), value, None))
-            .await?;
-        Ok(())
+        let key = self.key("sync");
+        self.as_leader(
+            leader,
+            &[Op::Put {
+                key,
+                value,
+                lease: None,
+            }],
+        )
+        .await
     }
 
-    /// Ask for a switchover; fails if one is already under way.
+    /// Ask `leader` for a switchover: true if asked, false if one is already under way;
+    /// `NotLeader` if the leader changed since the caller looked.
     pub async fn request_switchover(
         &self,
-        leader: &str,
+        leader: &LeaderKey,
         candidate: Option<String>,
     ) -> Result<bool, StoreError> {
         let value = serde_json::to_vec(&SwitchoverKey {
-            leader: leader.to_string(),
+            leader: leader.holder.clone(),
             candidate,
             stopped_at: None,
         })
         .expect("serialises");
-        self.create("switchover", value, None).await
-    }
-
-    /// The primary's step-down: where it stopped and who takes over, bound to its lease so
-    /// that it vanishes if the old primary's agent dies.
-    pub async fn put_switchover(&self, s: &SwitchoverKey) -> Result<(), StoreError> {
-        let mut client = self.client.clone();
-        let value = serde_json::to_vec(s).expect("serialises");
-        self.bounded(client.put(self.key("switchover"), value, self.on_lease()))
-            .await?;
-        Ok(())
-    }
-
-    /// Delete one key of the cluster (`switchover`, `initialize`).
-    pub async fn clear_key(&self, name: &str) -> Result<(), StoreError> {
-        let mut client = self.client.clone();
-        self.bounded(client.delete(self.key(name), None)).await?;
-        Ok(())
-    }
-
-    pub async fn put_history(&self, entry: &HistoryEntry) -> Result<(), StoreError> {
-        let mut client = self.client.clone();
-        let value = serde_json::to_vec(entry).expect("serialises");
-        self.bounded(client.put(
-            self.key(&format!("history/{:020}", entry.generation)),
+        let key = self.key("switchover");
+        let mut compare = leader_guard(&self.key("leader"), leader).to_vec();
+        compare.push(Compare::CreateRevision(key.clone(), 0));
+        let put = Op::Put {
+            key: key.clone(),
             value,
-            None,
-        ))
-        .await?;
-        Ok(())
+            lease: None,
+        };
+        if self.etcd.txn(&compare, &[put]).await? {
+            return Ok(true);
+        }
+        if !self.etcd.range(&key, false).await?.is_empty() {
+            return Ok(false);
+        }
+        Err(StoreError::NotLeader {
+            holder: leader.holder.clone(),
+            generation: leader.generation,
+        })
+    }
+
+    /// The primary's step-down, in one transaction while it still leads: where it stopped
+    /// and who takes over (bound to its lease, so that it vanishes if the old primary's
+    /// agent dies), and the leader key given up.
+    pub async fn step_down(&self, leader: &LeaderKey, s: &SwitchoverKey) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(s).expect("serialises");
+        let ops = [
+            Op::Put {
+                key: self.key("switchover"),
+                value,
+                lease: self.lease,
+            },
+            Op::Delete {
+                key: self.key("leader"),
+            },
+        ];
+        self.as_leader(leader, &ops).await
+    }
+
+    /// The leader is done with a switchover (finished, cancelled, or asked of another).
+    pub async fn clear_switchover(&self, leader: &LeaderKey) -> Result<(), StoreError> {
+        let key = self.key("switchover");
+        self.as_leader(leader, &[Op::Delete { key }]).await
+    }
+
+    /// Drop a switchover whose candidate never took over: only while no one leads and the
+    /// key is as read (at `revision`). True if it went.
+    pub async fn drop_stalled_switchover(&self, revision: i64) -> Result<bool, StoreError> {
+        let key = self.key("switchover");
+        let compare = [
+            Compare::CreateRevision(self.key("leader"), 0),
+            Compare::ModRevision(key.clone(), revision),
+        ];
+        Ok(self.etcd.txn(&compare, &[Op::Delete { key }]).await?)
+    }
+
+    pub async fn put_history(
+        &self,
+        leader: &LeaderKey,
+        entry: &HistoryEntry,
+    ) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(entry).expect("serialises");
+        let key = self.key(&format!("history/{:020}", entry.generation));
+        self.as_leader(
+            leader,
+            &[Op::Put {
+                key,
+                value,
+                lease: None,
+            }],
+        )
+        .await
     }
 
     pub async fn put_config(&self, config: &serde_json::Value) -> Result<(), StoreError> {
-        let mut client = self.client.clone();
-        self.bounded(client.put(self.key("config"), config.to_string(), None))
+        self.etcd
+            .put(&self.key("config"), config.to_string().as_bytes(), None)
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, value: &str, create_revision: i64) -> KeyValue {
+        KeyValue {
+            key: key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
+            create_revision,
+            mod_revision: create_revision,
+            lease: 0,
+        }
+    }
+
+    fn member_json(name: &str) -> String {
+        serde_json::to_string(&MemberInfo {
+            name: name.into(),
+            api: "127.0.0.1:8008".into(),
+            host: "127.0.0.1".into(),
+            port: 5432,
+            role: "replica".into(),
+            state: "streaming".into(),
+            timeline: 1,
+            received: Lsn(1),
+            replayed: Lsn(1),
+            nofailover: false,
+            not_promotable: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_member_key_that_does_not_decode_is_skipped_not_fatal() {
+        let p = "/walrelay/c/";
+        let kvs = [
+            kv("/walrelay/c/leader", "n1", 5),
+            kv("/walrelay/c/members/n1", &member_json("n1"), 6),
+            kv(
+                "/walrelay/c/members/n9",
+                r#"{"format": 2, "name": "n9"}"#,
+                7,
+            ),
+            kv("/walrelay/c/members/n2", &member_json("n2"), 8),
+            kv("/walrelay/c/history/x", "not json", 9),
+        ];
+        let (view, skipped) = view_from(p, &kvs).unwrap();
+        assert_eq!(
+            view.members
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>(),
+            ["n1", "n2"]
+        );
+        assert_eq!(
+            view.leader,
+            Some(LeaderKey {
+                holder: "n1".into(),
+                generation: 5
+            })
+        );
+        let keys: Vec<_> = skipped.iter().map(|s| s.key.as_str()).collect();
+        assert_eq!(keys, ["/walrelay/c/members/n9", "/walrelay/c/history/x"]);
+
+        // The keys that decide who may be promoted are not guessed at.
+        let bad_sync = [kv("/walrelay/c/sync", "{", 3)];
+        assert!(matches!(
+            view_from(p, &bad_sync),
+            Err(StoreError::Decode { key, .. }) if key == "/walrelay/c/sync"
+        ));
+    }
+
+    #[test]
+    fn leader_writes_compare_the_generation_and_the_holder() {
+        let guard = leader_guard(
+            "/walrelay/c/leader",
+            &LeaderKey {
+                holder: "n2".into(),
+                generation: 42,
+            },
+        );
+        assert_eq!(
+            guard,
+            [
+                Compare::CreateRevision("/walrelay/c/leader".into(), 42),
+                Compare::Value("/walrelay/c/leader".into(), b"n2".to_vec()),
+            ]
+        );
     }
 }
