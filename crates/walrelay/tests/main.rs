@@ -10,6 +10,7 @@ mod decoder;
 mod durability;
 mod fanout;
 mod ha;
+mod restart;
 mod schema;
 mod support;
 mod tls;

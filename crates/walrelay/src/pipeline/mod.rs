@@ -19,6 +19,33 @@ pub fn ack_position(start: Lsn, sinks_durable: &[Lsn], already_confirmed: Lsn) -
     lowest.max(start).max(already_confirmed)
 }
 
+/// Below which position a streamed transaction is held back and sent whole to every sink.
+///
+/// A sink that applies transactions while PostgreSQL streams them learns a transaction's
+/// commit position only at its end; if it already holds that transaction (it committed it
+/// before a crash, and the slot was not confirmed because another sink had not), applying
+/// the streamed changes again would repeat them. Every transaction that commits before
+/// the highest position a sink recorded starts streaming before it too, so holding back
+/// the streams that start below it lets each sink skip what it holds by commit position.
+/// Likewise for a table copied at `copied_until`. Nothing to hold back at or below `start`:
+/// the server sends nothing that committed before it.
+pub fn whole_until(
+    start: Lsn,
+    copied_until: Lsn,
+    recorded: impl Iterator<Item = Option<Lsn>>,
+) -> Lsn {
+    let highest = recorded
+        .flatten()
+        .chain([copied_until])
+        .max()
+        .unwrap_or(Lsn::ZERO);
+    if highest > start {
+        highest
+    } else {
+        Lsn::ZERO
+    }
+}
+
 /// The sinks of one pipeline run, as the source sees them.
 pub struct Fanout {
     sinks: Vec<SinkHandle>,
@@ -29,16 +56,19 @@ impl Fanout {
         &self.sinks
     }
 
-    /// Every sink's durable position now.
-    /// What the sinks need of streamed transactions.
-    pub fn stream_needs(&self, whole_until: Lsn) -> StreamNeeds {
+    /// What the sinks need of streamed transactions. Those that may have committed before
+    /// `copied_until` (a table copied then) or before a position a sink recorded go whole to
+    /// every sink: see `whole_until`.
+    pub fn stream_needs(&self, start: Lsn, copied_until: Lsn) -> StreamNeeds {
+        let recorded = self.sinks.iter().filter(|s| s.applies_streams);
         StreamNeeds {
             events: self.sinks.iter().any(|s| s.applies_streams),
             whole: self.sinks.iter().any(|s| !s.applies_streams),
-            whole_until,
+            whole_until: whole_until(start, copied_until, recorded.map(|s| s.recorded)),
         }
     }
 
+    /// Every sink's durable position now.
     pub fn durable(&self) -> Vec<Lsn> {
         self.sinks.iter().map(|s| *s.durable.borrow()).collect()
     }
@@ -131,11 +161,6 @@ async fn run_once(
         prepared.snapshot.as_ref(),
     )
     .await?;
-    let whole_until = if copied_until > start {
-        copied_until
-    } else {
-        Lsn::ZERO
-    };
     let mut handles = Vec::new();
     for sink_config in &config.sinks {
         let context = sink::SinkContext {
@@ -151,7 +176,7 @@ async fn run_once(
         let _ = fanout.close().await;
         return Err(e.into());
     }
-    let needs = fanout.stream_needs(whole_until);
+    let needs = fanout.stream_needs(start, copied_until);
     let mut source =
         match PgOutputSource::start(prepared, &config.source, needs, config.spill_dir()).await {
             Ok(s) => s,
@@ -240,5 +265,29 @@ mod tests {
             "never backwards"
         );
         assert_eq!(ack_position(Lsn(10), &[], Lsn(10)), Lsn(10));
+    }
+
+    #[test]
+    fn streams_are_held_back_below_the_highest_recorded_or_copied_position() {
+        let none = || [None::<Lsn>].into_iter();
+        assert_eq!(whole_until(Lsn(10), Lsn::ZERO, none()), Lsn::ZERO);
+        assert_eq!(
+            whole_until(
+                Lsn(10),
+                Lsn::ZERO,
+                [Some(Lsn(50)), Some(Lsn(30)), None].into_iter()
+            ),
+            Lsn(50),
+            "the sink that is furthest ahead decides"
+        );
+        assert_eq!(
+            whole_until(Lsn(10), Lsn(70), [Some(Lsn(50))].into_iter()),
+            Lsn(70)
+        );
+        assert_eq!(
+            whole_until(Lsn(60), Lsn(40), [Some(Lsn(60))].into_iter()),
+            Lsn::ZERO,
+            "nothing before the start is sent again"
+        );
     }
 }

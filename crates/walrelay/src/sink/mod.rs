@@ -81,6 +81,11 @@ pub struct SinkHandle {
     /// Takes stream events and applies transactions as they stream; otherwise it gets
     /// streamed transactions whole, at their commit.
     pub applies_streams: bool,
+    /// The position this sink had recorded when it opened, where it keeps one of its own
+    /// and applies streamed transactions (`postgres`): transactions that committed before
+    /// it may be in already, so the source must send them whole, to be skipped by their
+    /// commit position (a streamed change cannot be told apart until its commit arrives).
+    pub recorded: Option<Lsn>,
     pub input: mpsc::Sender<Batch>,
     pub durable: watch::Receiver<Lsn>,
     pub task: JoinHandle<Result<(), SinkError>>,
@@ -118,31 +123,34 @@ pub async fn start(
     let (input, rx) = mpsc::channel(QUEUE_DEPTH);
     let (durable_tx, durable) = watch::channel(context.start);
     let name = config.name().to_string();
-    let (task, reads) = match config {
+    let (task, reads, recorded) = match config {
         SinkConfig::Jsonl(c) => {
             let sink = jsonl::JsonlSink::open(c)?;
             let reads = sink.reads();
             let task =
                 crate::task::spawn_blocking_named("sink-jsonl", move || sink.run(rx, durable_tx));
-            (task, reads)
+            // Takes streamed transactions whole, and skips by position what it holds.
+            (task, reads, None)
         }
         SinkConfig::Postgres(c) => {
             let sink = postgres::PostgresSink::open(c, context).await?;
+            let recorded = sink.applied();
             let task = crate::task::spawn_named("sink-postgres", sink.run(rx, durable_tx));
-            (task, Reads::No)
+            (task, Reads::No, recorded)
         }
         SinkConfig::Amqp(c) => {
             let sink = amqp::AmqpSink::open(c, context.database).await?;
             let task = crate::task::spawn_named("sink-amqp", sink.run(rx, durable_tx));
             // A broker keeps no position to tell a cut-short snapshot by: the rows go out
             // when the slot is created (docs/guarantees.md).
-            (task, Reads::WithNewSlot)
+            (task, Reads::WithNewSlot, None)
         }
     };
     Ok(SinkHandle {
         name,
         reads,
         applies_streams: config.applies_streams(),
+        recorded,
         input,
         durable,
         task,

@@ -3,7 +3,9 @@
 //!
 //! - Exactly once: the end of the last applied source transaction is written to
 //!   `walrelay.progress` in the same target transaction as its changes. At start the sink
-//!   reads it and skips transactions the source sends again that are already in.
+//!   waits until it owns the progress (`progress::fence`: a killed relay's sessions may
+//!   still be committing), reads it, and skips transactions the source sends again that
+//!   are already in; the source sends whole the streamed transactions among them.
 //! - Grouping: consecutive source transactions share one target transaction, up to
 //!   `batch_transactions`, `batch_bytes` or `batch_delay`, and it commits as soon as no more
 //!   input is waiting; the target passes only through states the source had at a commit.
@@ -39,6 +41,8 @@ const IDLE_STREAM_SESSIONS: usize = 2;
 
 pub struct PostgresSink {
     config: PostgresSinkConfig,
+    /// Names the progress on the target, and (`progress::session_name`) every session.
+    progress_name: String,
     info: ConnInfo,
     /// Where the applied position is recorded.
     progress: Progress,
@@ -65,18 +69,24 @@ impl PostgresSink {
             .url
             .resolve()
             .map_err(|e| err(ApplyError::Pg(e.into())))?;
-        let main = connect_session(&info, config).await.map_err(err)?;
-        let (progress, applied) = Progress::open(main.client(), &format!("{slot}/{}", config.name))
+        let progress_name = format!("{slot}/{}", config.name);
+        let main = connect_session(&info, config, &progress_name)
             .await
-            .map_err(|e| SinkError::Progress {
-                name: config.name.clone(),
-                source: e,
-            })?;
+            .map_err(err)?;
+        let progress_err = |source| SinkError::Progress {
+            name: config.name.clone(),
+            source,
+        };
+        progress::fence(main.client(), &progress_name)
+            .await
+            .map_err(progress_err)?;
+        let (progress, applied) = Progress::open(main.client(), &progress_name)
+            .await
+            .map_err(progress_err)?;
         progress.attach(&main).await.map_err(err)?;
-        let copied_at =
-            crate::snapshot::copied_positions(main.client(), &format!("{slot}/{}", config.name))
-                .await
-                .map_err(|e| err(ApplyError::Pg(e)))?;
+        let copied_at = crate::snapshot::copied_positions(main.client(), &progress_name)
+            .await
+            .map_err(|e| err(ApplyError::Pg(e)))?;
         protect::apply(&main, config.protect, context.tables)
             .await
             .map_err(err)?;
@@ -89,6 +99,7 @@ impl PostgresSink {
         );
         Ok(PostgresSink {
             config: config.clone(),
+            progress_name,
             info,
             progress,
             main,
@@ -122,6 +133,7 @@ impl PostgresSink {
 async fn connect_session(
     info: &ConnInfo,
     config: &PostgresSinkConfig,
+    progress_name: &str,
 ) -> Result<ApplySession, ApplyError> {
     let client = sql::connect(info).await?;
     client
@@ -131,6 +143,14 @@ async fn connect_session(
         )
         .await
         .map_err(|e| PgError::from_sql("setting up the target session", e))?;
+    // The fence finds a killed relay's sessions by this name (`progress::fence`).
+    client
+        .execute(
+            "SELECT set_config('application_name', $1, false)",
+            &[&progress::session_name(progress_name)],
+        )
+        .await
+        .map_err(|e| PgError::from_sql("naming the target session", e))?;
     // As PostgreSQL's own apply worker does: the target's triggers and foreign-key checks do
     // not fire for replicated changes (the source checked them already).
     let replica_role = client
@@ -171,6 +191,9 @@ struct Applier {
     /// Streamed transactions being applied, each on its own session.
     streams: HashMap<Xid, ApplySession>,
     idle_streams: Vec<ApplySession>,
+    /// The highest durable position reached while a streamed transaction was open, to
+    /// publish once none is (see `advance_durable`).
+    durable_held: Lsn,
 }
 
 #[derive(Default)]
@@ -194,6 +217,7 @@ impl Applier {
             group: Group::default(),
             streams: HashMap::new(),
             idle_streams: Vec::new(),
+            durable_held: Lsn::ZERO,
         }
     }
 
@@ -316,13 +340,13 @@ impl Applier {
                     self.group.transactions += 1;
                 } else {
                     // Nothing in it for the target, and nothing open before it.
-                    advance(durable, c.end_lsn);
+                    self.advance_durable(durable, c.end_lsn);
                 }
             }
             Event::Keepalive(lsn) => {
                 // Everything before it is applied; once the group commits it is durable.
                 if !self.sink.main.in_transaction() {
-                    advance(durable, *lsn);
+                    self.advance_durable(durable, *lsn);
                 }
             }
             // A postgres target gets the snapshot's rows by COPY (`snapshot`), not as events.
@@ -342,6 +366,7 @@ impl Applier {
                         s.rollback().await?;
                         self.park(s);
                     }
+                    self.advance_durable(durable, Lsn::ZERO);
                 } else if let Some(s) = self.streams.get_mut(xid) {
                     s.rollback_to(*subxid).await?;
                 }
@@ -361,7 +386,7 @@ impl Applier {
                     }
                     self.park(s);
                 }
-                advance(durable, commit.end_lsn);
+                self.advance_durable(durable, commit.end_lsn);
             }
         }
         Ok(())
@@ -391,8 +416,21 @@ impl Applier {
             changes = group.changes,
             "target transaction committed"
         );
-        advance(durable, last.end_lsn);
+        self.advance_durable(durable, last.end_lsn);
         Ok(())
+    }
+
+    /// Publish `lsn` as durable — but while a streamed transaction is open in a stream
+    /// session, hold it back until none is. What this sink holds would allow it (the open
+    /// transaction commits after every position the source sent before its commit), but a
+    /// durable position past the start of a transaction not yet committed here is easy to
+    /// misread, and it gains nothing: the slot's restart point cannot pass that start
+    /// either.
+    fn advance_durable(&mut self, durable: &watch::Sender<Lsn>, lsn: Lsn) {
+        self.durable_held = self.durable_held.max(lsn);
+        if self.streams.is_empty() {
+            advance(durable, self.durable_held);
+        }
     }
 
     /// The change is in a table's copy already (committed before the copy's position).
@@ -424,7 +462,10 @@ impl Applier {
         if !self.streams.contains_key(&xid) {
             let session = match self.idle_streams.pop() {
                 Some(s) => s,
-                None => connect_session(&self.sink.info, &self.sink.config).await?,
+                None => {
+                    let sink = &self.sink;
+                    connect_session(&sink.info, &sink.config, &sink.progress_name).await?
+                }
             };
             self.streams.insert(xid, session);
         }

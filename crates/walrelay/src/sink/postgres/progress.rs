@@ -9,6 +9,13 @@
 //!
 //! PostgreSQL 15 lets one session at a time use an origin. The main session holds it; a
 //! streamed transaction's session borrows it for its commit.
+//!
+//! Before the position is read, this relay must own the progress (`fence`): a relay killed
+//! with `kill -9` leaves its target backends running until they finish what they were
+//! sent, and one of them may be inside a commit that moves the position. Reading before
+//! that commit lands would apply its changes a second time.
+
+use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 use walrelay_model::{Lsn, TxnCommit};
@@ -28,6 +35,84 @@ pub const CREATE_TABLE_SQL: &str = "CREATE SCHEMA IF NOT EXISTS walrelay;
          commit_time timestamptz,
          applied_at timestamptz NOT NULL DEFAULT now())";
 
+/// The first key of the session advisory lock that marks the owner of a sink's progress
+/// (the second is `hashtext` of the progress name): "walr" as a number, to keep clear of
+/// the application's own advisory locks.
+const FENCE_LOCK_CLASS: i32 = 0x7761_6c72;
+
+/// The longest `application_name` PostgreSQL keeps (NAMEDATALEN - 1).
+const APPLICATION_NAME_MAX: usize = 63;
+
+/// The `application_name` of every session a sink opens on its target: it lets the fence
+/// find the sessions of an earlier run, and a DBA tell them apart in `pg_stat_activity`.
+pub fn session_name(progress_name: &str) -> String {
+    let mut name = format!("walrelay {progress_name}");
+    if name.len() > APPLICATION_NAME_MAX {
+        let mut end = APPLICATION_NAME_MAX;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name.truncate(end);
+    }
+    name
+}
+
+/// Wait until the session of `client` owns the progress named `name` on its target: it
+/// holds the advisory lock that one live relay holds per sink, and no other session of the
+/// sink (`session_name`) is left — a killed relay's backends end once they have finished
+/// what they were sent, commits included. Only then is the recorded position final.
+///
+/// A second relay configured for the same sink waits here for as long as the first one
+/// runs, saying so every 30 s.
+pub async fn fence(client: &Client, name: &str) -> Result<(), ProgressError> {
+    let sql_err = |e| PgError::from_sql("taking ownership of the sink's progress", e);
+    let application = session_name(name);
+    let mut locked = false;
+    let mut pause = Duration::from_millis(50);
+    let mut last_said: Option<Instant> = None;
+    loop {
+        if !locked {
+            locked = client
+                .query_one(
+                    "SELECT pg_try_advisory_lock($1, hashtext($2::text))",
+                    &[&FENCE_LOCK_CLASS, &name],
+                )
+                .await
+                .map_err(sql_err)?
+                .get(0);
+        }
+        let others = client
+            .query(
+                "SELECT pid, coalesce(state, '') || coalesce(' on ' || wait_event_type || ' ' || wait_event, '') \
+                 FROM pg_stat_activity WHERE application_name = $1 AND pid <> pg_backend_pid() \
+                 ORDER BY pid",
+                &[&application],
+            )
+            .await
+            .map_err(sql_err)?;
+        if locked && others.is_empty() {
+            if last_said.is_some() {
+                tracing::info!(progress = %name, "the earlier sessions have ended; this relay owns the sink's progress");
+            }
+            return Ok(());
+        }
+        if last_said.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+            let sessions: Vec<String> = others
+                .iter()
+                .map(|r| format!("pid {} ({})", r.get::<_, i32>(0), r.get::<_, String>(1)))
+                .collect();
+            tracing::warn!(
+                progress = %name,
+                sessions = %sessions.join(", "),
+                "waiting for other walrelay sessions of this sink on the target to end (a relay that was killed leaves its sessions finishing what they were sent; if another relay runs for this sink, stop one of them)"
+            );
+            last_said = Some(Instant::now());
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProgressError {
     #[error(transparent)]
@@ -41,10 +126,12 @@ pub enum ProgressError {
 /// wherever the table can exist.
 ///
 /// With both, the row is the authority: it is an ordinary row, written in the transaction
-/// whose changes it covers. With the origin's setup sent as a statement of its own, kill -9
-/// tests found the origin one transaction ahead of the row (and of the changes); walrelay
-/// now sends the setup in one message with COMMIT, and at start sets an origin that
-/// disagrees back to the row.
+/// whose changes it covers. Both move with the commit record (the origin's
+/// `pg_replication_origin_xact_setup` only sets session state until then), so they cannot
+/// disagree after a crash. Kill -9 tests once found the origin a transaction ahead of the
+/// row: most likely a restarted relay read the row while the killed relay's backend was
+/// still committing, which `fence` now prevents. An origin that disagrees is still set
+/// back to the row at start, after the fence, with a warning.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Progress {
     name: String,
@@ -104,19 +191,37 @@ impl Progress {
         }
     }
 
-    /// Make `session` the one that records (with an origin: it holds the origin).
+    /// Make `session` the one that records (with an origin: it holds the origin). An
+    /// origin still held by a session this relay does not know of (`fence` waits for those
+    /// it knows) is waited for, with a log line naming it.
     pub async fn attach(&self, session: &ApplySession) -> Result<(), ApplyError> {
-        if self.origin {
-            session
+        if !self.origin {
+            return Ok(());
+        }
+        let mut pause = Duration::from_millis(50);
+        let mut last_said: Option<Instant> = None;
+        loop {
+            let taken = session
                 .client()
                 .execute(
                     "SELECT pg_replication_origin_session_setup($1)",
                     &[&self.name],
                 )
                 .await
-                .map_err(|e| PgError::from_sql("taking the replication origin", e))?;
+                .map_err(|e| PgError::from_sql("taking the replication origin", e));
+            match taken {
+                Ok(_) => return Ok(()),
+                Err(e) if e.code() == Some("55006") => {
+                    if last_said.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                        tracing::warn!(origin = %self.name, error = %e, "waiting for the session that holds the replication origin to end");
+                        last_said = Some(Instant::now());
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-        Ok(())
     }
 
     pub async fn detach(&self, session: &ApplySession) -> Result<(), ApplyError> {

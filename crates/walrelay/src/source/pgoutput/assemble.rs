@@ -105,8 +105,8 @@ pub struct StreamNeeds {
     /// The whole transaction at its commit, from a spill file (sinks that want commit order).
     pub whole: bool,
     /// Streamed transactions whose first chunk comes before this position go whole to
-    /// every sink: a table copied at this position needs their commit position before their
-    /// changes (see `snapshot`).
+    /// every sink: a table copied at this position, or a sink that recorded it, needs their
+    /// commit position before their changes (`pipeline::whole_until`).
     pub whole_until: Lsn,
 }
 
@@ -322,6 +322,9 @@ impl Assembler {
                     return Err(seq_err("Stream Start inside a transaction or stream"));
                 }
                 if !self.streams.contains_key(&xid) {
+                    // The server streams a transaction it has not yet seen commit, so its
+                    // commit lies beyond every message sent so far: at or past
+                    // `whole_until` here means it commits after it, and need not be held.
                     let hold = self.position < self.needs.whole_until;
                     if hold {
                         self.held_back.insert(xid);

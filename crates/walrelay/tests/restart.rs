@@ -1,0 +1,247 @@
+//! Exactly once across restarts of the relay: a transaction that a target holds is never
+//! applied to it again, whether PostgreSQL sends it again streamed, or the killed relay's
+//! target session is still committing it when the new relay starts.
+
+use std::time::Duration;
+
+use walrelay_testkit::{wait_for, TestPg};
+
+use crate::support::*;
+
+/// Sessions of walrelay on a target database, other than the asking one.
+const WALRELAY_SESSIONS: &str = "SELECT count(*) FROM pg_stat_activity \
+     WHERE application_name LIKE 'walrelay%' AND datname = current_database() AND pid <> pg_backend_pid()";
+
+/// The test's own sessions say so, to be told apart from the relay's (the test kit connects
+/// as `walrelay` too).
+async fn not_walrelay(client: &tokio_postgres::Client) {
+    client
+        .batch_execute("SET application_name = 'test'")
+        .await
+        .unwrap();
+}
+
+/// Hold the lock that every commit of a sink needs (its progress row), so that the sink's
+/// next target commit waits: a commit "in progress" for as long as the test likes.
+async fn block_progress_writes(target: &tokio_postgres::Client) {
+    target
+        .batch_execute("BEGIN; LOCK TABLE walrelay.progress IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+}
+
+/// Wait until a walrelay session of the target waits on a lock.
+async fn wait_for_blocked_commit(target: &tokio_postgres::Client) {
+    wait_for(
+        "a walrelay commit waiting on the progress lock",
+        Duration::from_secs(120),
+        || async move {
+            let n: i64 = target
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'walrelay%' \
+                     AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n > 0).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Item 1 of the issue "exactly once under every restart": two sinks, one holding a large
+/// streamed transaction and the other not, when the relay dies. PostgreSQL sends it again,
+/// streamed; the sink that holds it must skip it, the other apply it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_transaction_sent_again_is_skipped_where_it_is_held() {
+    let (source_pg, target_pg) = (
+        TestPg::builder()
+            .setting("logical_decoding_work_mem", "'64kB'")
+            .start(),
+        TestPg::start(),
+    );
+    let source = source_pg.create_db("app").await;
+    let schema = "CREATE TABLE big (id int PRIMARY KEY, v text)";
+    source.batch_execute(schema).await.unwrap();
+    let (a, b) = (
+        target_pg.create_db("a").await,
+        target_pg.create_db("b").await,
+    );
+    for t in [&a, &b] {
+        not_walrelay(t).await;
+        t.batch_execute(schema).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sinks = format!(
+        "[[sink]]\ntype = \"postgres\"\nname = \"a\"\nurl = \"{}\"\n\n\
+         [[sink]]\ntype = \"postgres\"\nname = \"b\"\nurl = \"{}\"\n",
+        target_pg.url("a"),
+        target_pg.url("b")
+    );
+    let cfg = relay_config_file(
+        dir.path(),
+        &source_pg.url("app"),
+        &["public.big"],
+        "",
+        &sinks,
+    );
+    let mut relay = Relay::start(&cfg);
+    wait_until_streaming(&source, &mut relay).await;
+
+    // b's commit of the big transaction waits; a commits it.
+    let b_lock = target_pg.client("b").await;
+    not_walrelay(&b_lock).await;
+    block_progress_writes(&b_lock).await;
+    source
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO big SELECT g, 'inserted' FROM generate_series(1, 20000) g;
+             UPDATE big SET v = 'updated ' || id;
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+    wait_until_equal(&source, &a, &["big"], &mut relay).await;
+    wait_for_blocked_commit(&b).await;
+    let first_log = relay.kill9().await;
+    assert!(
+        first_log.contains("streamed transaction applied"),
+        "a applied it while it streamed:\n{first_log}"
+    );
+
+    // b's killed session must not commit it: end it, then let go of the lock.
+    b.batch_execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name LIKE 'walrelay%' AND pid <> pg_backend_pid()",
+    )
+    .await
+    .unwrap();
+    wait_for_count(&b, WALRELAY_SESSIONS, 0, "b's walrelay sessions to end").await;
+    b_lock.batch_execute("ROLLBACK").await.unwrap();
+    let in_b: i64 = b
+        .query_one("SELECT count(*) FROM big", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(in_b, 0, "b does not hold the big transaction");
+
+    // The slot was not confirmed past it (b did not hold it): it comes again.
+    let mut relay = Relay::start(&cfg);
+    wait_until_equal(&source, &b, &["big"], &mut relay).await;
+    source
+        .batch_execute("INSERT INTO big VALUES (0, 'after the restart')")
+        .await
+        .unwrap();
+    wait_until_equal(&source, &a, &["big"], &mut relay).await;
+    wait_until_equal(&source, &b, &["big"], &mut relay).await;
+    let log = relay.stop().await;
+    assert!(
+        log.contains("streamed transaction committed; reading it back"),
+        "the big transaction was sent again and held back whole:\n{log}"
+    );
+    assert!(!log.contains("conflict"), "{log}");
+}
+
+/// Item 2: the relay is killed while its target session waits inside a commit; the new
+/// relay waits for that session to end before it reads the position, then goes on. Run
+/// with a superuser target (progress in a replication origin and the row) and with a plain
+/// role (the row only).
+async fn restart_while_the_old_session_commits(plain_role: bool) {
+    let (source_pg, target_pg) = (TestPg::start(), TestPg::start());
+    let source = source_pg.create_db("app").await;
+    let target = target_pg.create_db("app").await;
+    not_walrelay(&target).await;
+    let schema = "CREATE TABLE t (id int PRIMARY KEY, v text)";
+    source.batch_execute(schema).await.unwrap();
+    target.batch_execute(schema).await.unwrap();
+    let target_url = if plain_role {
+        target
+            .batch_execute(
+                "CREATE ROLE applier LOGIN PASSWORD 'not the default pw';
+                 GRANT CREATE ON DATABASE app TO applier;
+                 GRANT SELECT, INSERT, UPDATE, DELETE ON t TO applier;",
+            )
+            .await
+            .unwrap();
+        format!(
+            "host=127.0.0.1 port={} user=applier password='not the default pw' dbname=app sslmode=disable",
+            target_pg.port()
+        )
+    } else {
+        target_pg.url("app")
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = postgres_config(
+        dir.path(),
+        &source_pg.url("app"),
+        &target_url,
+        &["public.t"],
+        "",
+    );
+    let mut relay = Relay::start(&cfg);
+    wait_until_streaming(&source, &mut relay).await;
+    source
+        .batch_execute("INSERT INTO t SELECT g, 'first' FROM generate_series(1, 10) g")
+        .await
+        .unwrap();
+    wait_until_equal(&source, &target, &["t"], &mut relay).await;
+
+    let lock = target_pg.client("app").await;
+    not_walrelay(&lock).await;
+    block_progress_writes(&lock).await;
+    for id in 11..=20 {
+        source
+            .execute("INSERT INTO t VALUES ($1, 'in the commit')", &[&id])
+            .await
+            .unwrap();
+    }
+    wait_for_blocked_commit(&target).await;
+    relay.kill9().await;
+
+    // The old session still waits, with its commit sent. The new relay must wait for it
+    // rather than read the position now (or fail on the origin the old session holds).
+    let mut relay = Relay::start(&cfg);
+    wait_for(
+        "the new relay to open its sink",
+        Duration::from_secs(60),
+        || {
+            let log = relay.stderr();
+            let done = log.contains("waiting for other walrelay sessions of this sink")
+                || log.contains("target ready")
+                || log.contains("error");
+            async move { done.then_some(()) }
+        },
+    )
+    .await;
+    relay.assert_running();
+    assert!(
+        !relay.stderr().contains("target ready"),
+        "the sink opened while the old session was committing:\n{}",
+        relay.stderr()
+    );
+    lock.batch_execute("COMMIT").await.unwrap();
+    wait_until_equal(&source, &target, &["t"], &mut relay).await;
+    source
+        .batch_execute("INSERT INTO t SELECT g, 'after' FROM generate_series(21, 30) g")
+        .await
+        .unwrap();
+    wait_until_equal(&source, &target, &["t"], &mut relay).await;
+    let log = relay.stop().await;
+    assert!(!log.contains("conflict"), "nothing applied twice:\n{log}");
+    assert!(
+        log.contains("this relay owns the sink's progress"),
+        "the wait ended:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn a_restart_waits_for_the_killed_relays_commit_with_a_replication_origin() {
+    restart_while_the_old_session_commits(false).await;
+}
+
+#[tokio::test]
+async fn a_restart_waits_for_the_killed_relays_commit_with_the_progress_row_only() {
+    restart_while_the_old_session_commits(true).await;
+}
