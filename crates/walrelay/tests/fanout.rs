@@ -631,3 +631,138 @@ async fn poison_messages_are_dead_lettered_or_stop_the_consumer() {
     );
     delete_queues(&[&queue, &dlq, &gap_queue]).await;
 }
+
+/// Two consumers applying one queue would interleave transactions on one target: the
+/// second is refused, and the first goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_consumer_of_a_queue_is_refused() {
+    let pg = TestPg::start();
+    let target = pg.create_db("r").await;
+    target
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let queue = unique("one-consumer");
+    let (_c, ch) = channel().await;
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::durable(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = consume_config(dir.path(), "first", &queue, &pg.url("r"), "");
+    let mut first = Relay::start_consume(&cfg);
+    wait_for("the first consumer", Duration::from_secs(60), || {
+        let consuming = first.stderr().contains("consuming");
+        async move { consuming.then_some(()) }
+    })
+    .await;
+    let second = consume_config(dir.path(), "second", &queue, &pg.url("r"), "");
+    let stderr = consume_fails(&second).await;
+    assert!(
+        stderr.contains(&format!("queue {queue} already has a consumer")),
+        "{stderr}"
+    );
+    first.assert_running();
+    publish(&ch, &queue, "1", &transaction("0/100", "0/130", "t", 1)).await;
+    wait_for_count(
+        &target,
+        "SELECT count(*) FROM t",
+        1,
+        "the row, by the first",
+    )
+    .await;
+    first.stop().await;
+    delete_queues(&[&queue]).await;
+}
+
+/// Every message is published mandatory: one that no queue takes stops the sink, naming
+/// the exchange and routing key, instead of being confirmed and lost; with an alternate
+/// exchange it goes there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_message_stops_the_sink_or_goes_to_the_alternate_exchange() {
+    let pg = TestPg::start();
+    let source = pg.create_db("app").await;
+    source.batch_execute(ACCOUNTS).await.unwrap();
+    let (exchange, queue) = (unique("unroutable"), unique("unroutable-q"));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = relay_config(
+        dir.path(),
+        &pg.url("app"),
+        &["public.acct"],
+        &format!(
+            "exchange = \"{exchange}\"\nbatch = \"row\"\nqueues = [{{ name = \"{queue}\", binding = \"nothing.matches\" }}]"
+        ),
+    );
+    let mut relay = Relay::start(&cfg);
+    let status = relay.wait(Duration::from_secs(60)).await;
+    let stderr = relay.stderr();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "exchange {exchange:?} with routing key \"snapshot_end\""
+        )) && stderr.contains("reached no queue"),
+        "{stderr}"
+    );
+
+    // The same events, to an exchange with an alternate whose queue takes everything.
+    let (exchange2, alternate, caught) = (
+        unique("with-alternate"),
+        unique("alternate"),
+        unique("alternate-q"),
+    );
+    let (_c, ch) = channel().await;
+    ch.exchange_declare(
+        alternate.as_str().into(),
+        lapin::ExchangeKind::Fanout,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        caught.as_str().into(),
+        QueueDeclareOptions::durable(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        caught.as_str().into(),
+        alternate.as_str().into(),
+        "".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let cfg = relay_config(
+        dir.path(),
+        &pg.url("app"),
+        &["public.acct"],
+        &format!(
+            "exchange = \"{exchange2}\"\nalternate_exchange = \"{alternate}\"\nbatch = \"row\"\nqueues = [{{ name = \"{queue}\", binding = \"nothing.matches\" }}]"
+        ),
+    );
+    let mut relay = Relay::start(&cfg);
+    wait_until_streaming(&source, &mut relay).await;
+    source
+        .batch_execute("INSERT INTO acct VALUES (1, 10, 'caught')")
+        .await
+        .unwrap();
+    let (messages, _) = drain(&caught, true, |m| {
+        m.iter()
+            .any(|(body, _)| String::from_utf8_lossy(body).contains("caught"))
+    })
+    .await;
+    assert!(!messages.is_empty());
+    relay.stop().await;
+    assert_eq!(queue_depth(&queue).await, 0, "the bound queue took nothing");
+    delete_queues(&[&queue, &caught]).await;
+}

@@ -51,6 +51,8 @@ pub enum ConsumeError {
     Pg(#[from] crate::pg::error::PgError),
     #[error("target: checking for a table: {0}")]
     Catalog(#[source] tokio_postgres::Error),
+    #[error("queue {queue} already has a consumer (walrelay consume takes its queue exclusively, since two consumers would apply interleaved transactions to one target): stop the other one first, or give each consumer a queue of its own")]
+    QueueInUse { queue: String },
     #[error("queue {queue}: {what} (message {message_id}); the queue is not a whole stream from this point: nothing after it was applied")]
     Gap {
         queue: String,
@@ -75,7 +77,9 @@ impl ConsumeError {
             ConsumeError::Sink(e) => e.is_transient(),
             ConsumeError::Pg(e) => e.is_transient(),
             ConsumeError::Catalog(_) => true,
-            ConsumeError::Poison { .. } | ConsumeError::Gap { .. } => false,
+            ConsumeError::Poison { .. }
+            | ConsumeError::Gap { .. }
+            | ConsumeError::QueueInUse { .. } => false,
         }
     }
 }
@@ -115,6 +119,11 @@ pub async fn consume(
     }
     let mut prefetch = c.prefetch;
     set_prefetch(&channel, config, prefetch).await?;
+    // The queue first, exclusively: a second consumer is refused here, while a consumer
+    // restarted after a crash gets it at once (the broker dropped the dead one) and then
+    // waits, in the sink's fence, for the dead one's target sessions to end.
+    let mut generation = 0u32;
+    let mut consumer = start_consumer(&channel, config, generation).await?;
 
     // The target: the postgres sink, fed from this loop, recording its progress under the
     // queue's name.
@@ -135,9 +144,6 @@ pub async fn consume(
     let (input, rx) = mpsc::channel::<Batch>(sink::QUEUE_DEPTH);
     let (durable_tx, mut durable) = watch::channel(Lsn::ZERO);
     let mut sink_task = crate::task::spawn_named("sink-postgres", target.run(rx, durable_tx));
-
-    let mut generation = 0u32;
-    let mut consumer = start_consumer(&channel, config, generation).await?;
     *started = true;
     tracing::info!(queue = %c.queue, broker = %c.url.redacted(), prefetch, "consuming");
 
@@ -269,18 +275,33 @@ async fn start_consumer(
     config: &ConsumeConfig,
     generation: u32,
 ) -> Result<lapin::Consumer, ConsumeError> {
-    Ok(channel
+    let options = BasicConsumeOptions {
+        exclusive: true,
+        ..BasicConsumeOptions::default()
+    };
+    let queue = &config.consume.queue;
+    match channel
         .basic_consume(
-            config.consume.queue.as_str().into(),
+            queue.as_str().into(),
             consumer_tag(generation).as_str().into(),
-            BasicConsumeOptions::default(),
+            options,
             FieldTable::default(),
         )
         .await
-        .map_err(AmqpError::broker(
-            &config.consume.url,
-            "consuming the queue",
-        ))?)
+    {
+        Ok(consumer) => Ok(consumer),
+        Err(e) if is_access_refused(&e) => Err(ConsumeError::QueueInUse {
+            queue: queue.clone(),
+        }),
+        Err(e) => Err(AmqpError::broker(&config.consume.url, "consuming the queue")(e).into()),
+    }
+}
+
+/// The broker's answer to a consumer on a queue that another holds exclusively.
+fn is_access_refused(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp)
+        if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED))
 }
 
 /// What one consuming session keeps between deliveries.

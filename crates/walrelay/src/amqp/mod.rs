@@ -33,13 +33,24 @@ pub enum AmqpError {
     ConsumerEnded { url: String, queue: String },
     #[error("RabbitMQ {url}: the broker refused message {message_id} (nack)")]
     Refused { url: String, message_id: String },
+    #[error("RabbitMQ {url}: message {message_id} to exchange {exchange:?} with routing key {routing_key:?} reached no queue ({reply}): bind a queue for that key (sink queues), or give the exchange an alternate exchange")]
+    Unroutable {
+        url: String,
+        exchange: String,
+        routing_key: String,
+        message_id: String,
+        reply: String,
+    },
 }
 
 impl AmqpError {
     /// The broker may come back: connection and channel failures. A CA file that cannot be
     /// read is the operator's to fix.
     pub fn is_transient(&self) -> bool {
-        !matches!(self, AmqpError::CaFile { .. } | AmqpError::Url { .. })
+        !matches!(
+            self,
+            AmqpError::CaFile { .. } | AmqpError::Url { .. } | AmqpError::Unroutable { .. }
+        )
     }
 
     pub fn broker<'a>(

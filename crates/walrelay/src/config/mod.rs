@@ -183,6 +183,9 @@ pub struct AmqpSinkConfig {
     pub exchange: String,
     #[serde(default)]
     pub exchange_type: ExchangeType,
+    /// Where messages that no queue binding takes go, instead of stopping the sink.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alternate_exchange: Option<String>,
     /// Queues to declare (durable) and bind to the exchange.
     #[serde(default)]
     pub queues: Vec<AmqpQueueConfig>,

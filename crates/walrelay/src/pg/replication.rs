@@ -50,6 +50,25 @@ impl QueryResult {
         let idx = self.columns.iter().position(|c| c == column)?;
         self.rows.first()?.get(idx)?.as_deref()
     }
+
+    /// The value of `column` in the first row, which `command` must have returned: a
+    /// missing value is an error, never an empty default.
+    pub fn required(&self, command: &str, column: &str) -> Result<&str, PgError> {
+        self.first(column).ok_or_else(|| PgError::Protocol {
+            target: command.to_string(),
+            detail: format!("the server returned no {column}"),
+        })
+    }
+
+    /// The position in `column` of the first row: missing or unparsable is an error, never
+    /// 0/0 (which would read as "from the beginning").
+    pub fn lsn(&self, command: &str, column: &str) -> Result<Lsn, PgError> {
+        let text = self.required(command, column)?;
+        text.parse().map_err(|_| PgError::Protocol {
+            target: command.to_string(),
+            detail: format!("{column} {text:?} is not a WAL position"),
+        })
+    }
 }
 
 pub struct ReplicationConnection {
@@ -597,5 +616,24 @@ mod tests {
         body.extend_from_slice(&(-1i32).to_be_bytes());
         assert_eq!(parse_data_row(&body), Some(vec![Some("abc".into()), None]));
         assert_eq!(parse_data_row(&body[..5]), None);
+    }
+
+    #[test]
+    fn a_position_the_server_sends_must_parse() {
+        let result = |v: Option<&str>| QueryResult {
+            columns: vec!["slot_name".into(), "consistent_point".into()],
+            rows: vec![vec![Some("s".into()), v.map(str::to_string)]],
+        };
+        let ok = result(Some("0/1A2B3C8")).lsn("CREATE_REPLICATION_SLOT", "consistent_point");
+        assert_eq!(ok.unwrap(), "0/1A2B3C8".parse().unwrap());
+        for bad in [Some("garbage"), Some(""), None] {
+            let e = result(bad)
+                .lsn("CREATE_REPLICATION_SLOT", "consistent_point")
+                .unwrap_err();
+            assert!(e.to_string().contains("consistent_point"), "{e}");
+            assert!(!e.is_transient());
+        }
+        let none = QueryResult::default().lsn("CREATE_REPLICATION_SLOT", "consistent_point");
+        assert!(none.is_err(), "no row at all is an error too");
     }
 }

@@ -89,6 +89,28 @@ impl AmqpSink {
             ExchangeType::Topic => ExchangeKind::Topic,
             ExchangeType::Direct => ExchangeKind::Direct,
         };
+        let mut arguments = FieldTable::default();
+        if let Some(alternate) = &config.alternate_exchange {
+            // The alternate takes what no binding of the exchange takes; a fanout, so that
+            // any queue bound to it gets all of that.
+            channel
+                .exchange_declare(
+                    alternate.as_str().into(),
+                    ExchangeKind::Fanout,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(AmqpError::broker(url, "declaring the alternate exchange"))
+                .map_err(err)?;
+            arguments.insert(
+                "alternate-exchange".into(),
+                AMQPValue::LongString(alternate.as_str().into()),
+            );
+        }
         channel
             .exchange_declare(
                 config.exchange.as_str().into(),
@@ -97,7 +119,7 @@ impl AmqpSink {
                     durable: true,
                     ..Default::default()
                 },
-                FieldTable::default(),
+                arguments,
             )
             .await
             .map_err(AmqpError::broker(url, "declaring the exchange"))
@@ -392,10 +414,7 @@ impl AmqpSink {
         Ok(())
     }
 
-    async fn publish(
-        &self,
-        m: Outgoing<'_>,
-    ) -> Result<(lapin::PublisherConfirm, String), AmqpError> {
+    async fn publish(&self, m: Outgoing<'_>) -> Result<Published, AmqpError> {
         let mut headers = FieldTable::default();
         headers.insert(
             "walrelay-lsn".into(),
@@ -437,13 +456,22 @@ impl AmqpSink {
             .basic_publish(
                 self.config.exchange.as_str().into(),
                 m.routing_key.as_str().into(),
-                BasicPublishOptions::default(),
+                // Mandatory: a message no queue takes comes back instead of being confirmed
+                // and dropped while the slot moves on.
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
                 m.body,
                 properties,
             )
             .await
             .map_err(AmqpError::broker(&self.config.url, "publishing"))?;
-        Ok((confirm, m.message_id))
+        Ok(Published {
+            confirm,
+            message_id: m.message_id,
+            routing_key: m.routing_key,
+        })
     }
 }
 
@@ -452,16 +480,39 @@ fn durable_now(lsn: Lsn) -> Pending {
     Box::pin(async move { Ok(Some(lsn)) })
 }
 
-/// Wait for the broker's confirm; then `durable_at` may become durable.
+/// A message handed to the broker, waiting for its confirm.
+struct Published {
+    confirm: lapin::PublisherConfirm,
+    message_id: String,
+    routing_key: String,
+}
+
+/// Wait for the broker's confirm; then `durable_at` may become durable. A message the broker
+/// returned (no queue is bound for its routing key) stops the sink: it was not delivered.
 fn confirmed_then(
-    (confirm, message_id): (lapin::PublisherConfirm, String),
+    published: Published,
     durable_at: Option<Lsn>,
     config: &AmqpSinkConfig,
 ) -> Pending {
     let url = config.url.clone();
+    let exchange = config.exchange.clone();
+    let Published {
+        confirm,
+        message_id,
+        routing_key,
+    } = published;
     Box::pin(async move {
         match confirm.await {
-            Ok(c) if c.is_ack() => Ok(durable_at),
+            Ok(c) if c.is_ack() => match c.take_message() {
+                None => Ok(durable_at),
+                Some(returned) => Err(AmqpError::Unroutable {
+                    url: url.redacted(),
+                    exchange,
+                    routing_key,
+                    message_id,
+                    reply: returned.reply_text.to_string(),
+                }),
+            },
             Ok(_) => Err(AmqpError::Refused {
                 url: url.redacted(),
                 message_id,

@@ -213,14 +213,9 @@ pub async fn temporary_snapshot(
             quote::ident(&format!("{slot}_copy_{}", std::process::id()))
         ))
         .await?;
-    let name = result
-        .first("snapshot_name")
-        .unwrap_or_default()
-        .to_string();
-    let lsn = result
-        .first("consistent_point")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(Lsn::ZERO);
+    let command = "CREATE_REPLICATION_SLOT (temporary, for a snapshot)";
+    let name = result.required(command, "snapshot_name")?.to_string();
+    let lsn = result.lsn(command, "consistent_point")?;
     Ok((conn, SnapshotPoint { name, lsn }))
 }
 

@@ -134,7 +134,13 @@ pub async fn prepare(cfg: &SourceConfig) -> Result<Prepared, SourceError> {
                 return Err(SourceError::Setup(problem));
             }
             let slot = setup::wait_until_released(&client, &cfg.slot, slot).await?;
-            (slot.confirmed_flush.unwrap_or(Lsn::ZERO), false, None)
+            let confirmed = slot.confirmed_flush.ok_or_else(|| {
+                SourceError::Setup(format!(
+                    "slot {} has no confirmed position yet (is it still being created?): try again, or drop it",
+                    cfg.slot
+                ))
+            })?;
+            (confirmed, false, None)
         }
         None => {
             let (lsn, name) = setup::create_slot(&mut conn, &cfg.slot).await?;

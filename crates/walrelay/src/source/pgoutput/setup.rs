@@ -299,12 +299,21 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
         )
         .await
         .map_err(sql_err("looking up the replication slot"))?;
-    Ok(row.map(|r| SlotInfo {
+    let Some(r) = row else { return Ok(None) };
+    let confirmed_flush = match r.get::<_, Option<String>>(4) {
+        None => None,
+        Some(text) => Some(text.parse().map_err(|_| {
+            SourceError::Setup(format!(
+                "slot {slot}: confirmed_flush_lsn {text:?} is not a WAL position"
+            ))
+        })?),
+    };
+    Ok(Some(SlotInfo {
         plugin: r.get(0),
         slot_type: r.get(1),
         database: r.get(2),
         active_pid: r.get(3),
-        confirmed_flush: r.get::<_, Option<String>>(4).and_then(|s| s.parse().ok()),
+        confirmed_flush,
         wal_status: r.get(5),
     }))
 }
@@ -384,12 +393,7 @@ pub async fn create_slot(
         ))
         .await?;
     let snapshot = result.first("snapshot_name").map(str::to_string);
-    let point = result
-        .first("consistent_point")
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| {
-            SourceError::Setup("CREATE_REPLICATION_SLOT returned no consistent point".into())
-        })?;
+    let point = result.lsn("CREATE_REPLICATION_SLOT", "consistent_point")?;
     tracing::info!(slot, consistent_point = %point, "created replication slot");
     Ok((point, snapshot))
 }
