@@ -150,17 +150,34 @@ async fn run_once(
     cancel: &CancellationToken,
     streamed_once: &mut bool,
 ) -> Result<RunEnd, RelayError> {
-    let prepared = pgoutput::prepare(&config.source).await?;
+    // Until the stream runs, a signal drops whatever is under way (checks, waits for the
+    // slot, the copy's catalog reads): nothing of it needs finishing.
+    let prepared = tokio::select! {
+        p = pgoutput::prepare(&config.source) => p?,
+        _ = cancel.cancelled() => return Ok(RunEnd::Stopped),
+    };
     let start = prepared.confirmed;
     // Existing rows first: the copy uses the new slot's snapshot, or a later one for tables
     // still missing a copy (then streamed transactions go whole until past it).
-    let copied_until = crate::snapshot::copy_for_sinks(
+    let copy = crate::snapshot::copy_for_sinks(
         config,
         &prepared.info,
         &prepared.tables,
         prepared.snapshot.as_ref(),
-    )
-    .await?;
+        cancel,
+    );
+    // The copy's workers stop on the same token (a child of `cancel`).
+    let copied_until = tokio::select! {
+        r = copy => r,
+        _ = cancel.cancelled() => Err(crate::snapshot::SnapshotError::Stopped),
+    };
+    let copied_until = match copied_until {
+        Err(crate::snapshot::SnapshotError::Stopped) if cancel.is_cancelled() => {
+            tracing::info!("copy stopped; the tables not finished are copied at the next start");
+            return Ok(RunEnd::Stopped);
+        }
+        other => other?,
+    };
     let mut handles = Vec::new();
     for sink_config in &config.sinks {
         let context = sink::SinkContext {

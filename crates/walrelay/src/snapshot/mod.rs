@@ -50,6 +50,9 @@ pub enum SnapshotError {
     Copy { table: String, error: PgError },
     #[error("a copy worker stopped: {0}")]
     Worker(String),
+    /// Asked to stop (a signal): what was copied is kept, the rest is done at the next start.
+    #[error("the copy was stopped")]
+    Stopped,
 }
 
 impl SnapshotError {
@@ -93,6 +96,7 @@ pub async fn copy_for_sinks(
     source: &ConnInfo,
     tables: &[(String, String)],
     snapshot: Option<&SnapshotPoint>,
+    cancel: &CancellationToken,
 ) -> Result<Lsn, SnapshotError> {
     if !config.snapshot.enabled {
         return Ok(Lsn::ZERO);
@@ -185,16 +189,12 @@ pub async fn copy_for_sinks(
         for (def, created) in &jobs {
             state::mark_copying(&target, &name, &def.schema, &def.name, *created).await?;
         }
-        copy_tables(
-            config,
-            source,
-            &target_info,
-            &name,
-            &point,
-            &catalog_client,
-            jobs,
-        )
-        .await?;
+        let from = CopySource {
+            info: source,
+            point: &point,
+            catalog: &catalog_client,
+        };
+        copy_tables(config, &from, &target_info, &name, jobs, cancel).await?;
         latest = latest.max(point.lsn);
     }
     Ok(latest)
@@ -219,16 +219,27 @@ pub async fn temporary_snapshot(
     Ok((conn, SnapshotPoint { name, lsn }))
 }
 
+/// Where a copy reads: the source, the snapshot, and a session for its catalog.
+struct CopySource<'a> {
+    info: &'a ConnInfo,
+    point: &'a SnapshotPoint,
+    catalog: &'a Client,
+}
+
 /// Copy `jobs` into one target with `[snapshot] parallel` workers.
 async fn copy_tables(
     config: &Config,
-    source: &ConnInfo,
+    from: &CopySource<'_>,
     target: &ConnInfo,
     name: &str,
-    point: &SnapshotPoint,
-    catalog_client: &Client,
     jobs: Vec<(TableDef, bool)>,
+    cancel: &CancellationToken,
 ) -> Result<(), SnapshotError> {
+    let CopySource {
+        info: source,
+        point,
+        catalog: catalog_client,
+    } = *from;
     let mut planned = Vec::new();
     let mut chunks = Vec::new();
     // Ranges by total size, TOAST included: a table whose rows live mostly in TOAST has few
@@ -305,17 +316,30 @@ async fn copy_tables(
         "copy-progress",
         progress::report(tables, stop_progress.clone()),
     );
+    // One token stops every worker: a signal, or the first worker that fails (the others
+    // would copy for nothing). A worker stopped mid-range drops its connections, so the
+    // target rolls back the COPY under way; tables not recorded done are copied again at
+    // the next start.
+    let stop = cancel.child_token();
     let mut workers = Vec::new();
     for _ in 0..config.snapshot.parallel.max(1) {
-        let (shared, source, target, point, name) = (
+        let (shared, source, target, point, name, stop) = (
             shared.clone(),
             source.clone(),
             target.clone(),
             point.clone(),
             name.to_string(),
+            stop.clone(),
         );
         workers.push(spawn_named("copy-worker", async move {
-            worker(shared, source, target, point, name).await
+            let result = tokio::select! {
+                r = worker(shared, source, target, point, name) => r,
+                _ = stop.cancelled() => Err(SnapshotError::Stopped),
+            };
+            if result.is_err() {
+                stop.cancel();
+            }
+            result
         }));
     }
     let mut result = Ok(());
@@ -324,9 +348,11 @@ async fn copy_tables(
             Ok(r) => r,
             Err(e) => Err(SnapshotError::Worker(e.to_string())),
         };
-        if result.is_ok() {
-            result = r;
-        }
+        // The first real failure is the one to report, not the stops it caused.
+        result = match (result, r) {
+            (Ok(()), r) | (Err(SnapshotError::Stopped), r @ Err(_)) => r,
+            (kept, _) => kept,
+        };
     }
     stop_progress.cancel();
     let _ = reporter.await;
