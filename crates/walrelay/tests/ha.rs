@@ -14,7 +14,11 @@ use walrelay_testkit::{free_port, scratch_dir, wait_for, TestEtcd};
 
 use crate::support::{Relay, BIN};
 
-const PASSWORD: &str = "walrelay";
+// Not the defaults: every agent must use the configured passwords, wherever it connects
+// (cloning, rewinding, streaming). The replication password holds what a passfile and a
+// conninfo string must escape.
+const PASSWORD: &str = "Sup3r-Secret";
+const REPLICATION_PASSWORD: &str = "Rep:l1 ca'tor\\";
 
 struct HaNode {
     name: String,
@@ -47,9 +51,12 @@ impl Cluster {
                     format!(
                         "[node]\nname = \"{name}\"\nbase_dir = \"{}\"\nport = {port}\napi = \"127.0.0.1:{api_port}\"\n\n\
                          [cluster]\nname = \"{cluster_name}\"\netcd = [\"{}\"]\n{extra_cluster}\n\n\
-                         [postgres]\nsettings = {{ fsync = \"off\" }}\n",
+                         [postgres]\nsuperuser_password = {}\nreplication_password = {}\n\
+                         settings = {{ fsync = \"off\" }}\n",
                         base_dir.display(),
-                        etcd.url()
+                        etcd.url(),
+                        toml_string(PASSWORD),
+                        toml_string(REPLICATION_PASSWORD),
                     ),
                 )
                 .unwrap();
@@ -79,8 +86,32 @@ impl Cluster {
     }
 
     fn start_agent(&mut self, name: &str) {
+        self.start_agent_with_env(name, &[]);
+    }
+
+    /// Start the agent with extra environment variables, as from an operator's shell.
+    fn start_agent_with_env(&mut self, name: &str, env: &[(&str, &str)]) {
         let node = self.node_mut(name);
-        let agent = Relay::spawn("ha", &node.config, std::process::Stdio::null());
+        let stderr_path = node.config.with_extension(format!(
+            "stderr.{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let child = std::process::Command::new(BIN)
+            .args(["ha", "--config"])
+            .arg(&node.config)
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_RUST_LOG").unwrap_or("walrelay=debug".into()),
+            )
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .expect("starting walrelay ha");
+        let agent = Relay { child, stderr_path };
         // Recorded so that the test kit kills it if this test process dies.
         std::fs::write(node.base_dir.join("agent.pid"), agent.pid().to_string()).unwrap();
         node.agent = Some(agent);
@@ -160,14 +191,41 @@ impl Cluster {
         self.nodes
             .iter()
             .map(|n| {
+                let server_log =
+                    std::fs::read_to_string(n.base_dir.join("server.log")).unwrap_or_default();
                 format!(
-                    "--- {} agent:\n{}",
+                    "--- {} agent:\n{}\n--- {} PostgreSQL:\n{}",
                     n.name,
-                    walrelay::pg::local::last_lines(&self.agent_log(&n.name), 40)
+                    walrelay::pg::local::last_lines(&self.agent_log(&n.name), 40),
+                    n.name,
+                    walrelay::pg::local::last_lines(&server_log, 15)
                 )
             })
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    /// `wait_for`, with every node's logs in the failure.
+    async fn wait<T, F, Fut>(&self, what: &str, timeout: Duration, mut condition: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let polled = async {
+            loop {
+                if let Some(v) = condition().await {
+                    return v;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        match tokio::time::timeout(timeout, polled).await {
+            Ok(v) => v,
+            Err(_) => panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                self.dump_logs()
+            ),
+        }
     }
 }
 
@@ -183,6 +241,11 @@ impl Drop for Cluster {
             let _ = std::fs::remove_dir_all(&node.base_dir);
         }
     }
+}
+
+/// A TOML basic string holding `s`.
+fn toml_string(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 /// One HTTP/1.0 request to an agent's API: the status and the body.
@@ -380,6 +443,14 @@ impl Drop for HaProxy {
 async fn bootstrap_then_failover_through_haproxy_and_the_old_primary_rejoins_with_pg_rewind() {
     let mut cluster = Cluster::start(3, "");
     let leader = cluster.wait_for_leader(None, "a bootstrapped leader").await;
+    // A member key written by another walrelay version (a rolling upgrade): skipped by
+    // every reader, not fatal to any.
+    let foreign = format!("/walrelay/c{}/members/zz", cluster.etcd.client_port);
+    walrelay::ha::etcd::Etcd::new(&[cluster.etcd.url()], Duration::from_secs(3))
+        .unwrap()
+        .put(&foreign, br#"{"format":2}"#, None)
+        .await
+        .unwrap();
     create_table_and_wait_on_replicas(&cluster, &leader).await;
     let list = std::process::Command::new(BIN)
         .args(["ctl", "--config"])
@@ -391,6 +462,13 @@ async fn bootstrap_then_failover_through_haproxy_and_the_old_primary_rejoins_wit
     println!("{list}");
     assert_eq!(list.matches("streaming").count(), 2, "{list}");
     assert!(list.contains("leader"), "{list}");
+    assert!(
+        cluster
+            .agent_log(&leader)
+            .contains("skipping a key that does not decode"),
+        "{}",
+        cluster.dump_logs()
+    );
 
     let haproxy = HaProxy::start(&cluster);
     let writer = Writer::start(vec![haproxy.port]);
@@ -478,6 +556,94 @@ async fn in_synchronous_mode_a_failover_loses_no_acknowledged_commit() {
     println!(
         "synchronous mode: {} acknowledged writes, all on {new_leader}",
         acked.len()
+    );
+}
+
+/// The reported case: synchronous mode, kill -9 of the leader's agent and PostgreSQL under
+/// writes, a new leader takes over, and the old node's agent, restarted, must stream
+/// again — on a new lease (its old one is gone), through a slot the new primary makes for
+/// it, with the configured passwords.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_of_the_leader_the_restarted_old_node_streams_from_the_new_one() {
+    let mut cluster = Cluster::start(3, "synchronous_mode = true");
+    let leader = cluster.wait_for_leader(None, "a bootstrapped leader").await;
+    create_table_and_wait_on_replicas(&cluster, &leader).await;
+    wait_for(
+        "a synchronous standby to be named",
+        Duration::from_secs(60),
+        || async {
+            cluster.cluster_json().await["sync"]["standby"]
+                .as_str()
+                .map(|_| ())
+        },
+    )
+    .await;
+    let writer = Writer::start(cluster.ports());
+    writer.wait_for_more(100, "writes on the primary").await;
+    cluster.kill9(&leader).await;
+    let new_leader = cluster.wait_for_leader(Some(&leader), "a new leader").await;
+    writer.wait_for_more(50, "writes on the new primary").await;
+
+    // Restarted from an operator's shell that holds the superuser's password for psql: it
+    // must not stand in for the replication password when the rejoined node connects.
+    cluster.start_agent_with_env(&leader, &[("PGPASSWORD", PASSWORD)]);
+    let primary = must_connect(cluster.node(&new_leader).port).await;
+    cluster
+        .wait(
+        &format!("{leader} in pg_stat_replication on {new_leader}"),
+        Duration::from_secs(120),
+        || async {
+            primary
+                .query_opt(
+                    "SELECT 1 FROM pg_stat_replication WHERE application_name = $1 AND state = 'streaming'",
+                    &[&leader],
+                )
+                .await
+                .ok()?
+                .map(|_| ())
+        },
+    )
+    .await;
+    cluster.wait_streaming(&leader).await;
+    cluster
+        .wait(
+            &format!("{leader}'s member key to say streaming"),
+            Duration::from_secs(60),
+            || async {
+                let c = cluster.cluster_json().await;
+                let members = c["members"].as_array()?.clone();
+                members
+                    .iter()
+                    .any(|m| m["name"] == leader.as_str() && m["state"] == "streaming")
+                    .then_some(())
+            },
+        )
+        .await;
+    let acked = writer.finish().await;
+    assert_all_present(cluster.node(&new_leader).port, &acked).await;
+    // A row written after the rejoin reaches the rejoined node.
+    primary
+        .execute("INSERT INTO w(id) VALUES (-1)", &[])
+        .await
+        .unwrap();
+    let old = must_connect(cluster.node(&leader).port).await;
+    cluster
+        .wait(
+            "the row written after the rejoin on the rejoined node",
+            Duration::from_secs(60),
+            || async {
+                old.query_opt("SELECT 1 FROM w WHERE id = -1", &[])
+                    .await
+                    .ok()?
+                    .map(|_| ())
+            },
+        )
+        .await;
+    let log = cluster.agent_log(&leader);
+    assert!(
+        !log.contains("lease not found") && !log.contains("password authentication failed"),
+        "{}",
+        cluster.dump_logs()
     );
 }
 
@@ -670,4 +836,124 @@ async fn a_taken_api_port_and_an_unreachable_etcd_are_clear_errors() {
         "{stderr}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn cluster_section(etcd: &TestEtcd, name: &str) -> walrelay::config::ha::ClusterSection {
+    walrelay::config::ha::ClusterSection {
+        name: name.into(),
+        namespace: "walrelay".into(),
+        etcd: vec![etcd.url()],
+        ttl: cluster_ttl(),
+        loop_wait: Duration::from_secs(1),
+        retry_timeout: Duration::from_secs(3),
+        maximum_lag_on_failover: 1 << 20,
+        synchronous_mode: false,
+        use_pg_rewind: true,
+    }
+}
+
+/// The store against a real etcd, without PostgreSQL: a lease that vanished is replaced,
+/// the leader's writes need the key at the generation read, and a member key from another
+/// walrelay version is skipped.
+#[tokio::test]
+async fn the_store_replaces_a_lost_lease_fences_stale_leaders_and_skips_foreign_members() {
+    use walrelay::ha::decide::LeaderKey;
+    use walrelay::ha::etcd::Etcd;
+    use walrelay::ha::store::{MemberInfo, Store, StoreError, SyncState};
+
+    let etcd = TestEtcd::start();
+    let section = cluster_section(&etcd, "c");
+    let raw = Etcd::new(&section.etcd, Duration::from_secs(3)).unwrap();
+    let mut a = Store::new(&section).await.unwrap();
+    let mut b = Store::new(&section).await.unwrap();
+    let member = |name: &str| MemberInfo {
+        name: name.into(),
+        api: "127.0.0.1:1".into(),
+        host: "127.0.0.1".into(),
+        port: 1,
+        role: "replica".into(),
+        state: "streaming".into(),
+        timeline: 1,
+        received: Default::default(),
+        replayed: Default::default(),
+        nofailover: false,
+        not_promotable: None,
+    };
+
+    // A lease that is gone (here revoked behind the agent's back, as when it expired
+    // while the agent was down) is replaced, and the member key goes out on the new one.
+    let first = a.renew().await.unwrap();
+    raw.lease_revoke(first).await.unwrap();
+    let second = a.renew().await.unwrap();
+    assert_ne!(first, second);
+    a.put_member(&member("n1")).await.unwrap();
+    b.renew().await.unwrap();
+    b.put_member(&member("n2")).await.unwrap();
+
+    // a leads at generation g1; b's writes as leader are refused.
+    assert!(a.take_leader("n1").await.unwrap());
+    let view = a.read().await.unwrap();
+    let g1 = view.leader.clone().unwrap();
+    assert_eq!(g1.holder, "n1");
+    let sync = |leader: &str| SyncState {
+        leader: leader.into(),
+        standby: None,
+    };
+    a.put_sync(&g1, &sync("n1")).await.unwrap();
+    let forged = LeaderKey {
+        holder: "n2".into(),
+        generation: g1.generation,
+    };
+    assert!(matches!(
+        b.put_sync(&forged, &sync("n2")).await,
+        Err(StoreError::NotLeader { .. })
+    ));
+
+    // a loses its lease; b takes the key; a, deposed, cannot write as leader any more —
+    // nor after it takes a new lease and the key again under the same name: the
+    // generation it read is gone.
+    a.revoke().await;
+    assert!(b.take_leader("n2").await.unwrap());
+    let g2 = b.read().await.unwrap().leader.unwrap();
+    for result in [
+        a.put_sync(&g1, &sync("n1")).await,
+        a.clear_switchover(&g1).await,
+    ] {
+        assert!(
+            matches!(result, Err(StoreError::NotLeader { .. })),
+            "{result:?}"
+        );
+    }
+    b.put_sync(&g2, &sync("n2")).await.unwrap();
+    assert!(b.release_leader("n2").await.unwrap());
+    a.renew().await.unwrap();
+    a.put_member(&member("n1")).await.unwrap();
+    assert!(a.take_leader("n1").await.unwrap());
+    let g3 = a.read().await.unwrap().leader.unwrap();
+    assert_ne!(g3.generation, g1.generation);
+    assert!(matches!(
+        a.put_sync(&g1, &sync("n1")).await,
+        Err(StoreError::NotLeader { .. })
+    ));
+    a.put_sync(&g3, &sync("n1")).await.unwrap();
+    // A switchover asked of a leader that changed since is refused, not queued.
+    assert!(matches!(
+        b.request_switchover(&g2, None).await,
+        Err(StoreError::NotLeader { .. })
+    ));
+    assert!(b.request_switchover(&g3, None).await.unwrap());
+    assert!(!b.request_switchover(&g3, None).await.unwrap());
+
+    // Another version's member key: skipped, the read succeeds.
+    raw.put(
+        "/walrelay/c/members/n9",
+        br#"{"format":2,"member":{"name":"n9"}}"#,
+        None,
+    )
+    .await
+    .unwrap();
+    let view = b.read().await.unwrap();
+    let names: Vec<&str> = view.members.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["n1", "n2"]);
+    assert_eq!(view.sync, Some(sync("n1")));
 }

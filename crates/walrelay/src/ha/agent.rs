@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use walrelay_model::Lsn;
 
 use super::decide::{self, Action, LeaderKey, Member, Observation, Policy, Role};
-use super::node::{Node, NodeError, PgState, Upstream};
+use super::node::{Node, NodeError, PgState, Upstream, Wait};
 use super::store::{
     ClusterView, HistoryEntry, MemberInfo, Store, StoreError, SwitchoverKey, SyncState,
 };
@@ -385,6 +385,14 @@ impl Agent {
         self.status.write().expect("status lock").me = Some(me);
     }
 
+    /// Publish this member before a long step towards streaming (clone, rewind, start): the
+    /// leader makes this member's slot once it sees the key, so the slot is there when
+    /// the replica first asks for it.
+    async fn publish_before(&mut self, pg: &PgState, state: &str) {
+        let why = format!("PostgreSQL is not running ({state})");
+        self.publish(pg, state, Some(why)).await;
+    }
+
     /// Do one action; true if it took the leader key (the next loop runs at once).
     async fn act(&mut self, action: &Action, role: Role, pg: &PgState) -> Result<bool, AgentError> {
         match action {
@@ -442,7 +450,7 @@ impl Agent {
             }
             // A stopped replica starts as one first: promotion opens a new timeline, so a
             // former primary's WAL beyond this point can never be mistaken for ours.
-            self.node.start_as_replica(None).await?;
+            self.node.start_as_replica(None, Wait::Ready).await?;
         }
         self.node.promote().await?;
         // The control file must show the new timeline before anyone rewinds from here
@@ -487,7 +495,7 @@ impl Agent {
         let Some(name) = leader else {
             if role == Role::Stopped && self.node.has_data() {
                 tracing::info!("starting read-only, following no one yet");
-                self.node.start_as_replica(None).await?;
+                self.node.start_as_replica(None, Wait::Started).await?;
             }
             return Ok(());
         };
@@ -496,16 +504,22 @@ impl Agent {
         };
         let upstream = Upstream::of(&leader);
         if !self.node.has_data() {
+            self.publish_before(pg, "cloning").await;
             tracing::info!(leader = name, "cloning from the leader (pg_basebackup)");
             self.node.clone_from(&leader).await?;
-            self.node.start_as_replica(Some(upstream)).await?;
+            self.node
+                .start_as_replica(Some(upstream), Wait::Started)
+                .await?;
             return Ok(());
         }
         match role {
             Role::Stopped => {
+                self.publish_before(pg, "starting").await;
                 self.rewind_if_needed(&leader).await?;
                 tracing::info!(leader = name, "starting as a replica");
-                self.node.start_as_replica(Some(upstream)).await?;
+                self.node
+                    .start_as_replica(Some(upstream), Wait::Started)
+                    .await?;
                 self.stuck_loops = 0;
             }
             Role::Replica if self.node.upstream() != Some(&upstream) => {

@@ -38,6 +38,15 @@ fn sql_err(e: impl std::fmt::Display) -> NodeError {
     NodeError::Sql(e.to_string())
 }
 
+/// How long starting a replica waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Until it accepts connections (it is about to be promoted).
+    Ready,
+    /// Until the postmaster runs, a few seconds at most.
+    Started,
+}
+
 /// Where a replica streams from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
@@ -312,10 +321,46 @@ impl Node {
         Ok(())
     }
 
-    pub async fn start_as_replica(&mut self, upstream: Option<Upstream>) -> Result<(), NodeError> {
+    /// Start read-only, following `upstream`. With `Wait::Started` this returns once the
+    /// postmaster runs rather than once it accepts connections: a replica does so only
+    /// when consistent, which after a rewind needs WAL from the primary, through the slot
+    /// the primary makes once this agent publishes its member key — the loop must go on
+    /// meanwhile (renewing the lease, publishing the key), not wait in `pg_ctl`.
+    pub async fn start_as_replica(
+        &mut self,
+        upstream: Option<Upstream>,
+        wait: Wait,
+    ) -> Result<(), NodeError> {
         self.write_node_conf(upstream)?;
         self.set_standby_signal(true)?;
-        self.start().await
+        match wait {
+            Wait::Ready => self.start().await,
+            Wait::Started => self.start_without_waiting().await,
+        }
+    }
+
+    /// `pg_ctl start`, waiting 5 s at most; a server still starting then is fine.
+    async fn start_without_waiting(&mut self) -> Result<(), NodeError> {
+        self.client = None;
+        let args = vec![
+            "-D".into(),
+            self.server.data_dir().into(),
+            "-l".into(),
+            self.server.log_file().into(),
+            "-w".into(),
+            "-t".into(),
+            "5".into(),
+            "start".into(),
+        ];
+        match self.run_tool("pg_ctl", args).await {
+            Ok(_) => Ok(()),
+            // Still starting (recovering, or waiting for WAL): the loop looks again.
+            Err(_) if self.postmaster_running() => {
+                tracing::info!("PostgreSQL is starting; it answers once consistent");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Start a stopped server that was the primary, as the primary again.

@@ -317,8 +317,17 @@ impl LocalServer {
             cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
             cmd.env("HOME", &user.dir);
         }
-        // The server and initdb must not inherit the caller's libpq settings or locale.
-        cmd.env_remove("PGDATA").env("LC_ALL", "C");
+        // The server and the tools must not inherit the caller's libpq settings or locale:
+        // libpq takes PGPASSWORD before a passfile, so a password exported for psql would
+        // stand in for the replication password in a replica's primary_conninfo (and in
+        // pg_basebackup's and pg_rewind's connections); PGSSLMODE, PGSERVICE and the rest
+        // would change those connections too. What they need is passed explicitly.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("PG") {
+                cmd.env_remove(name);
+            }
+        }
+        cmd.env("LC_ALL", "C");
         cmd.stdin(Stdio::null());
         cmd
     }
