@@ -161,7 +161,24 @@ pub enum Event {
     },
 }
 
+/// Bytes an event costs in memory beyond its values: its headers, position, relation
+/// handle. An estimate: it bounds batches of tiny events, whose values weigh little.
+const EVENT_OVERHEAD: usize = 64;
+
 impl Event {
+    /// Roughly the memory the event holds, for bounding batches and queues by bytes.
+    pub fn approx_bytes(&self) -> usize {
+        EVENT_OVERHEAD
+            + match self {
+                Event::Change { change, .. } | Event::StreamChange { change, .. } => {
+                    change.payload_len()
+                }
+                Event::Read { row, .. } => row.payload_len(),
+                Event::Message(m) => m.content.len(),
+                _ => 0,
+            }
+    }
+
     /// The event's place in the stream (docs/events.md): its transaction's commit LSN and
     /// its number in it; a non-transactional message's own LSN and 0. `None` for events
     /// that are not delivered as such (keepalives, the parts of a streamed transaction).

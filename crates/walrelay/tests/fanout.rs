@@ -766,3 +766,42 @@ async fn an_unroutable_message_stops_the_sink_or_goes_to_the_alternate_exchange(
     assert_eq!(queue_depth(&queue).await, 0, "the bound queue took nothing");
     delete_queues(&[&queue, &caught]).await;
 }
+
+/// The relay dies after publishing and before the broker's confirm; restarted, it
+/// publishes the unconfirmed tail again, and the consumer applies every transaction once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_publish_before_confirm_loses_and_repeats_nothing() {
+    let (source_pg, target_pg) = (TestPg::start(), TestPg::start());
+    let source = source_pg.create_db("app").await;
+    source.batch_execute(ACCOUNTS).await.unwrap();
+    let replica = target_pg.create_db("r").await;
+    replica.batch_execute(ACCOUNTS).await.unwrap();
+    let (queue, exchange) = (unique("confirm-q"), unique("confirm"));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = relay_config(
+        dir.path(),
+        &source_pg.url("app"),
+        &["public.acct"],
+        &format!("exchange = \"{exchange}\"\nqueues = [{{ name = \"{queue}\" }}]"),
+    );
+    let mut relay = Relay::start(&cfg);
+    wait_until_streaming(&source, &mut relay).await;
+    relay.kill9().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = start_load(&source_pg, stop.clone()).await;
+    let failpoint = walrelay::failpoint::AMQP_BEFORE_CONFIRM.name();
+    let mut armed = Relay::start_with_failpoint("run", &cfg, &format!("{failpoint}:20"));
+    armed.wait_for_failpoint(failpoint).await;
+    stop.store(true, Ordering::Relaxed);
+    let transactions = load.await.unwrap();
+    let mut relay = Relay::start(&cfg);
+    let consume = consume_config(dir.path(), "c", &queue, &target_pg.url("r"), "");
+    let mut consumer = Relay::start_consume(&consume);
+    wait_until_equal(&source, &replica, &["acct"], &mut consumer).await;
+    relay.assert_running();
+    relay.stop().await;
+    let log = consumer.stop().await;
+    assert!(!log.contains("conflict"), "{log}");
+    println!("{transactions} transactions through a crash before a confirm");
+    delete_queues(&[&queue]).await;
+}

@@ -245,3 +245,44 @@ async fn a_restart_waits_for_the_killed_relays_commit_with_a_replication_origin(
 async fn a_restart_waits_for_the_killed_relays_commit_with_the_progress_row_only() {
     restart_while_the_old_session_commits(true).await;
 }
+
+/// Kill the relay at the fail point `name` (its `n`th hit) under a write load, restart it,
+/// and check the target ends equal to the source: every transaction increments a counter,
+/// so a lost or repeated one shows, and a repeated insert stops the sink on its key.
+async fn crash_at_failpoint(name: &str, n: u32) {
+    let schema = "CREATE TABLE load (id int8 PRIMARY KEY, v text);
+                  CREATE TABLE counter (id int PRIMARY KEY, n int8);";
+    let (source_pg, _t, source, target, dir, relay) =
+        crate::apply::replicate(schema, &["public.load", "public.counter"], "").await;
+    source
+        .batch_execute("INSERT INTO counter VALUES (1, 0)")
+        .await
+        .unwrap();
+    relay.kill9().await;
+    let cfg = dir.path().join("walrelay.toml");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (load, _committed) = crate::durability::start_load(&source_pg, stop.clone()).await;
+    let mut armed = Relay::start_with_failpoint("run", &cfg, &format!("{name}:{n}"));
+    armed.wait_for_failpoint(name).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.await.unwrap();
+    let mut relay = Relay::start(&cfg);
+    wait_until_equal(&source, &target, &["load", "counter"], &mut relay).await;
+    let log = relay.stop().await;
+    assert!(!log.contains("conflict"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_apply_before_commit_loses_nothing() {
+    crash_at_failpoint(walrelay::failpoint::POSTGRES_BEFORE_COMMIT.name(), 5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_commit_before_the_status_update_repeats_nothing() {
+    crash_at_failpoint(walrelay::failpoint::POSTGRES_AFTER_COMMIT.name(), 5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_before_a_status_update_loses_nothing() {
+    crash_at_failpoint(walrelay::failpoint::BEFORE_STATUS_UPDATE.name(), 5).await;
+}

@@ -58,11 +58,48 @@ impl Relay {
     }
 
     pub fn spawn(command: &str, config: &Path, stdout: impl Into<Stdio>) -> Relay {
+        Self::spawn_with_env(command, config, stdout, &[])
+    }
+
+    /// `walrelay <command>` armed to kill itself at the fail point `spec`
+    /// (`name[:n]`, see `walrelay::failpoint`).
+    pub fn start_with_failpoint(command: &str, config: &Path, spec: &str) -> Relay {
+        Self::spawn_with_env(
+            command,
+            config,
+            Stdio::null(),
+            &[("WALRELAY_FAILPOINT", spec)],
+        )
+    }
+
+    /// Wait until a relay armed with a fail point killed itself there.
+    pub async fn wait_for_failpoint(&mut self, name: &str) {
+        use std::os::unix::process::ExitStatusExt;
+        let status = self.wait(Duration::from_secs(120)).await;
+        let stderr = self.stderr();
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "killed at the fail point:\n{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("fail point {name} reached")),
+            "{stderr}"
+        );
+    }
+
+    pub fn spawn_with_env(
+        command: &str,
+        config: &Path,
+        stdout: impl Into<Stdio>,
+        env: &[(&str, &str)],
+    ) -> Relay {
         let stderr_path = config.with_extension(format!("stderr.{}", rand_suffix()));
         let stderr = File::create(&stderr_path).unwrap();
         let child = Command::new(BIN)
             .args([command, "--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("TEST_RUST_LOG").unwrap_or("walrelay=debug".into()),

@@ -26,14 +26,14 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use walrelay_model::{Change, Event, Lsn, Position, Row, TxnBegin, TxnCommit};
 
 use super::AmqpError;
 use crate::config::{ConsumeConfig, OnPoison};
 use crate::format::parse::EventParser;
-use crate::sink::{self, postgres::PostgresSink, Batch, SinkError};
+use crate::sink::{self, postgres::PostgresSink, SinkError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumeError {
@@ -141,7 +141,7 @@ pub async fn consume(
         .resolve()
         .map_err(|e| ConsumeError::Pg(e.into()))?;
     let catalog = crate::pg::sql::connect(&info).await?;
-    let (input, rx) = mpsc::channel::<Batch>(sink::QUEUE_DEPTH);
+    let (input, rx) = sink::queue::channel();
     let (durable_tx, mut durable) = watch::channel(Lsn::ZERO);
     let mut sink_task = crate::task::spawn_named("sink-postgres", target.run(rx, durable_tx));
     *started = true;
@@ -310,7 +310,7 @@ struct Session<'a> {
     channel: &'a Channel,
     poison_channel: &'a Channel,
     catalog: tokio_postgres::Client,
-    input: mpsc::Sender<Batch>,
+    input: sink::queue::QueueSender,
     parser: EventParser,
     tables: TableCheck,
     unacked: VecDeque<Unacked>,
@@ -399,7 +399,8 @@ impl Session<'_> {
         });
         // A send fails only when the sink ended; its result then comes from its task.
         if !batch.is_empty() {
-            let _ = self.input.send(Arc::new(batch)).await;
+            let bytes = sink::queue::batch_bytes(&batch);
+            let _ = self.input.send(Arc::new(batch), bytes).await;
         }
         // Covered already (a repeat of what the target holds): acknowledged now, since no
         // later commit may come to do it.
@@ -448,7 +449,13 @@ impl Session<'_> {
         let wanted = if !inside {
             self.config.consume.prefetch
         } else if current != 0 && self.unacked.len() >= usize::from(current) {
-            current.checked_mul(2).unwrap_or(0)
+            // One configured window wider at a time, and only once every delivery so far
+            // was handled: the broker then runs at most `prefetch` messages ahead of this
+            // consumer, so memory stays bounded by `prefetch` times the message size. Past
+            // the protocol's 65535 only "unlimited" (0) is left.
+            current
+                .checked_add(self.config.consume.prefetch.max(1))
+                .unwrap_or(0)
         } else {
             current
         };

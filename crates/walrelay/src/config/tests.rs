@@ -77,7 +77,7 @@ fn all_key_paths() -> Vec<String> {
     config
         .sinks
         .extend(parse(&postgres).unwrap().sinks.into_iter().skip(1));
-    let amqp = format!("{MINIMAL}\n[[sink]]\ntype = \"amqp\"\nurl = \"amqp://localhost\"\ntls_ca_file = \"ca.pem\"\nqueues = [{{ name = \"q\" }}]\n");
+    let amqp = format!("{MINIMAL}\n[[sink]]\ntype = \"amqp\"\nurl = \"amqp://localhost\"\ntls_ca_file = \"ca.pem\"\nalternate_exchange = \"unrouted\"\nqueues = [{{ name = \"q\" }}]\n");
     config
         .sinks
         .extend(parse(&amqp).unwrap().sinks.into_iter().skip(1));

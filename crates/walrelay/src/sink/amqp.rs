@@ -19,10 +19,10 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use walrelay_model::{Change, Event, Lsn, Position, TxnBegin};
 
-use super::{advance, Batch, SinkError};
+use super::{advance, SinkError};
 use crate::amqp::{self, AmqpError};
 use crate::config::{AmqpSinkConfig, ExchangeType, MessageBatch, MessageFormat, QueueKind};
 use crate::format::debezium::DebeziumEncoder;
@@ -171,7 +171,7 @@ impl AmqpSink {
 
     pub async fn run(
         mut self,
-        mut input: mpsc::Receiver<Batch>,
+        mut input: super::queue::QueueReceiver,
         durable: watch::Sender<Lsn>,
     ) -> Result<(), SinkError> {
         let name = self.config.name.clone();
@@ -467,6 +467,7 @@ impl AmqpSink {
             )
             .await
             .map_err(AmqpError::broker(&self.config.url, "publishing"))?;
+        crate::failpoint::AMQP_BEFORE_CONFIRM.hit();
         Ok(Published {
             confirm,
             message_id: m.message_id,

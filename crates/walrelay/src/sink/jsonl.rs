@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use walrelay_model::{Event, Lsn, Position};
 
-use super::{advance, Batch, SinkError};
+use super::{advance, SinkError};
 use crate::config::JsonlSinkConfig;
 use crate::format::json::{line_head, JsonEncoder};
 
@@ -138,7 +138,7 @@ impl JsonlSink {
     /// Write batches until the input closes; publish what is durable after each sync.
     pub fn run(
         mut self,
-        mut input: mpsc::Receiver<Batch>,
+        mut input: super::queue::QueueReceiver,
         durable: watch::Sender<Lsn>,
     ) -> Result<(), SinkError> {
         let mut encoder = JsonEncoder::default();

@@ -4,10 +4,11 @@
 pub mod amqp;
 pub mod jsonl;
 pub mod postgres;
+pub mod queue;
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use walrelay_model::{Event, Lsn};
 
@@ -15,9 +16,6 @@ use crate::config::SinkConfig;
 
 /// Events travel in shared batches, so that several sinks read one copy.
 pub type Batch = Arc<Vec<Event>>;
-
-/// Batches a sink may have queued before the source waits.
-pub const QUEUE_DEPTH: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -86,7 +84,7 @@ pub struct SinkHandle {
     /// it may be in already, so the source must send them whole, to be skipped by their
     /// commit position (a streamed change cannot be told apart until its commit arrives).
     pub recorded: Option<Lsn>,
-    pub input: mpsc::Sender<Batch>,
+    pub input: queue::QueueSender,
     pub durable: watch::Receiver<Lsn>,
     pub task: JoinHandle<Result<(), SinkError>>,
 }
@@ -120,7 +118,7 @@ pub async fn start(
     config: &SinkConfig,
     context: &SinkContext<'_>,
 ) -> Result<SinkHandle, SinkError> {
-    let (input, rx) = mpsc::channel(QUEUE_DEPTH);
+    let (input, rx) = queue::channel();
     let (durable_tx, durable) = watch::channel(context.start);
     let name = config.name().to_string();
     let (task, reads, recorded) = match config {

@@ -93,10 +93,11 @@ async fn send(
     if events.is_empty() {
         return Ok(());
     }
+    let bytes = crate::sink::queue::batch_bytes(&events);
     let batch: Batch = Arc::new(events);
     for s in sinks {
         s.input
-            .send(batch.clone())
+            .send(batch.clone(), bytes)
             .await
             .map_err(|_| SnapshotError::Worker(format!("sink {} stopped", s.name)))?;
     }

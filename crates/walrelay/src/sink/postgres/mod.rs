@@ -23,7 +23,7 @@ pub mod statements;
 
 use std::collections::HashMap;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use walrelay_model::{Event, Lsn, TxnCommit, Xid};
 
@@ -115,7 +115,7 @@ impl PostgresSink {
 
     pub async fn run(
         self,
-        input: mpsc::Receiver<Batch>,
+        input: crate::sink::queue::QueueReceiver,
         durable: watch::Sender<Lsn>,
     ) -> Result<(), SinkError> {
         let name = self.config.name.clone();
@@ -223,7 +223,7 @@ impl Applier {
 
     async fn run(
         &mut self,
-        mut input: mpsc::Receiver<Batch>,
+        mut input: crate::sink::queue::QueueReceiver,
         durable: &watch::Sender<Lsn>,
     ) -> Result<(), ApplyError> {
         if let Some(applied) = self.sink.applied {
@@ -382,6 +382,7 @@ impl Applier {
                             .progress
                             .commit_stream(&self.sink.main, &mut s, commit)
                             .await?;
+                        crate::failpoint::POSTGRES_AFTER_COMMIT.hit();
                         tracing::debug!(xid = commit.xid, end = %commit.end_lsn, "streamed transaction applied");
                     }
                     self.park(s);
@@ -410,6 +411,7 @@ impl Applier {
             .record(&mut self.sink.main, &last, at)
             .await?;
         self.sink.main.commit().await?;
+        crate::failpoint::POSTGRES_AFTER_COMMIT.hit();
         tracing::debug!(
             end = %last.end_lsn,
             transactions = group.transactions,

@@ -19,8 +19,11 @@ use super::statements::{self, RowMatch};
 use crate::config::OnConflict;
 use crate::pg::{quote, PgError};
 
-/// Statements queued before they are sent, at most.
+/// Statements queued before they are sent, at most...
 const MAX_PENDING: usize = 2000;
+
+/// ... and bytes of their values: a queue of wide rows is sent sooner.
+const MAX_PENDING_BYTES: usize = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -116,6 +119,8 @@ pub struct ApplySession {
     /// walrelay's own statements, by their text.
     own_statements: HashMap<&'static str, Statement>,
     pending: Vec<Pending>,
+    /// Bytes of the values in `pending`.
+    queued_bytes: usize,
     pending_bytes: usize,
     in_transaction: bool,
     /// Open savepoints of a streamed transaction, one per subtransaction, in order.
@@ -150,6 +155,7 @@ impl ApplySession {
             statements: HashMap::new(),
             own_statements: HashMap::new(),
             pending: Vec::new(),
+            queued_bytes: 0,
             pending_bytes: 0,
             in_transaction: false,
             savepoints: Vec::new(),
@@ -208,6 +214,7 @@ impl ApplySession {
                 Some(setup) => format!("{setup}; COMMIT"),
                 None => "COMMIT".to_string(),
             };
+            crate::failpoint::POSTGRES_BEFORE_COMMIT.hit();
             self.client
                 .batch_execute(&sql)
                 .await
@@ -232,6 +239,7 @@ impl ApplySession {
     /// Undo the open transaction.
     pub async fn rollback(&mut self) -> Result<(), ApplyError> {
         self.pending.clear();
+        self.queued_bytes = 0;
         self.runs.clear();
         // A staging table created in this transaction is gone with it.
         self.stages.clear();
@@ -279,6 +287,7 @@ impl ApplySession {
         };
         // Changes queued after the savepoint belong to the aborted subtransactions.
         self.pending.clear();
+        self.queued_bytes = 0;
         self.runs.clear();
         self.stages.clear();
         self.client
@@ -557,7 +566,7 @@ impl ApplySession {
             // Logical messages carry no data for tables.
             Change::Message { .. } => {}
         }
-        if self.pending.len() >= MAX_PENDING {
+        if self.pending.len() >= MAX_PENDING || self.queued_bytes >= MAX_PENDING_BYTES {
             self.flush().await?;
         }
         Ok(())
@@ -692,10 +701,12 @@ impl ApplySession {
                 s
             }
         };
-        self.pending_bytes += params
+        let bytes = params
             .iter()
             .map(|p| p.0.as_ref().map_or(0, String::len))
             .sum::<usize>();
+        self.pending_bytes += bytes;
+        self.queued_bytes += bytes;
         self.pending.push(Pending {
             statement,
             params,
@@ -735,6 +746,7 @@ impl ApplySession {
             return Ok(());
         }
         let pending = std::mem::take(&mut self.pending);
+        self.queued_bytes = 0;
         let client = &self.client;
         let results = futures_util::future::join_all(
             pending

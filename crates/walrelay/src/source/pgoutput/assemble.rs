@@ -56,14 +56,16 @@ pub struct StreamedTxn {
 }
 
 impl StreamedTxn {
-    /// Emit the next events of the transaction into `out`, at most `max` changes; returns
-    /// `false` once the commit has been emitted.
+    /// Emit the next events of the transaction into `out`, at most `max` changes or about
+    /// `max_bytes`; returns `false` once the commit has been emitted.
     pub fn emit(
         &mut self,
         out: &mut Vec<Event>,
         seq: &mut u64,
         max: usize,
+        max_bytes: usize,
     ) -> Result<bool, SpillError> {
+        let mut bytes = 0;
         if *seq == 0 {
             if self.changes.remaining() == 0 {
                 // Nothing selected in it: only its position moves on.
@@ -73,13 +75,18 @@ impl StreamedTxn {
             out.push(Event::Begin(self.begin.clone()));
         }
         for _ in 0..max {
+            if bytes >= max_bytes {
+                break;
+            }
             match self.changes.next_change()? {
                 Some(change) => {
                     *seq += 1;
-                    out.push(Event::Change {
+                    let event = Event::Change {
                         position: Position::new(self.begin.commit_lsn, *seq),
                         change,
-                    });
+                    };
+                    bytes += event.approx_bytes();
+                    out.push(event);
                 }
                 None => {
                     out.push(Event::Commit(TxnCommit {

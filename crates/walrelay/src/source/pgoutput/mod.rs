@@ -25,6 +25,7 @@ use crate::pg::conninfo::ConnInfo;
 use crate::pg::replication::{ReplicationConnection, ReplicationMessage};
 use crate::pg::{sql, PgError};
 use crate::pipeline::{ack_position, Fanout};
+use crate::sink::queue::batch_bytes;
 use assemble::{AssembleError, Assembler, StreamNeeds};
 use decode::DecodeError;
 use spill::SpillError;
@@ -53,9 +54,13 @@ enum Audience {
     Whole,
 }
 
-/// Events per batch handed to the sinks; a streamed transaction is read back in batches of
-/// this many changes.
+/// Events per batch handed to the sinks, at most; a streamed transaction is read back in
+/// batches of this many changes.
 const BATCH_EVENTS: usize = 1024;
+
+/// Bytes per batch (`Event::approx_bytes`): a batch closes at whichever limit comes first,
+/// so that wide rows make small batches and the sinks' byte budgets stay meaningful.
+const BATCH_BYTES: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -243,11 +248,16 @@ impl PgOutputSource {
                 }
                 m = self.conn.recv() => m?,
             };
-            self.handle(msg, batch, fanout, cancel).await?;
+            let mut bytes = 0;
+            self.handle_counted(msg, batch, &mut bytes, fanout, cancel)
+                .await?;
             // Take what has already arrived without waiting, to fill the batch.
-            while batch.len() < BATCH_EVENTS {
+            while batch.len() < BATCH_EVENTS && bytes < BATCH_BYTES {
                 match self.conn.try_recv_buffered()? {
-                    Some(m) => self.handle(m, batch, fanout, cancel).await?,
+                    Some(m) => {
+                        self.handle_counted(m, batch, &mut bytes, fanout, cancel)
+                            .await?
+                    }
                     None => break,
                 }
             }
@@ -256,6 +266,25 @@ impl PgOutputSource {
                     .await?;
             }
         }
+    }
+
+    /// `handle`, keeping `bytes` the size of what `batch` holds.
+    async fn handle_counted(
+        &mut self,
+        msg: ReplicationMessage,
+        batch: &mut Vec<Event>,
+        bytes: &mut usize,
+        fanout: &Fanout,
+        cancel: &CancellationToken,
+    ) -> Result<(), SourceError> {
+        let before = batch.len();
+        self.handle(msg, batch, fanout, cancel).await?;
+        // `handle` may have delivered the batch and started another.
+        *bytes = match batch.get(before..) {
+            Some(added) => *bytes + batch_bytes(added),
+            None => batch_bytes(batch),
+        };
+        Ok(())
     }
 
     async fn handle(
@@ -285,7 +314,7 @@ impl PgOutputSource {
                     let mut seq = 0;
                     loop {
                         let mut chunk = Vec::with_capacity(BATCH_EVENTS + 2);
-                        let more = txn.emit(&mut chunk, &mut seq, BATCH_EVENTS)?;
+                        let more = txn.emit(&mut chunk, &mut seq, BATCH_EVENTS, BATCH_BYTES)?;
                         let audience = if txn.for_all {
                             Audience::All
                         } else {
@@ -330,20 +359,23 @@ impl PgOutputSource {
         cancel: &CancellationToken,
         audience: Audience,
     ) -> Result<(), SourceError> {
+        let bytes = batch_bytes(&batch);
         let batch = std::sync::Arc::new(batch);
         let sinks = fanout
             .sinks()
             .iter()
             .filter(|s| audience == Audience::All || !s.applies_streams);
         for sink in sinks {
+            if !sink.input.has_room(bytes) {
+                tracing::debug!(sink = %sink.name, "the sink's queue is full: the source waits");
+            }
             loop {
                 tokio::select! {
                     biased;
                     _ = cancel.cancelled() => return Err(SourceError::Stopped),
-                    permit = sink.input.reserve() => {
-                        match permit {
-                            Ok(p) => p.send(batch.clone()),
-                            Err(_) => return Err(SourceError::SinkClosed(sink.name.clone())),
+                    sent = sink.input.send(batch.clone(), bytes) => {
+                        if sent.is_err() {
+                            return Err(SourceError::SinkClosed(sink.name.clone()));
                         }
                         break;
                     }
@@ -368,6 +400,7 @@ impl PgOutputSource {
     async fn send_status(&mut self, sinks_durable: &[Lsn], reply: bool) -> Result<(), SourceError> {
         let flush = ack_position(self.start, sinks_durable, self.acked);
         let write = self.received.max(flush);
+        crate::failpoint::BEFORE_STATUS_UPDATE.hit();
         self.conn.send_status(write, flush, flush, reply).await?;
         if flush > self.acked {
             tracing::debug!(flush = %flush, "confirmed to the source");

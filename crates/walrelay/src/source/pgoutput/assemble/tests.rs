@@ -75,7 +75,7 @@ fn run(a: &mut Assembler, msgs: Vec<PgOutputMessage>) -> Vec<Event> {
     for m in msgs {
         if let Some(mut txn) = a.handle(m, &mut out).unwrap() {
             let mut seq = 0;
-            while txn.emit(&mut out, &mut seq, 2).unwrap() {}
+            while txn.emit(&mut out, &mut seq, 2, usize::MAX).unwrap() {}
         }
     }
     out
