@@ -1,5 +1,28 @@
-//! Sinks: where events go. Each runs as its own task, takes batches from a bounded channel
-//! (back-pressure to the source), and publishes the highest LSN it holds durably.
+//! Sinks: where events go. Each runs as its own task, takes batches from a queue bounded
+//! in batches and bytes (back-pressure to the source), and publishes the highest LSN it
+//! holds durably.
+//!
+//! The contract every sink keeps (`postgres`, `jsonl`, `amqp`; the pipeline relies on
+//! nothing else):
+//!
+//! - **Input and order.** Batches arrive in the source's order: transactions whole and in
+//!   commit order, or — for a sink with `applies_streams` — also the changes of streamed
+//!   transactions as they stream (`StreamChange`/`StreamAbort`/`StreamCommit`, with their
+//!   commits in commit order among the rest). A sink applies, writes or publishes in that
+//!   order; it may group consecutive transactions, never reorder or split them.
+//! - **Accepted is not durable.** Taking a batch from the queue means nothing for the
+//!   source. A sink raises its `durable` watch (`advance`, never lowered) to an LSN only
+//!   once every transaction that commits before it is durable in the sink — committed on
+//!   the target, fsynced in the file, confirmed by the broker. The pipeline confirms to the
+//!   server the minimum over all sinks (`pipeline::ack_position`), and nothing else.
+//! - **Repeats.** After a restart the source sends again everything after the slot's
+//!   confirmed position. A sink that records a position of its own reports it at open
+//!   (`SinkHandle::recorded`) and skips what it holds by commit position; one that cannot
+//!   (a broker) delivers the repeat with the same position and message id.
+//! - **Shutdown.** When its queue closes, a sink makes durable what it accepted that ends a
+//!   transaction, raises `durable` for it, and returns; what it held of an unfinished
+//!   transaction is dropped (the source sends it again). An error ends the task with a
+//!   `SinkError` whose `is_transient` tells the pipeline whether to restart.
 
 pub mod amqp;
 pub mod jsonl;
