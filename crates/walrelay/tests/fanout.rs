@@ -471,11 +471,7 @@ async fn batch_group_delivers_every_change_once() {
 /// Run `walrelay consume` with `config` until it exits, which must be with an error (exit
 /// code 1); its log.
 async fn consume_fails(config: &Path) -> String {
-    let mut consumer = Relay::start_consume(config);
-    let status = consumer.wait(Duration::from_secs(60)).await;
-    let stderr = consumer.stderr();
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    stderr
+    Relay::start_consume(config).wait_for_failure().await
 }
 
 async fn publish(ch: &Channel, queue: &str, id: &str, body: &str) {
@@ -697,10 +693,7 @@ async fn an_unroutable_message_stops_the_sink_or_goes_to_the_alternate_exchange(
             "exchange = \"{exchange}\"\nbatch = \"row\"\nqueues = [{{ name = \"{queue}\", binding = \"nothing.matches\" }}]"
         ),
     );
-    let mut relay = Relay::start(&cfg);
-    let status = relay.wait(Duration::from_secs(60)).await;
-    let stderr = relay.stderr();
-    assert_eq!(status.code(), Some(1), "{stderr}");
+    let stderr = Relay::start(&cfg).wait_for_failure().await;
     assert!(
         stderr.contains(&format!(
             "exchange {exchange:?} with routing key \"snapshot_end\""

@@ -114,10 +114,7 @@ async fn a_failed_copy_worker_stops_the_others() {
     lock.batch_execute("BEGIN; LOCK TABLE a IN SHARE MODE")
         .await
         .unwrap();
-    let mut relay = Relay::start(&cfg);
-    let status = relay.wait(Duration::from_secs(60)).await;
-    let log = relay.stderr();
-    assert_eq!(status.code(), Some(1), "{log}");
+    let log = Relay::start(&cfg).wait_for_failure().await;
     assert!(
         log.contains("copying public.b") || log.contains("copying b"),
         "{log}"
@@ -129,22 +126,8 @@ async fn a_failed_copy_worker_stops_the_others() {
 /// second one exits at once.
 #[tokio::test]
 async fn a_second_signal_exits_at_once() {
-    let (source_pg, target_pg) = (TestPg::start(), TestPg::start());
-    let source = source_pg.create_db("app").await;
-    let target = target_pg.create_db("app").await;
-    let schema = "CREATE TABLE t (id int PRIMARY KEY)";
-    source.batch_execute(schema).await.unwrap();
-    target.batch_execute(schema).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = postgres_config(
-        dir.path(),
-        &source_pg.url("app"),
-        &target_pg.url("app"),
-        &["public.t"],
-        "",
-    );
-    let mut relay = Relay::start(&cfg);
-    wait_until_streaming(&source, &mut relay).await;
+    let (_source_pg, target_pg, source, target, _dir, mut relay) =
+        crate::apply::replicate("CREATE TABLE t (id int PRIMARY KEY)", &["public.t"], "").await;
     let lock = target_pg.client("app").await;
     lock.batch_execute("BEGIN; LOCK TABLE walrelay.progress IN EXCLUSIVE MODE")
         .await

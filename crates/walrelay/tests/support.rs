@@ -170,6 +170,14 @@ impl Relay {
         .await
     }
 
+    /// Wait until walrelay exits on an error (status 1), and return its log.
+    pub async fn wait_for_failure(&mut self) -> String {
+        let status = self.wait(Duration::from_secs(60)).await;
+        let stderr = self.stderr();
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        stderr
+    }
+
     /// Still running (has not exited on an error)?
     pub fn assert_running(&mut self) {
         if let Some(status) = self.child.try_wait().unwrap() {
