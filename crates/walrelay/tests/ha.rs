@@ -129,29 +129,29 @@ impl Cluster {
         self.nodes.iter().map(|n| n.port).collect()
     }
 
-    /// kill -9 of the node's agent and of its PostgreSQL: the postmaster and every backend
-    /// (a backend whose postmaster died can still commit a write or two).
+    /// kill -9 of the node's agent, its fence and its PostgreSQL: the postmaster and every
+    /// backend (a backend whose postmaster died can still commit a write or two), as a
+    /// machine that crashes. The postmaster is stopped first, so that the fence, which
+    /// would shut it down once the agent is gone, cannot get to it first.
     async fn kill9(&mut self, name: &str) {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
         let node = self.node_mut(name);
         let agent = node.agent.take().expect("agent running");
-        agent.kill9().await;
         let pid = walrelay::pg::local::postmaster_pid(&node.base_dir.join("data"))
             .expect("the killed node's postmaster.pid");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGSTOP,
-        )
-        .unwrap();
+        kill(Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
+        let fences = fence_pids(agent.pid());
+        agent.kill9().await;
+        for fence in fences {
+            let _ = kill(Pid::from_raw(fence), Signal::SIGKILL);
+        }
         let children = std::process::Command::new("pkill")
             .args(["-9", "-P", &pid.to_string()])
             .status()
             .unwrap();
         assert!(children.success(), "the postmaster had backends to kill");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
+        kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
     }
 
     /// The member whose `/primary` answers 200 (other than `not`).
@@ -241,6 +241,18 @@ impl Drop for Cluster {
             let _ = std::fs::remove_dir_all(&node.base_dir);
         }
     }
+}
+
+/// The fence processes (`walrelay ha-fence`) the agent `agent` started.
+fn fence_pids(agent: i32) -> Vec<i32> {
+    let out = std::process::Command::new("pgrep")
+        .args(["-P", &agent.to_string(), "-f", "ha-fence"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 /// A TOML basic string holding `s`.
@@ -647,6 +659,237 @@ async fn after_kill_9_of_the_leader_the_restarted_old_node_streams_from_the_new_
     );
 }
 
+/// One write straight to the server at `port` (no HAProxy), on `client` (connected again
+/// if it is gone): true if it committed.
+async fn write_directly(client: &mut Option<tokio_postgres::Client>, port: u16, id: i64) -> bool {
+    if client.as_ref().is_none_or(|c| c.is_closed()) {
+        *client = connect(port).await;
+    }
+    let Some(c) = client else {
+        return false;
+    };
+    match c.execute("INSERT INTO w(id) VALUES ($1)", &[&id]).await {
+        Ok(_) => true,
+        Err(_) => {
+            *client = None;
+            false
+        }
+    }
+}
+
+/// The reported case: kill -9 of the primary's agent alone, its PostgreSQL left running
+/// and written to directly. The fence stops that server while the leader key is still the
+/// old primary's — so before any other node can be promoted, which takes that key first —
+/// and from then on no write reaches it, through the promotion of another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_whose_agent_is_killed_takes_no_write_once_another_node_may_lead() {
+    use walrelay::ha::etcd::Etcd;
+    let mut cluster = Cluster::start(3, "");
+    let leader = cluster.wait_for_leader(None, "a bootstrapped leader").await;
+    create_table_and_wait_on_replicas(&cluster, &leader).await;
+    let port = cluster.node(&leader).port;
+    let etcd = Etcd::new(&[cluster.etcd.url()], Duration::from_secs(3)).unwrap();
+    let leader_key = format!("/walrelay/c{}/leader", cluster.etcd.client_port);
+    let key_now = || async {
+        etcd.range(&leader_key, false)
+            .await
+            .unwrap()
+            .first()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(&kv.value).into_owned(),
+                    kv.create_revision,
+                )
+            })
+    };
+    let before = key_now().await.expect("the leader key");
+    assert_eq!(before.0, leader);
+
+    let mut client = None;
+    let mut id = 1000i64;
+    for _ in 0..20 {
+        id += 1;
+        assert!(
+            write_directly(&mut client, port, id).await,
+            "writes before the kill"
+        );
+    }
+    let agent = cluster.node_mut(&leader).agent.take().unwrap();
+    let log_path = agent.stderr_path.clone();
+    agent.kill9().await;
+
+    // Writes go on, straight to the old primary, until it refuses one. At that moment
+    // the old leader key must still be there, as it was: no one can have been promoted.
+    let key_at_refusal = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            id += 1;
+            if !write_directly(&mut client, port, id).await {
+                return key_now().await;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "the old primary still takes writes a minute after its agent died\n{}",
+            cluster.dump_logs()
+        )
+    });
+    assert_eq!(
+        key_at_refusal,
+        Some(before.clone()),
+        "the old primary refused writes only after its leader key had gone\n{}",
+        cluster.dump_logs()
+    );
+    // From then on, through the promotion of another node, no write commits there.
+    let new_leader = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            id += 1;
+            assert!(
+                !write_directly(&mut client, port, id).await,
+                "write {id} committed on the fenced old primary"
+            );
+            for n in cluster.nodes.iter().filter(|n| n.name != leader) {
+                if http(n.api_port, "/primary")
+                    .await
+                    .is_some_and(|(s, _)| s == 200)
+                {
+                    return n.name.clone();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no new leader\n{}", cluster.dump_logs()));
+    let after = key_now().await.expect("the new leader key");
+    assert_eq!(after.0, new_leader);
+    assert!(
+        after.1 > before.1,
+        "a new generation: {before:?} then {after:?}"
+    );
+    for _ in 0..10 {
+        id += 1;
+        assert!(
+            !write_directly(&mut client, port, id).await,
+            "write {id} committed on the old primary after {new_leader} was promoted"
+        );
+    }
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("fencing") && log.contains("the agent is gone"),
+        "{log}"
+    );
+    println!("{leader}'s agent killed: its server refused writes while it still held generation {}; {new_leader} leads at generation {}", before.1, after.1);
+
+    // The fenced node comes back as a replica of the new leader.
+    cluster.start_agent(&leader);
+    cluster.wait_streaming(&leader).await;
+}
+
+/// The fence process alone, with a stand-in for the postmaster: disarmed it exits with
+/// its agent and leaves the server be; armed, it fences at its deadline, or at once when
+/// the agent is gone; SIGTERM and SIGINT, meant for the agent, do not stop it.
+#[tokio::test]
+async fn the_fence_fires_at_its_deadline_or_when_its_agent_goes_and_outlives_sigterm() {
+    use std::io::Write;
+    use std::os::unix::process::ExitStatusExt;
+    let dir = scratch_dir();
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let postmaster = || {
+        let child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        std::fs::write(data.join("postmaster.pid"), format!("{}\n", child.id())).unwrap();
+        child
+    };
+    // Started, and ready once it says so (its signal handlers are in place by then).
+    let fence = || {
+        let mut f = std::process::Command::new(BIN)
+            .args(["ha-fence", "--data-dir"])
+            .arg(&data)
+            .env("RUST_LOG", "walrelay=debug")
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = std::io::BufReader::new(f.stderr.take().unwrap());
+        let mut lines = std::io::BufRead::lines(stderr);
+        assert!(
+            lines.any(|l| l.unwrap().contains("fence: watching")),
+            "the fence never said it was ready"
+        );
+        // Keep reading, so that its logging never blocks.
+        std::thread::spawn(move || lines.for_each(drop));
+        f
+    };
+    let fenced = |mut server: std::process::Child, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = server.try_wait().unwrap() {
+                assert_eq!(status.signal(), Some(nix::libc::SIGQUIT), "{what}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "not fenced: {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    // Disarmed: the agent goes, the server stays.
+    let mut server = postmaster();
+    let mut f = fence();
+    f.stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"arm 60000\ndisarm\n")
+        .unwrap();
+    drop(f.stdin.take());
+    assert!(f.wait().unwrap().success());
+    assert!(
+        server.try_wait().unwrap().is_none(),
+        "a disarmed fence left the server"
+    );
+    server.kill().unwrap();
+    server.wait().unwrap();
+
+    // Armed: at the deadline, even though the agent is still there (frozen, say) — and
+    // after SIGTERM and SIGINT.
+    let server = postmaster();
+    let mut f = fence();
+    let mut stdin = f.stdin.take().unwrap();
+    stdin.write_all(b"arm 600000\n").unwrap();
+    for signal in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+    ] {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(f.id() as i32), signal).unwrap();
+    }
+    stdin.write_all(b"arm 100\n").unwrap();
+    fenced(server, "at the deadline");
+    assert!(
+        f.try_wait().unwrap().is_none(),
+        "the fence outlives SIGTERM"
+    );
+    drop(stdin);
+    assert!(f.wait().unwrap().success());
+
+    // Armed, and the agent goes: at once, however long the lease had left.
+    let server = postmaster();
+    let mut f = fence();
+    f.stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"arm 600000\n")
+        .unwrap();
+    drop(f.stdin.take());
+    fenced(server, "when the agent went");
+    assert!(f.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switchover_under_writes_pauses_briefly_and_loses_nothing() {
     let mut cluster = Cluster::start(3, "");
@@ -682,8 +925,9 @@ async fn a_switchover_under_writes_pauses_briefly_and_loses_nothing() {
     // The old primary follows the new one.
     cluster.wait_streaming(&leader).await;
 
-    // The leader's agent alone crashes and restarts: it adopts the lease its key is bound
-    // to, and keeps leading under the same generation (no failover).
+    // The leader's agent alone crashes and restarts: its fence stops PostgreSQL when it
+    // dies; the new agent adopts the lease its key is bound to, starts the server again as
+    // the primary, and keeps leading under the same generation (no failover).
     let generation = cluster.cluster_json().await["generation"].clone();
     let agent = cluster.node_mut(&new_leader).agent.take().unwrap();
     agent.kill9().await;

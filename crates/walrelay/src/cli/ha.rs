@@ -29,6 +29,12 @@ pub async fn ha(config: HaConfig) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `walrelay ha-fence`: started by the agent, never by hand (see `ha::fence`).
+pub async fn fence(data_dir: std::path::PathBuf) -> anyhow::Result<ExitCode> {
+    crate::ha::fence::run(data_dir).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn read(config: &CtlConfig) -> anyhow::Result<(Store, ClusterView)> {
     let store = Store::new(&config.cluster).await?;
     let view = store

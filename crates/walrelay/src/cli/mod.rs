@@ -58,6 +58,13 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// The HA agent's fence (it starts one): stops the node's PostgreSQL once the agent's
+    /// lease may be gone or the agent is. Not for direct use.
+    #[command(name = "ha-fence", hide = true)]
+    HaFence {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
     /// Look at and steer an HA cluster (needs the `[cluster]` section of a node's file).
     Ctl {
         #[arg(long, short)]
@@ -104,6 +111,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             consume::consume(&crate::config::ConsumeConfig::load(&config)?).await
         }
         Command::Ha { config } => ha::ha(crate::config::ha::HaConfig::load(&config)?).await,
+        Command::HaFence { data_dir } => ha::fence(data_dir).await,
         Command::Ctl { config, command } => {
             let config = crate::config::ha::CtlConfig::load(&config)?;
             match command {

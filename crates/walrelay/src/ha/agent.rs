@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use walrelay_model::Lsn;
 
 use super::decide::{self, Action, LeaderKey, Member, Observation, Policy, Role};
+use super::fence::Fence;
 use super::node::{Node, NodeError, PgState, Upstream, Wait};
 use super::store::{
     ClusterView, HistoryEntry, MemberInfo, Store, StoreError, SwitchoverKey, SyncState,
@@ -32,72 +33,14 @@ pub struct Status {
 
 pub type SharedStatus = Arc<RwLock<Status>>;
 
-/// The fencing watchdog's view: when the lease was last renewed (and the cluster read),
-/// and whether this node acts as the primary (from the loop's first `Lead` or the start of
-/// a promotion, until it demotes or is seen as a replica).
-#[derive(Debug, Default)]
-struct FenceState {
-    renewed: Option<Instant>,
-    armed: bool,
-}
-
-/// Stops a primary's PostgreSQL (SIGQUIT to the postmaster: immediate shutdown) once its
-/// lease may have run out, checking every 100 ms — independent of the loop, which can be
-/// slow (a promotion replaying a backlog, a checkpoint, etcd calls that time out).
-#[derive(Debug, Clone)]
-struct Fence {
-    state: Arc<std::sync::Mutex<FenceState>>,
-    fence_after: std::time::Duration,
-    data_dir: std::path::PathBuf,
-}
-
-impl Fence {
-    fn renewed(&self, at: Instant) {
-        self.state.lock().expect("fence lock").renewed = Some(at);
-    }
-
-    fn arm(&self, on: bool) {
-        self.state.lock().expect("fence lock").armed = on;
-    }
-
-    /// One check; true if it fenced.
-    fn check(&self) -> bool {
-        let (renewed, armed) = {
-            let s = self.state.lock().expect("fence lock");
-            (s.renewed, s.armed)
-        };
-        if !armed || renewed.is_some_and(|t| t.elapsed() < self.fence_after) {
-            return false;
-        }
-        let Some(pid) = crate::pg::local::postmaster_pid(&self.data_dir) else {
-            return false;
-        };
-        let pid = nix::unistd::Pid::from_raw(pid);
-        if nix::sys::signal::kill(pid, None).is_err() {
-            return false;
-        }
-        tracing::warn!("fencing: the lease may have run out; immediate shutdown of PostgreSQL");
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGQUIT);
-        self.arm(false);
-        true
-    }
-
-    fn watch(self, cancel: CancellationToken) {
-        crate::task::spawn_named("fence", async move {
-            while !cancel.is_cancelled() {
-                self.check();
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        });
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Node(#[from] NodeError),
+    #[error("starting the fence process (walrelay ha-fence): {0}")]
+    Fence(std::io::Error),
 }
 
 pub struct Agent {
@@ -129,11 +72,8 @@ impl Agent {
     pub async fn new(config: Arc<HaConfig>, status: SharedStatus) -> Result<Agent, AgentError> {
         let store = Store::new(&config.cluster).await?;
         let node = Node::new(config.clone())?;
-        let fence = Fence {
-            state: Default::default(),
-            fence_after: config.policy().fence_after(),
-            data_dir: node.server.data_dir(),
-        };
+        let fence = Fence::start(node.server.data_dir(), config.policy().fence_after())
+            .map_err(AgentError::Fence)?;
         Ok(Agent {
             fence,
             policy: config.policy(),
@@ -156,9 +96,6 @@ impl Agent {
     /// Run until cancelled; then stop PostgreSQL and give up the lease, so that another
     /// node takes over at once rather than after `ttl`.
     pub async fn run(mut self, cancel: CancellationToken) -> Result<(), AgentError> {
-        let watchdog = CancellationToken::new();
-        self.fence.clone().watch(watchdog.clone());
-        let _stop_watchdog = watchdog.drop_guard();
         self.bootstrap_if_needed(&cancel).await?;
         while !cancel.is_cancelled() {
             let started = Instant::now();
@@ -181,12 +118,14 @@ impl Agent {
         }
         if self.node.postmaster_running() {
             // Another node must not take over while this server may take writes: the
-            // lease runs out on its own (and the watchdog is gone with this process).
+            // lease runs out on its own, and the fence, armed on a primary, stops the
+            // server when this process exits.
             tracing::error!(
                 "PostgreSQL still runs: keeping the leader key until the lease expires"
             );
             return Ok(());
         }
+        self.fence.arm(false);
         let me = self.me().to_string();
         let _ = self.store.release_leader(&me).await;
         self.store.revoke().await;
@@ -891,39 +830,6 @@ fn slot_plan(members: &[String], existing: &[(String, bool, bool)]) -> Vec<(Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-
-    /// The watchdog signals the process named in `postmaster.pid` only when armed and the
-    /// renewal is older than `fence_after`.
-    #[test]
-    fn the_watchdog_fences_an_armed_primary_whose_lease_went_stale() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .unwrap();
-        std::fs::write(
-            dir.path().join("postmaster.pid"),
-            format!("{}\n", child.id()),
-        )
-        .unwrap();
-        let fence = Fence {
-            state: Default::default(),
-            fence_after: Duration::from_millis(200),
-            data_dir: dir.path().to_path_buf(),
-        };
-        fence.renewed(Instant::now() - Duration::from_secs(1));
-        assert!(!fence.check(), "not armed: a replica is never fenced");
-        fence.arm(true);
-        fence.renewed(Instant::now());
-        assert!(!fence.check(), "a fresh lease");
-        fence.renewed(Instant::now() - Duration::from_secs(1));
-        assert!(fence.check(), "armed and stale: fenced");
-        let status = child.wait().unwrap();
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(nix::libc::SIGQUIT));
-        assert!(!fence.check(), "disarmed once fenced");
-    }
 
     #[test]
     fn every_member_gets_a_usable_slot_and_none_is_dropped() {

@@ -6,11 +6,14 @@
 //! - `store`: the cluster's keys in etcd (lease, leader by compare-and-set, members);
 //! - `node`: the PostgreSQL server the agent runs (initdb, clone, rewind, promote);
 //! - `agent`: the loop that ties them together;
+//! - `fence`: the process that stops a primary's PostgreSQL once its lease may be gone,
+//!   whatever became of the agent;
 //! - `api`: the REST API HAProxy and `ctl` use.
 
 pub mod agent;
 pub mod api;
 pub mod decide;
 pub mod etcd;
+pub mod fence;
 pub mod node;
 pub mod store;
