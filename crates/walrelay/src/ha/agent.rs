@@ -41,6 +41,9 @@ pub enum AgentError {
     Node(#[from] NodeError),
     #[error("starting the fence process (walrelay ha-fence): {0}")]
     Fence(std::io::Error),
+    /// A promote or demote no longer borne out by the leader key: not done.
+    #[error("{0}")]
+    Stale(String),
 }
 
 pub struct Agent {
@@ -223,6 +226,11 @@ impl Agent {
         for action in actions {
             match self.act(&action, role, &pg).await {
                 Ok(took_key) => again |= took_key,
+                Err(AgentError::Stale(why)) => {
+                    tracing::warn!(?action, why, "skipped: the leader key changed since");
+                    waiting = Some(format!("{action:?} skipped: {why}"));
+                    break;
+                }
                 Err(e) => {
                     tracing::warn!(?action, error = %e, "action failed; retrying next loop");
                     waiting = Some(format!("{action:?} failed: {e}"));
@@ -334,11 +342,23 @@ impl Agent {
 
     /// Do one action; true if it took the leader key (the next loop runs at once).
     async fn act(&mut self, action: &Action, role: Role, pg: &PgState) -> Result<bool, AgentError> {
+        if matches!(action, Action::Promote { .. } | Action::Demote { .. }) {
+            // Decided on the key as read at the start of the loop: does it still say so?
+            let now = self.store.read_leader().await.map_err(|e| e.to_string());
+            decide::still_stands(action, self.me(), &now).map_err(AgentError::Stale)?;
+        }
         match action {
-            Action::Demote { generation } => {
+            Action::Fence { generation } | Action::Demote { generation } => {
                 // Health checks stop sending writes here before the server is down.
                 self.status.write().expect("status lock").is_leader = false;
-                tracing::warn!(generation, "demoting: stopping PostgreSQL at once");
+                if matches!(action, Action::Fence { .. }) {
+                    tracing::warn!(
+                        generation,
+                        "fencing: the lease may have run out; stopping PostgreSQL at once"
+                    );
+                } else {
+                    tracing::warn!(generation, "demoting: stopping PostgreSQL at once");
+                }
                 self.node.stop(StopMode::Immediate).await?;
                 self.sync_pending = None;
             }

@@ -13,7 +13,8 @@
 //!   member, the most advanced itself (ties broken by name); in synchronous mode the
 //!   synchronous standby and no other — tries to take the key, and promotes only once it
 //!   holds it.
-//! - Every promote and demote carries the lease generation it was decided under.
+//! - Every promote and demote carries the lease generation it was decided under, and runs
+//!   only if the leader key, read again just before, still bears it out (`still_stands`).
 
 use std::time::Duration;
 
@@ -126,8 +127,10 @@ pub struct Observation {
 /// What the agent does, in the order given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Stop accepting writes now: stop PostgreSQL at once (a later `Follow` starts it again
-    /// read-only).
+    /// The lease may have run out: stop PostgreSQL at once, whatever etcd says now.
+    Fence { generation: u64 },
+    /// Another member holds the key: stop accepting writes now, stopping PostgreSQL at once
+    /// (a later `Follow` starts it again read-only).
     Demote { generation: u64 },
     /// Go on as the primary: the lease was renewed; keep slots and the synchronous standby
     /// in order.
@@ -154,7 +157,7 @@ pub fn decide(o: &Observation, p: &Policy) -> Vec<Action> {
     let generation = o.leader.as_ref().map_or(0, |l| l.generation);
     match o.role {
         Role::Primary => match (&o.leader, fresh) {
-            (_, false) => vec![Action::Demote { generation }],
+            (_, false) => vec![Action::Fence { generation }],
             (Some(l), true) if l.holder == o.me => match &o.switchover {
                 Some(s) if s.stopped_at.is_none() => vec![Action::StepDown {
                     generation: l.generation,
@@ -209,6 +212,51 @@ pub fn decide(o: &Observation, p: &Policy) -> Vec<Action> {
                 Err(why) => vec![Action::Wait { why }],
             }
         }
+    }
+}
+
+/// Whether `action`, decided on the leader key read at the start of the loop, still stands
+/// now that the key reads `now` (read again just before acting; `Err`: that read failed).
+/// `Err(why)`: skip it, and let the next loop decide again.
+///
+/// - A promotion runs only while this node holds the key at the generation it was decided
+///   under: a key lost since — expired, taken by another node, or even taken again by this
+///   one, a new generation — means the decision was made on a lease that is gone. A key
+///   that cannot be read: no promotion.
+/// - A demotion (another member held the key) is skipped only if this node holds the key
+///   now. Otherwise it runs, a failed read included: stopping writes is always safe, a
+///   primary that does not hold the key is not.
+/// - Fencing, and everything else, runs as decided: fencing never waits for etcd.
+pub fn still_stands(
+    action: &Action,
+    me: &str,
+    now: &Result<Option<LeaderKey>, String>,
+) -> Result<(), String> {
+    match (action, now) {
+        (Action::Promote { generation }, Ok(Some(k)))
+            if k.holder == me && k.generation == *generation =>
+        {
+            Ok(())
+        }
+        (Action::Promote { generation }, Ok(key)) => Err(format!(
+            "promotion decided under generation {generation}, but the leader key is now {}",
+            describe(key.as_ref())
+        )),
+        (Action::Promote { generation }, Err(e)) => Err(format!(
+            "promotion decided under generation {generation}, but the leader key cannot be read again: {e}"
+        )),
+        (Action::Demote { generation }, Ok(Some(k))) if k.holder == me => Err(format!(
+            "demotion decided under generation {generation}, but this node holds the key now ({})",
+            describe(Some(k))
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn describe(key: Option<&LeaderKey>) -> String {
+    match key {
+        Some(k) => format!("{}'s at generation {}", k.holder, k.generation),
+        None => "held by no one".into(),
     }
 }
 
@@ -342,15 +390,15 @@ mod tests {
         let mut o = observation("a", Role::Primary, Some("a"));
         // ttl 10 s − loop_wait 2 s − retry 3 s = 5 s: at 5 s without renewal, fence.
         o.since_renewal = Some(Duration::from_secs(5));
-        assert_eq!(decide(&o, &policy()), [Action::Demote { generation: 7 }]);
+        assert_eq!(decide(&o, &policy()), [Action::Fence { generation: 7 }]);
         o.since_renewal = None;
-        assert_eq!(decide(&o, &policy()), [Action::Demote { generation: 7 }]);
+        assert_eq!(decide(&o, &policy()), [Action::Fence { generation: 7 }]);
         o.since_renewal = Some(Duration::from_millis(4999));
         assert_eq!(decide(&o, &policy()), [Action::Lead]);
         // Even when the last read said no one holds the key: that read may be stale.
         let mut none = observation("a", Role::Primary, None);
         none.since_renewal = Some(Duration::from_secs(6));
-        assert_eq!(decide(&none, &policy()), [Action::Demote { generation: 0 }]);
+        assert_eq!(decide(&none, &policy()), [Action::Fence { generation: 0 }]);
     }
 
     #[test]
@@ -553,5 +601,57 @@ mod tests {
             stopped_at: None,
         });
         assert_eq!(decide(&orphan, &policy()), [Action::TakeLeaderKey]);
+    }
+
+    #[test]
+    fn a_promotion_runs_only_under_the_generation_it_was_decided_under() {
+        let promote = Action::Promote { generation: 7 };
+        let key = |holder: &str, generation| {
+            Ok(Some(LeaderKey {
+                holder: holder.into(),
+                generation,
+            }))
+        };
+        assert_eq!(still_stands(&promote, "b", &key("b", 7)), Ok(()));
+        // Lost and taken again by this node: a new lease, a new generation.
+        let why = still_stands(&promote, "b", &key("b", 9)).unwrap_err();
+        assert!(why.contains("b's at generation 9"), "{why}");
+        // Expired, or taken by another node.
+        assert!(still_stands(&promote, "b", &Ok(None))
+            .unwrap_err()
+            .contains("held by no one"));
+        assert!(still_stands(&promote, "b", &key("c", 8)).is_err());
+        // Not known now: not promoted.
+        assert!(still_stands(&promote, "b", &Err("timed out".into()))
+            .unwrap_err()
+            .contains("timed out"));
+    }
+
+    #[test]
+    fn a_demotion_is_skipped_only_when_this_node_holds_the_key_and_fencing_never() {
+        let demote = Action::Demote { generation: 7 };
+        let mine = Ok(Some(LeaderKey {
+            holder: "a".into(),
+            generation: 9,
+        }));
+        assert!(still_stands(&demote, "a", &mine).is_err());
+        for now in [
+            Ok(Some(LeaderKey {
+                holder: "b".into(),
+                generation: 7,
+            })),
+            Ok(Some(LeaderKey {
+                holder: "c".into(),
+                generation: 8,
+            })),
+            // Stopping writes is safe; a primary without the key is not.
+            Ok(None),
+            Err("etcd is out of reach".into()),
+        ] {
+            assert_eq!(still_stands(&demote, "a", &now), Ok(()), "{now:?}");
+        }
+        let fence = Action::Fence { generation: 7 };
+        assert_eq!(still_stands(&fence, "a", &mine), Ok(()));
+        assert_eq!(still_stands(&fence, "a", &Err("down".into())), Ok(()));
     }
 }

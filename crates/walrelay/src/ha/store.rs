@@ -295,6 +295,15 @@ impl Store {
         Ok(view)
     }
 
+    /// The leader key alone, as it is now (`None`: no one holds it).
+    pub async fn read_leader(&self) -> Result<Option<LeaderKey>, StoreError> {
+        let kvs = self.etcd.range(&self.key("leader"), false).await?;
+        Ok(kvs.first().map(|kv| LeaderKey {
+            holder: String::from_utf8_lossy(&kv.value).into(),
+            generation: kv.create_revision as u64,
+        }))
+    }
+
     pub async fn put_member(&self, me: &MemberInfo) -> Result<(), StoreError> {
         let value = serde_json::to_vec(me).expect("member info serialises");
         self.etcd
