@@ -287,3 +287,91 @@ impl Drop for TestEtcd {
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Files of a test certificate authority and a server certificate it signed.
+#[derive(Debug, Clone)]
+pub struct TestCerts {
+    /// The CA's certificate (PEM): what a client trusts.
+    pub ca: PathBuf,
+    /// The server's certificate (PEM) and private key (PEM).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A CA and a server certificate for `san` (as openssl's `subjectAltName` takes it, e.g.
+/// `IP:127.0.0.1`) signed by it, made with the `openssl` command (`.ci/run` installs it)
+/// in `dir`.
+pub fn make_certs(dir: &Path, san: &str) -> TestCerts {
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("running openssl: install it (.ci/run does)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let req = |kind: &str, rest: &[&str]| {
+        let mut args = vec!["req", kind];
+        args.extend(ec);
+        args.extend(rest);
+        openssl(&args);
+    };
+    req(
+        "-x509",
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=walrelay test CA",
+        ],
+    );
+    req(
+        "-new",
+        &[
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=walrelay test server",
+        ],
+    );
+    fs::write(dir.join("ext.cnf"), format!("subjectAltName={san}\n")).expect("ext.cnf");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    TestCerts {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+    }
+}

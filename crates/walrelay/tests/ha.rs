@@ -19,6 +19,8 @@ use crate::support::{Relay, BIN};
 // conninfo string must escape.
 const PASSWORD: &str = "Sup3r-Secret";
 const REPLICATION_PASSWORD: &str = "Rep:l1 ca'tor\\";
+/// `POST /switchover` (and so `ctl switchover`) needs it.
+const API_TOKEN: &str = "t0ken-for-switchover";
 
 struct HaNode {
     name: String,
@@ -32,12 +34,25 @@ struct HaNode {
 struct Cluster {
     etcd: TestEtcd,
     nodes: Vec<HaNode>,
+    /// The REST APIs speak HTTPS, with certificates this trusts.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Cluster {
     /// `n` nodes, their agents all started at once: one wins the bootstrap.
     fn start(n: usize, extra_cluster: &str) -> Cluster {
+        Self::start_with(n, extra_cluster, |_| (String::new(), None))
+    }
+
+    /// As `start`, with `api(dir)` giving more `[api]` keys (given a directory for files)
+    /// and, for HTTPS, what the tests' requests trust.
+    fn start_with(
+        n: usize,
+        extra_cluster: &str,
+        api: impl FnOnce(&std::path::Path) -> (String, Option<Arc<rustls::ClientConfig>>),
+    ) -> Cluster {
         let etcd = TestEtcd::start();
+        let (extra_api, tls) = api(&etcd.dir);
         let cluster_name = format!("c{}", etcd.client_port);
         let nodes = (1..=n)
             .map(|i| {
@@ -52,11 +67,12 @@ impl Cluster {
                         "[node]\nname = \"{name}\"\nbase_dir = \"{}\"\nport = {port}\napi = \"127.0.0.1:{api_port}\"\n\n\
                          [cluster]\nname = \"{cluster_name}\"\netcd = [\"{}\"]\n{extra_cluster}\n\n\
                          [postgres]\nsuperuser_password = {}\nreplication_password = {}\n\
-                         settings = {{ fsync = \"off\" }}\n",
+                         settings = {{ fsync = \"off\" }}\n\n[api]\ntoken = {}\n{extra_api}\n",
                         base_dir.display(),
                         etcd.url(),
                         toml_string(PASSWORD),
                         toml_string(REPLICATION_PASSWORD),
+                        toml_string(API_TOKEN),
                     ),
                 )
                 .unwrap();
@@ -70,7 +86,7 @@ impl Cluster {
                 }
             })
             .collect();
-        let mut cluster = Cluster { etcd, nodes };
+        let mut cluster = Cluster { etcd, nodes, tls };
         for i in 0..n {
             cluster.start_agent(&format!("n{}", i + 1));
         }
@@ -158,7 +174,8 @@ impl Cluster {
     async fn wait_for_leader(&self, not: Option<&str>, what: &str) -> String {
         wait_for(what, Duration::from_secs(120), || async {
             for n in &self.nodes {
-                if Some(n.name.as_str()) != not && http(n.api_port, "/primary").await?.0 == 200 {
+                if Some(n.name.as_str()) != not && self.get(n.api_port, "/primary").await?.0 == 200
+                {
                     return Some(n.name.clone());
                 }
             }
@@ -172,7 +189,7 @@ impl Cluster {
         wait_for(
             &format!("{name} to stream from the leader"),
             Duration::from_secs(120),
-            || async { (http(port, "/replica").await?.0 == 200).then_some(()) },
+            || async { (self.get(port, "/replica").await?.0 == 200).then_some(()) },
         )
         .await;
     }
@@ -180,11 +197,16 @@ impl Cluster {
     /// `/cluster` from the first agent that answers.
     async fn cluster_json(&self) -> J {
         for n in self.nodes.iter().filter(|n| n.agent.is_some()) {
-            if let Some((_, body)) = http(n.api_port, "/cluster").await {
+            if let Some((_, body)) = self.get(n.api_port, "/cluster").await {
                 return serde_json::from_str(&body).unwrap();
             }
         }
         panic!("no agent answered /cluster");
+    }
+
+    /// `GET path` on an agent's API, over HTTPS if the cluster's APIs speak it.
+    async fn get(&self, port: u16, path: &str) -> Option<(u16, String)> {
+        request(port, self.tls.as_ref(), "GET", path, &[], "").await
     }
 
     fn dump_logs(&self) -> String {
@@ -260,23 +282,62 @@ fn toml_string(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-/// One HTTP/1.0 request to an agent's API: the status and the body.
+/// One HTTP/1.0 GET to an agent's API: the status and the body.
 async fn http(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    request(port, None, "GET", path, &[], "").await
+}
+
+/// One HTTP/1.0 request to an agent's API, over TLS with `tls`: the status and the body.
+async fn request(
+    port: u16,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Option<(u16, String)> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    let mut text = format!(
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        text.push_str(&format!("{name}: {value}\r\n"));
+    }
+    text.push_str("\r\n");
+    text.push_str(body);
+    let answer = match tls {
+        None => exchange(tcp, &text).await?,
+        Some(config) => {
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let stream = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(name, tcp)
+                .await
+                .ok()?;
+            exchange(stream, &text).await?
+        }
+    };
+    let status = answer.split_whitespace().nth(1)?.parse().ok()?;
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
     Some((status, body))
+}
+
+async fn exchange(
+    mut s: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    request: &str,
+) -> Option<String> {
+    s.write_all(request.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .ok()?;
+    // A TLS peer that closes without close_notify has still said all it had to.
+    if read.is_err() && buf.is_empty() {
+        return None;
+    }
+    Some(String::from_utf8_lossy(&buf).into_owned())
 }
 
 async fn connect(port: u16) -> Option<tokio_postgres::Client> {
@@ -954,6 +1015,125 @@ async fn a_switchover_under_writes_pauses_briefly_and_loses_nothing() {
     assert_eq!(cluster.cluster_json().await["generation"], generation);
 }
 
+/// `POST /switchover` to the API on `port`, with `Authorization: <auth>` if given.
+async fn post_switchover(
+    port: u16,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    auth: Option<&str>,
+) -> (u16, String) {
+    let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+    request(port, tls, "POST", "/switchover", &headers, "{}")
+        .await
+        .expect("an answer to POST /switchover")
+}
+
+/// The REST API over HTTPS, with a token: the checks answer anyone (HAProxy does not
+/// authenticate), `POST /switchover` without the token or with a wrong one is refused
+/// (401) and changes nothing, with it is accepted (202) and done; `ctl switchover` sends
+/// the token over HTTPS, checking the agent's certificate against `api.cafile`, and
+/// without a token it refuses to ask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_serves_https_and_takes_a_switchover_only_with_its_token() {
+    use rustls::pki_types::pem::PemObject;
+    let cluster = Cluster::start_with(2, "", |dir| {
+        let certs = walrelay_testkit::make_certs(dir, "IP:127.0.0.1");
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(&certs.ca).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let api = format!(
+            "certfile = {}\nkeyfile = {}\ncafile = {}\n",
+            toml_string(&certs.cert.display().to_string()),
+            toml_string(&certs.key.display().to_string()),
+            toml_string(&certs.ca.display().to_string()),
+        );
+        (api, Some(Arc::new(client)))
+    });
+    // Over HTTPS (`get` speaks it for this cluster).
+    let leader = cluster.wait_for_leader(None, "a bootstrapped leader").await;
+    let other = cluster
+        .nodes
+        .iter()
+        .find(|n| n.name != leader)
+        .unwrap()
+        .name
+        .clone();
+    cluster.wait_streaming(&other).await;
+    let port = cluster.node(&leader).api_port;
+    let (status, body) = cluster
+        .get(port, "/health")
+        .await
+        .expect("/health over HTTPS");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"is_leader\":true"), "{body}");
+    assert!(
+        http(port, "/health").await.is_none_or(|(s, _)| s != 200),
+        "plain HTTP on the HTTPS port"
+    );
+
+    let tls = cluster.tls.clone();
+    for auth in [None, Some("Bearer wrong"), Some(API_TOKEN)] {
+        let (status, body) = post_switchover(port, tls.as_ref(), auth).await;
+        assert_eq!(status, 401, "{auth:?}: {body}");
+    }
+    assert!(
+        cluster.cluster_json().await["switchover"].is_null(),
+        "a refused request asked for nothing"
+    );
+    let bearer = format!("Bearer {API_TOKEN}");
+    let (status, body) = post_switchover(port, tls.as_ref(), Some(&bearer)).await;
+    assert_eq!(status, 202, "{body}");
+    let new_leader = cluster
+        .wait_for_leader(Some(&leader), "the other node to lead after the switchover")
+        .await;
+    assert_eq!(new_leader, other);
+
+    // ctl, with a file that has no token, does not ask...
+    cluster.wait_streaming(&leader).await;
+    let config = std::fs::read_to_string(&cluster.node(&leader).config).unwrap();
+    let no_token: String = config
+        .lines()
+        .filter(|l| !l.starts_with("token ="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let ctl_config = cluster.etcd.dir.join("ctl-no-token.toml");
+    std::fs::write(&ctl_config, no_token).unwrap();
+    let ctl = |config: PathBuf| async move {
+        tokio::process::Command::new(BIN)
+            .args(["ctl", "--config"])
+            .arg(config)
+            .arg("switchover")
+            .output()
+            .await
+            .unwrap()
+    };
+    let out = ctl(ctl_config).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("api.token is not set"), "{stderr}");
+    // ...with the node's file, it sends the token over HTTPS and the role goes back.
+    let out = ctl(cluster.node(&leader).config.clone()).await;
+    assert!(
+        out.status.success(),
+        "ctl switchover: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        cluster.dump_logs()
+    );
+    assert_eq!(
+        cluster
+            .wait_for_leader(Some(&new_leader), "the first node to lead again")
+            .await,
+        leader
+    );
+}
+
 /// The default lease ttl, which the tests do not change.
 fn cluster_ttl() -> Duration {
     Duration::from_secs(8)
@@ -1113,6 +1293,7 @@ async fn the_store_replaces_a_lost_lease_fences_stale_leaders_and_skips_foreign_
     let member = |name: &str| MemberInfo {
         name: name.into(),
         api: "127.0.0.1:1".into(),
+        api_tls: false,
         host: "127.0.0.1".into(),
         port: 1,
         role: "replica".into(),

@@ -17,9 +17,17 @@ pub async fn ha(config: HaConfig) -> anyhow::Result<ExitCode> {
     let status = SharedStatus::default();
     let api_store = Store::new(&config.cluster).await?;
     let addr = config.node.api.parse().expect("validated at load");
-    let api = api::serve(addr, status.clone(), Arc::new(api_store), cancel.clone())
-        .await
-        .with_context(|| format!("the REST API cannot listen on {addr}"))?;
+    let tls = api::tls_config(&config.api).map_err(anyhow::Error::msg)?;
+    let api = api::serve(
+        addr,
+        tls,
+        config.api.token.clone(),
+        status.clone(),
+        Arc::new(api_store),
+        cancel.clone(),
+    )
+    .await
+    .with_context(|| format!("the REST API cannot listen on {addr}"))?;
     tracing::info!(member = %config.node.name, api = %addr, "HA agent started");
     let agent = Agent::new(config, status).await?;
     let result = agent.run(cancel.clone()).await;
@@ -117,15 +125,41 @@ pub fn render_list(view: &ClusterView, cluster: &str) -> String {
     out
 }
 
-/// `ctl switchover`: ask, then wait until another member leads on a fresh lease.
+/// `ctl switchover`: ask the leader's REST API (with `api.token`), then wait until another
+/// member leads on a fresh lease.
 pub async fn switchover(config: &CtlConfig, candidate: Option<String>) -> anyhow::Result<ExitCode> {
     let (store, view) = read(config).await?;
     if let Err(why) = api::validate_switchover(&view, None, candidate.as_deref()) {
         anyhow::bail!("switchover refused: {why}");
     }
     let old = view.leader.clone().expect("validated: a leader exists");
-    if !store.request_switchover(&old, candidate.clone()).await? {
-        anyhow::bail!("a switchover is already under way");
+    if config.api.token.is_none() {
+        anyhow::bail!(
+            "api.token is not set: the leader's REST API takes a switchover only with it"
+        );
+    }
+    let leader = view
+        .member(&old.holder)
+        .with_context(|| format!("the leader {} has no member key in etcd", old.holder))?;
+    let request = serde_json::to_string(&api::SwitchoverRequest {
+        leader: Some(old.holder.clone()),
+        candidate: candidate.clone(),
+    })
+    .expect("serialises");
+    let answer = crate::ha::client::post(
+        &leader.api,
+        leader.api_tls,
+        &config.api,
+        "/switchover",
+        &request,
+    )
+    .await?;
+    if answer.status != 202 {
+        anyhow::bail!(
+            "the leader's REST API refused the switchover ({}): {}",
+            answer.status,
+            answer.body.trim()
+        );
     }
     let asked = Instant::now();
     println!(

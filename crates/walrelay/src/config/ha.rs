@@ -18,6 +18,8 @@ pub struct HaConfig {
     pub cluster: ClusterSection,
     #[serde(default)]
     pub postgres: PostgresSection,
+    #[serde(default)]
+    pub api: ApiSection,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,6 +107,59 @@ impl fmt::Debug for PostgresSection {
             .field("hba", &self.hba)
             .field("settings", &self.settings)
             .finish_non_exhaustive()
+    }
+}
+
+/// The REST API's protection: a token for its one unsafe request, and TLS.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    /// `POST /switchover` needs `Authorization: Bearer <token>`; without a token set, it is
+    /// refused. `ctl switchover` sends it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Serve HTTPS with this certificate chain (PEM)...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certfile: Option<PathBuf>,
+    /// ...and this private key (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyfile: Option<PathBuf>,
+    /// For `ctl`: the CA certificates (PEM) that agents' HTTPS certificates are checked
+    /// against; without it, the system's trust store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cafile: Option<PathBuf>,
+}
+
+impl fmt::Debug for ApiSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiSection")
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .field("certfile", &self.certfile)
+            .field("keyfile", &self.keyfile)
+            .field("cafile", &self.cafile)
+            .finish()
+    }
+}
+
+impl ApiSection {
+    fn validate(&self, invalid: impl Fn(&str, String) -> ConfigError) -> Result<(), ConfigError> {
+        if self.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err(invalid(
+                "api.token",
+                "must not be empty (leave it out to refuse POST /switchover)".into(),
+            ));
+        }
+        match (&self.certfile, &self.keyfile) {
+            (Some(_), None) => Err(invalid(
+                "api.keyfile",
+                "api.certfile is set: give its private key too".into(),
+            )),
+            (None, Some(_)) => Err(invalid(
+                "api.certfile",
+                "api.keyfile is set: give its certificate too".into(),
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -198,6 +253,7 @@ impl HaConfig {
             .policy()
             .validate()
             .map_err(|m| invalid("cluster.ttl", m))?;
+        config.api.validate(invalid)?;
         Ok(config)
     }
 
@@ -219,21 +275,35 @@ impl ClusterSection {
     }
 }
 
-/// The keys `ctl` needs (it runs with a node's file, or with a cluster section alone).
+/// The keys `ctl` needs (it runs with a node's file, or with a `[cluster]` section and an
+/// `[api]` section alone).
 #[derive(Debug, Clone, Deserialize)]
 pub struct CtlConfig {
     pub cluster: ClusterSection,
+    pub api: ApiSection,
 }
 
 impl CtlConfig {
     pub fn load(path: &Path) -> Result<CtlConfig, ConfigError> {
+        Self::parse(&read_file(path)?, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<CtlConfig, ConfigError> {
         #[derive(Deserialize)]
         struct Any {
             cluster: ClusterSection,
+            #[serde(default)]
+            api: ApiSection,
         }
-        let any: Any = parse_toml(&read_file(path)?, path)?;
+        let any: Any = parse_toml(text, path)?;
+        any.api.validate(|key, message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.into(),
+            message,
+        })?;
         Ok(CtlConfig {
             cluster: any.cluster,
+            api: any.api,
         })
     }
 }

@@ -186,12 +186,14 @@ fn consume_config_errors_name_the_key() {
     );
 }
 
+const HA_API: &str = "[api]\ntoken = \"t0ken\"\ncertfile = \"api.pem\"\nkeyfile = \"api.key\"\ncafile = \"ca.pem\"\n";
+
 const HA_MINIMAL: &str = "[node]\nname = \"n1\"\nbase_dir = \"/x\"\nport = 5432\napi = \"127.0.0.1:8008\"\n[cluster]\nname = \"c\"\netcd = [\"http://e:2379\"]\n";
 
 /// Every key of a `walrelay ha` file.
 fn ha_key_paths() -> Vec<String> {
     let text = format!(
-        "{HA_MINIMAL}[postgres]\nhba = [\"host all all 0/0 reject\"]\nsettings = {{ a = \"1\" }}\n"
+        "{HA_MINIMAL}[postgres]\nhba = [\"host all all 0/0 reject\"]\nsettings = {{ a = \"1\" }}\n{HA_API}"
     );
     let config = ha::HaConfig::parse(&text, Path::new("node.toml")).unwrap();
     key_paths_with(&config, "postgres.settings.", "postgres.settings")
@@ -241,12 +243,37 @@ fn ha_config_defaults_and_errors_name_the_key() {
             .to_string();
         assert!(e.contains(key), "{to}: {e}");
     }
-    let secret = format!("{HA_MINIMAL}[postgres]\nsuperuser_password = \"hunter2\"\n");
-    let c = ha::HaConfig::parse(&secret, Path::new("n.toml")).unwrap();
-    assert!(
-        !format!("{c:?}").contains("hunter2"),
-        "passwords stay out of logs"
+    let secret = format!(
+        "{HA_MINIMAL}[postgres]\nsuperuser_password = \"hunter2\"\n[api]\ntoken = \"t0p-s3cret\"\n"
     );
+    let c = ha::HaConfig::parse(&secret, Path::new("n.toml")).unwrap();
+    let shown = format!("{c:?}");
+    assert!(
+        !shown.contains("hunter2") && !shown.contains("t0p-s3cret"),
+        "passwords and tokens stay out of logs: {shown}"
+    );
+    for (api, key) in [
+        ("[api]\ncertfile = \"a.pem\"\n", "api.keyfile"),
+        ("[api]\nkeyfile = \"a.key\"\n", "api.certfile"),
+        ("[api]\ntoken = \" \"\n", "api.token"),
+        ("[api]\ntokn = \"x\"\n", "unknown field `tokn`"),
+    ] {
+        let text = format!("{HA_MINIMAL}{api}");
+        let e = ha::HaConfig::parse(&text, Path::new("n.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key), "{api}: {e}");
+    }
+    // ctl reads `[cluster]` and `[api]`, whatever else the file holds.
+    let ctl = ha::CtlConfig::parse(&format!("{HA_MINIMAL}{HA_API}"), Path::new("n.toml")).unwrap();
+    assert_eq!(ctl.api.token.as_deref(), Some("t0ken"));
+    assert!(ha::CtlConfig::parse(
+        &format!("{HA_MINIMAL}[api]\ncertfile = \"a.pem\"\n"),
+        Path::new("n.toml")
+    )
+    .unwrap_err()
+    .to_string()
+    .contains("api.keyfile"));
 }
 
 #[test]

@@ -316,6 +316,7 @@ impl Agent {
         let me = MemberInfo {
             name: n.name.clone(),
             api: n.api.clone(),
+            api_tls: self.config.api.certfile.is_some(),
             host: n.host.clone(),
             port: n.port,
             role: pg.role().as_str().into(),

@@ -8,10 +8,11 @@
 //! - `agent`: the loop that ties them together;
 //! - `fence`: the process that stops a primary's PostgreSQL once its lease may be gone,
 //!   whatever became of the agent;
-//! - `api`: the REST API HAProxy and `ctl` use.
+//! - `api`: the REST API HAProxy and `ctl` use; `client`: `ctl`'s requests to it.
 
 pub mod agent;
 pub mod api;
+pub mod client;
 pub mod decide;
 pub mod etcd;
 pub mod fence;

@@ -45,8 +45,11 @@ pub enum StoreError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberInfo {
     pub name: String,
-    /// The REST API's address.
+    /// The REST API's address...
     pub api: String,
+    /// ...served over HTTPS.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub api_tls: bool,
     pub host: String,
     pub port: u16,
     /// `primary`, `replica` or `stopped`.
@@ -507,6 +510,7 @@ mod tests {
         serde_json::to_string(&MemberInfo {
             name: name.into(),
             api: "127.0.0.1:8008".into(),
+            api_tls: false,
             host: "127.0.0.1".into(),
             port: 5432,
             role: "replica".into(),
