@@ -1262,6 +1262,78 @@ async fn a_taken_api_port_and_an_unreachable_etcd_are_clear_errors() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A node whose file leaves a password at the documented default does not bootstrap a
+/// new cluster: it exits naming the keys to set, having created nothing — no data
+/// directory, no `initialize` key.
+#[tokio::test]
+async fn a_new_cluster_is_not_bootstrapped_with_the_default_passwords() {
+    let etcd = TestEtcd::start();
+    let raw = walrelay::ha::etcd::Etcd::new(&[etcd.url()], Duration::from_secs(3)).unwrap();
+    for (postgres, named, not_named) in [
+        (
+            "",
+            "postgres.superuser_password and postgres.replication_password",
+            None,
+        ),
+        (
+            "[postgres]\nsuperuser_password = \"s3t\"\n",
+            "postgres.replication_password",
+            Some("postgres.superuser_password"),
+        ),
+    ] {
+        let base_dir = etcd.dir.join("n1");
+        let config = etcd.dir.join("n1.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[node]\nname = \"n1\"\nbase_dir = \"{}\"\nport = {}\napi = \"127.0.0.1:{}\"\n\
+                 [cluster]\nname = \"c\"\netcd = [\"{}\"]\n{postgres}",
+                base_dir.display(),
+                free_port(),
+                free_port(),
+                etcd.url()
+            ),
+        )
+        .unwrap();
+        let ha = tokio::time::timeout(
+            Duration::from_secs(60),
+            tokio::process::Command::new(BIN)
+                .args(["ha", "--config"])
+                .arg(&config)
+                .output(),
+        )
+        .await
+        .expect("the agent exits")
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&ha.stderr);
+        assert!(!ha.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "walrelay: error: refusing to bootstrap a new cluster with the documented default password: set {named}"
+            )),
+            "{stderr}"
+        );
+        if let Some(key) = not_named {
+            assert!(!stderr.contains(&format!("set {key}")), "{stderr}");
+        }
+        assert!(!base_dir.join("data").exists(), "no data directory");
+        assert!(
+            raw.range("/walrelay/c/initialize", false)
+                .await
+                .unwrap()
+                .is_empty(),
+            "initialize not claimed"
+        );
+        assert!(
+            raw.range("/walrelay/c/members/", true)
+                .await
+                .unwrap()
+                .is_empty(),
+            "no member key left behind"
+        );
+    }
+}
+
 fn cluster_section(etcd: &TestEtcd, name: &str) -> walrelay::config::ha::ClusterSection {
     walrelay::config::ha::ClusterSection {
         name: name.into(),

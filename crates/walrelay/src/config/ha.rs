@@ -71,12 +71,14 @@ pub struct ClusterSection {
 pub struct PostgresSection {
     #[serde(default = "default_superuser")]
     pub superuser: String,
-    #[serde(default = "default_password")]
-    pub superuser_password: String,
+    /// `None`: not set, which means the documented default — enough to join a cluster made
+    /// with it, refused for bootstrapping a new one (`unset_passwords`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superuser_password: Option<String>,
     #[serde(default = "default_replication_user")]
     pub replication_user: String,
-    #[serde(default = "default_password")]
-    pub replication_password: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_password: Option<String>,
     /// Extra `pg_hba.conf` lines (loopback replication and superuser access are always
     /// there).
     #[serde(default)]
@@ -90,12 +92,39 @@ impl Default for PostgresSection {
     fn default() -> Self {
         PostgresSection {
             superuser: default_superuser(),
-            superuser_password: default_password(),
+            superuser_password: None,
             replication_user: default_replication_user(),
-            replication_password: default_password(),
+            replication_password: None,
             hba: Vec::new(),
             settings: BTreeMap::new(),
         }
+    }
+}
+
+impl PostgresSection {
+    pub fn superuser_password(&self) -> &str {
+        self.superuser_password
+            .as_deref()
+            .unwrap_or(DEFAULT_PASSWORD)
+    }
+
+    pub fn replication_password(&self) -> &str {
+        self.replication_password
+            .as_deref()
+            .unwrap_or(DEFAULT_PASSWORD)
+    }
+
+    /// The password keys not set in the file, which stand for the documented default: a
+    /// new cluster is not bootstrapped with them.
+    pub fn unset_passwords(&self) -> Vec<&'static str> {
+        let mut unset = Vec::new();
+        if self.superuser_password.is_none() {
+            unset.push("postgres.superuser_password");
+        }
+        if self.replication_password.is_none() {
+            unset.push("postgres.replication_password");
+        }
+        unset
     }
 }
 
@@ -189,9 +218,8 @@ fn yes() -> bool {
 fn default_superuser() -> String {
     "postgres".into()
 }
-fn default_password() -> String {
-    "walrelay".into()
-}
+/// The documented default of both passwords (what earlier versions bootstrapped with).
+const DEFAULT_PASSWORD: &str = "walrelay";
 fn default_replication_user() -> String {
     "replicator".into()
 }

@@ -193,7 +193,7 @@ const HA_MINIMAL: &str = "[node]\nname = \"n1\"\nbase_dir = \"/x\"\nport = 5432\
 /// Every key of a `walrelay ha` file.
 fn ha_key_paths() -> Vec<String> {
     let text = format!(
-        "{HA_MINIMAL}[postgres]\nhba = [\"host all all 0/0 reject\"]\nsettings = {{ a = \"1\" }}\n{HA_API}"
+        "{HA_MINIMAL}[postgres]\nsuperuser_password = \"a\"\nreplication_password = \"b\"\nhba = [\"host all all 0/0 reject\"]\nsettings = {{ a = \"1\" }}\n{HA_API}"
     );
     let config = ha::HaConfig::parse(&text, Path::new("node.toml")).unwrap();
     key_paths_with(&config, "postgres.settings.", "postgres.settings")
@@ -243,10 +243,27 @@ fn ha_config_defaults_and_errors_name_the_key() {
             .to_string();
         assert!(e.contains(key), "{to}: {e}");
     }
+    assert_eq!(
+        c.postgres.unset_passwords(),
+        [
+            "postgres.superuser_password",
+            "postgres.replication_password"
+        ]
+    );
+    assert_eq!(
+        c.postgres.superuser_password(),
+        "walrelay",
+        "the documented default"
+    );
     let secret = format!(
         "{HA_MINIMAL}[postgres]\nsuperuser_password = \"hunter2\"\n[api]\ntoken = \"t0p-s3cret\"\n"
     );
     let c = ha::HaConfig::parse(&secret, Path::new("n.toml")).unwrap();
+    assert_eq!(
+        c.postgres.unset_passwords(),
+        ["postgres.replication_password"]
+    );
+    assert_eq!(c.postgres.superuser_password(), "hunter2");
     let shown = format!("{c:?}");
     assert!(
         !shown.contains("hunter2") && !shown.contains("t0p-s3cret"),

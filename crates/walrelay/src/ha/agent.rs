@@ -41,6 +41,8 @@ pub enum AgentError {
     Node(#[from] NodeError),
     #[error("starting the fence process (walrelay ha-fence): {0}")]
     Fence(std::io::Error),
+    #[error("refusing to bootstrap a new cluster with the documented default password: set {0} in this node's file (the same on every node)")]
+    DefaultPasswords(String),
     /// A promote or demote no longer borne out by the leader key: not done.
     #[error("{0}")]
     Stale(String),
@@ -99,6 +101,13 @@ impl Agent {
     /// Run until cancelled; then stop PostgreSQL and give up the lease, so that another
     /// node takes over at once rather than after `ttl`.
     pub async fn run(mut self, cancel: CancellationToken) -> Result<(), AgentError> {
+        let unset = self.config.postgres.unset_passwords();
+        if !unset.is_empty() {
+            tracing::warn!(
+                keys = unset.join(", "),
+                "not set: the documented default password is in use (a new cluster is not bootstrapped with it)"
+            );
+        }
         self.bootstrap_if_needed(&cancel).await?;
         while !cancel.is_cancelled() {
             let started = Instant::now();
@@ -154,6 +163,12 @@ impl Agent {
                 }
             }
         };
+        let unset = self.config.postgres.unset_passwords();
+        if view.initialized.is_none() && !unset.is_empty() {
+            // Before this member is published or anything claimed: nothing to undo.
+            self.store.revoke().await;
+            return Err(AgentError::DefaultPasswords(unset.join(" and ")));
+        }
         self.publish(&PgState::default(), "starting", None).await;
         let me = self.me().to_string();
         if view.initialized.is_some() || !self.store.claim_initialize(&me).await? {

@@ -126,7 +126,7 @@ impl Node {
     fn options(config: &HaConfig) -> LocalServerOptions {
         let mut o = LocalServerOptions::new(&config.node.base_dir, config.node.port);
         o.superuser = config.postgres.superuser.clone();
-        o.password = config.postgres.superuser_password.clone();
+        o.password = config.postgres.superuser_password().to_string();
         o.data_checksums = true;
         o
     }
@@ -150,9 +150,9 @@ impl Node {
         let text = format!(
             "*:*:*:{}:{}\n*:*:*:{}:{}\n",
             escape(&p.replication_user),
-            escape(&p.replication_password),
+            escape(p.replication_password()),
             escape(&p.superuser),
-            escape(&p.superuser_password)
+            escape(p.superuser_password())
         );
         self.server.write_owned(&self.pgpass_path(), &text, 0o600)?;
         Ok(())
@@ -257,7 +257,7 @@ impl Node {
             .batch_execute(&format!(
                 "SET log_min_error_statement = panic; CREATE ROLE {} WITH REPLICATION LOGIN PASSWORD {}",
                 quote::ident(&p.replication_user),
-                quote::literal(&p.replication_password)
+                quote::literal(p.replication_password())
             ))
             .await
             .map_err(sql_err)?;
