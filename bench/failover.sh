@@ -222,6 +222,9 @@ namespace = "failover"
 etcd = ["http://127.0.0.1:$etcd_port"]
 
 [postgres]
+# Set explicitly: a new cluster refuses the documented defaults left implicit.
+superuser_password = "walrelay"
+replication_password = "walrelay"
 settings = { fsync = "$fsync" }
 TOML
   done
