@@ -1,92 +1,17 @@
 //! TLS to PostgreSQL: the sslmode rules of libpq, on SQL and replication connections alike.
 
-use std::path::Path;
-use std::process::Command;
-
 use walrelay::pg::conninfo::{resolve, ProcessEnv};
 use walrelay::pg::replication::ReplicationConnection;
 use walrelay::pg::{sql, PgError};
-use walrelay_testkit::TestPg;
+use walrelay_testkit::{make_certs, TestCerts, TestPg};
 
 use crate::support::*;
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let o = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// A CA and a server certificate for `san`, signed by it. Returns the CA file.
-fn make_certs(dir: &Path, name: &str, san: &str) -> std::path::PathBuf {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let ca_key = format!("{name}-ca.key");
-    let ca_crt = format!("{name}-ca.crt");
-    let mut args = vec!["req", "-x509"];
-    args.extend(ec);
-    args.extend([
-        "-keyout",
-        &ca_key,
-        "-out",
-        &ca_crt,
-        "-days",
-        "2",
-        "-subj",
-        "/CN=walrelay test CA",
-    ]);
-    openssl(dir, &args);
-    let mut args = vec!["req"];
-    args.extend(ec);
-    args.extend([
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=walrelay test server",
-    ]);
-    openssl(dir, &args);
-    std::fs::write(dir.join("ext.cnf"), format!("subjectAltName={san}\n")).unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            &ca_crt,
-            "-CAkey",
-            &ca_key,
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ],
-    );
-    dir.join(ca_crt)
-}
-
-/// Turn TLS on for a running test server with the certificate in `dir`.
-fn enable_tls(pg: &TestPg, dir: &Path) {
+/// Turn TLS on for a running test server with the certificate `certs`.
+fn enable_tls(pg: &TestPg, certs: &TestCerts) {
     let data = pg.server.data_dir();
-    for f in ["server.crt", "server.key"] {
-        std::fs::copy(dir.join(f), data.join(f)).unwrap();
+    for (from, f) in [(&certs.cert, "server.crt"), (&certs.key, "server.key")] {
+        std::fs::copy(from, data.join(f)).unwrap();
         let owner = std::fs::metadata(&data).unwrap();
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         nix::unistd::chown(
@@ -128,11 +53,12 @@ async fn both_connect(url: &str) -> Result<(), PgError> {
 #[tokio::test]
 async fn sslmodes_verify_as_libpq_does() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = make_certs(dir.path(), "good", "DNS:localhost");
+    let certs = make_certs(dir.path(), "DNS:localhost");
+    let ca = certs.ca.clone();
     let other_dir = tempfile::tempdir().unwrap();
-    let other_ca = make_certs(other_dir.path(), "other", "DNS:localhost");
+    let other_ca = make_certs(other_dir.path(), "DNS:localhost").ca;
     let pg = TestPg::start();
-    enable_tls(&pg, dir.path());
+    enable_tls(&pg, &certs);
     let ca = ca.display().to_string();
 
     both_connect(&url(
@@ -199,9 +125,10 @@ async fn require_fails_against_a_server_without_tls() {
 #[tokio::test]
 async fn capture_runs_over_tls() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = make_certs(dir.path(), "good", "DNS:localhost");
+    let certs = make_certs(dir.path(), "DNS:localhost");
+    let ca = certs.ca.clone();
     let pg = TestPg::start();
-    enable_tls(&pg, dir.path());
+    enable_tls(&pg, &certs);
     let db = pg.create_db("app").await;
     db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
         .await
