@@ -336,6 +336,22 @@ impl Store {
             .await?)
     }
 
+    /// Put `value` (as JSON) at the cluster key `name`, unbound to any lease, only while
+    /// `leader` holds the leader key at its generation.
+    async fn put_as_leader(
+        &self,
+        leader: &LeaderKey,
+        name: &str,
+        value: &impl Serialize,
+    ) -> Result<(), StoreError> {
+        let put = Op::Put {
+            key: self.key(name),
+            value: serde_json::to_vec(value).expect("cluster state serialises"),
+            lease: None,
+        };
+        self.as_leader(leader, &[put]).await
+    }
+
     /// `ops` only while `leader` holds the leader key at its generation; `NotLeader` if
     /// not.
     async fn as_leader(&self, leader: &LeaderKey, ops: &[Op]) -> Result<(), StoreError> {
@@ -385,17 +401,7 @@ impl Store {
 
     /// The synchronous standby, as the leader names it.
     pub async fn put_sync(&self, leader: &LeaderKey, sync: &SyncState) -> Result<(), StoreError> {
-        let value = serde_json::to_vec(sync).expect("sync state serialises");
-        let key = self.key("sync");
-        self.as_leader(
-            leader,
-            &[Op::Put {
-                key,
-                value,
-                lease: None,
-            }],
-        )
-        .await
+        self.put_as_leader(leader, "sync", sync).await
     }
 
     /// Ask `leader` for a switchover: true if asked, false if one is already under way;
@@ -471,17 +477,8 @@ impl Store {
         leader: &LeaderKey,
         entry: &HistoryEntry,
     ) -> Result<(), StoreError> {
-        let value = serde_json::to_vec(entry).expect("serialises");
-        let key = self.key(&format!("history/{:020}", entry.generation));
-        self.as_leader(
-            leader,
-            &[Op::Put {
-                key,
-                value,
-                lease: None,
-            }],
-        )
-        .await
+        let name = format!("history/{:020}", entry.generation);
+        self.put_as_leader(leader, &name, entry).await
     }
 
     pub async fn put_config(&self, config: &serde_json::Value) -> Result<(), StoreError> {
