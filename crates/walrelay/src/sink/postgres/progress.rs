@@ -57,6 +57,42 @@ pub fn session_name(progress_name: &str) -> String {
     name
 }
 
+/// Waiting for another session to end: pauses that grow from 50 ms to 2 s, and what is
+/// waited for said at most every 30 s.
+struct Patience {
+    pause: Duration,
+    last_said: Option<Instant>,
+}
+
+impl Patience {
+    fn new() -> Self {
+        Patience {
+            pause: Duration::from_millis(50),
+            last_said: None,
+        }
+    }
+
+    /// Time to say (again) what is waited for; the caller logs it.
+    fn time_to_say(&mut self) -> bool {
+        let due = self
+            .last_said
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(30));
+        if due {
+            self.last_said = Some(Instant::now());
+        }
+        due
+    }
+
+    fn has_waited(&self) -> bool {
+        self.last_said.is_some()
+    }
+
+    async fn pause(&mut self) {
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(Duration::from_secs(2));
+    }
+}
+
 /// Wait until the session of `client` owns the progress named `name` on its target: it
 /// holds the advisory lock that one live relay holds per sink, and no other session of the
 /// sink (`session_name`) is left — a killed relay's backends end once they have finished
@@ -68,8 +104,7 @@ pub async fn fence(client: &Client, name: &str) -> Result<(), ProgressError> {
     let sql_err = |e| PgError::from_sql("taking ownership of the sink's progress", e);
     let application = session_name(name);
     let mut locked = false;
-    let mut pause = Duration::from_millis(50);
-    let mut last_said: Option<Instant> = None;
+    let mut patience = Patience::new();
     loop {
         if !locked {
             locked = client
@@ -91,12 +126,12 @@ pub async fn fence(client: &Client, name: &str) -> Result<(), ProgressError> {
             .await
             .map_err(sql_err)?;
         if locked && others.is_empty() {
-            if last_said.is_some() {
+            if patience.has_waited() {
                 tracing::info!(progress = %name, "the earlier sessions have ended; this relay owns the sink's progress");
             }
             return Ok(());
         }
-        if last_said.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+        if patience.time_to_say() {
             let sessions: Vec<String> = others
                 .iter()
                 .map(|r| format!("pid {} ({})", r.get::<_, i32>(0), r.get::<_, String>(1)))
@@ -106,10 +141,8 @@ pub async fn fence(client: &Client, name: &str) -> Result<(), ProgressError> {
                 sessions = %sessions.join(", "),
                 "waiting for other walrelay sessions of this sink on the target to end (a relay that was killed leaves its sessions finishing what they were sent; if another relay runs for this sink, stop one of them)"
             );
-            last_said = Some(Instant::now());
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(2));
+        patience.pause().await;
     }
 }
 
@@ -198,8 +231,7 @@ impl Progress {
         if !self.origin {
             return Ok(());
         }
-        let mut pause = Duration::from_millis(50);
-        let mut last_said: Option<Instant> = None;
+        let mut patience = Patience::new();
         loop {
             let taken = session
                 .client()
@@ -212,12 +244,10 @@ impl Progress {
             match taken {
                 Ok(_) => return Ok(()),
                 Err(e) if e.code() == Some("55006") => {
-                    if last_said.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                    if patience.time_to_say() {
                         tracing::warn!(origin = %self.name, error = %e, "waiting for the session that holds the replication origin to end");
-                        last_said = Some(Instant::now());
                     }
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(2));
+                    patience.pause().await;
                 }
                 Err(e) => return Err(e.into()),
             }
