@@ -199,8 +199,7 @@ impl ApplySession {
 
     /// Undo the open transaction.
     pub async fn rollback(&mut self) -> Result<(), ApplyError> {
-        self.pending.clear();
-        self.queued_bytes = 0;
+        self.take_pending();
         self.runs.clear();
         // A staging table created in this transaction is gone with it.
         self.stages.clear();
@@ -247,8 +246,7 @@ impl ApplySession {
             return Ok(());
         };
         // Changes queued after the savepoint belong to the aborted subtransactions.
-        self.pending.clear();
-        self.queued_bytes = 0;
+        self.take_pending();
         self.runs.clear();
         self.stages.clear();
         self.client

@@ -56,6 +56,12 @@ pub(super) struct Pending {
 }
 
 impl ApplySession {
+    /// The queued statements, leaving none (and their byte count at zero).
+    pub(super) fn take_pending(&mut self) -> Vec<Pending> {
+        self.queued_bytes = 0;
+        std::mem::take(&mut self.pending)
+    }
+
     /// Apply one change by its own statement.
     pub(super) async fn apply_row(
         &mut self,
@@ -258,8 +264,7 @@ impl ApplySession {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let pending = std::mem::take(&mut self.pending);
-        self.queued_bytes = 0;
+        let pending = self.take_pending();
         let client = &self.client;
         let results = futures_util::future::join_all(
             pending
