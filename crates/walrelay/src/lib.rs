@@ -13,6 +13,7 @@ pub mod ha;
 pub mod pg;
 pub mod pipeline;
 pub mod schema;
+pub mod sets;
 pub mod sink;
 pub mod snapshot;
 pub mod source;

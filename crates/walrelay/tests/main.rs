@@ -12,6 +12,7 @@ mod fanout;
 mod ha;
 mod restart;
 mod schema;
+mod sets;
 mod shutdown;
 mod support;
 mod tls;

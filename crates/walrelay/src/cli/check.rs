@@ -126,16 +126,32 @@ pub async fn inspect(config: &Config) -> Report {
         ));
     }
 
-    let tables = match setup::select_tables(&client, &cfg.tables).await {
-        Ok(t) => t,
+    let (plan, tables) = match crate::sets::Plan::resolve(&client, &config.sets()).await {
+        Ok(resolved) => resolved,
         Err(e) => {
             r.problem(e.to_string());
-            Vec::new()
+            Default::default()
         }
     };
+    for set in &plan.sets {
+        let shapes: Vec<_> = plan.tables_of(Some(std::slice::from_ref(set))).collect();
+        let shaped = shapes
+            .iter()
+            .filter(|t| !t.keeps_columns() || t.source != t.target || t.filter.is_some())
+            .count();
+        r.ok(format!(
+            "set {set:?}: {} table(s), {shaped} filtered, renamed or transformed",
+            shapes.len()
+        ));
+    }
     let mut without_identity = 0;
-    for t in &tables {
-        if !t.has_replica_identity() {
+    for (t, shape) in tables.iter().zip(plan.tables()) {
+        if shape.identity_full && t.replica_identity != 'f' {
+            r.ok(format!(
+                "table {} gets REPLICA IDENTITY FULL at start (identity = \"full\"): its updates and deletes then log the whole old row",
+                t.qualified_name()
+            ));
+        } else if !t.has_replica_identity() {
             without_identity += 1;
             r.problem(t.identity_advice());
         }

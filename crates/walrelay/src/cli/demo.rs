@@ -251,8 +251,10 @@ fn demo_config(source_url: &str, target_url: &str, spill: &Path) -> Config {
             messages: true,
         },
         snapshot: SnapshotConfig::default(),
+        sets: Vec::new(),
         sinks: vec![SinkConfig::Postgres(PostgresSinkConfig {
             name: "target".into(),
+            sets: None,
             url: ConnString(target_url.to_string()),
             on_conflict: OnConflict::Error,
             batch_transactions: 10_000,

@@ -2,6 +2,7 @@
 //! with its default in `docs/config.md`; a test keeps the two in step.
 
 pub mod ha;
+pub mod sets;
 pub mod table_pattern;
 
 use std::fmt;
@@ -12,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::pg::conninfo;
+pub use sets::{SetConfig, TableOptions, Transform};
 pub use table_pattern::{NamePattern, TablePattern};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -20,6 +22,9 @@ pub struct Config {
     pub source: SourceConfig,
     #[serde(default)]
     pub snapshot: SnapshotConfig,
+    /// Replication sets (`[[set]]`); `source.tables` is the set named `default`.
+    #[serde(default, rename = "set", skip_serializing_if = "Vec::is_empty")]
+    pub sets: Vec<SetConfig>,
     #[serde(default, rename = "sink")]
     pub sinks: Vec<SinkConfig>,
 }
@@ -77,6 +82,8 @@ pub struct SourceConfig {
     pub slot: String,
     #[serde(default = "default_name")]
     pub publication: String,
+    /// Tables replicated as the set `default`, beside any `[[set]]`.
+    #[serde(default)]
     pub tables: Vec<TablePattern>,
     /// How often to send a standby status update; capped at `wal_sender_timeout / 2`.
     #[serde(default = "default_status_interval", with = "humantime_serde")]
@@ -107,6 +114,15 @@ impl SinkConfig {
         }
     }
 
+    /// The sets this sink takes; `None` for all.
+    pub fn sets(&self) -> Option<&[String]> {
+        match self {
+            SinkConfig::Jsonl(j) => j.sets.as_deref(),
+            SinkConfig::Postgres(p) => p.sets.as_deref(),
+            SinkConfig::Amqp(a) => a.sets.as_deref(),
+        }
+    }
+
     /// Applies a transaction as PostgreSQL streams it, rather than whole at its commit.
     pub fn applies_streams(&self) -> bool {
         match self {
@@ -122,6 +138,9 @@ pub struct JsonlSinkConfig {
     /// A name for logs and status; default `jsonl`.
     #[serde(default = "default_jsonl_name")]
     pub name: String,
+    /// The replication sets it takes (`[[set]]` names); default all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sets: Option<Vec<String>>,
     /// A file to append to, or `-` for standard output.
     pub path: String,
 }
@@ -147,6 +166,9 @@ pub struct PostgresSinkConfig {
     /// A name for logs, status and the progress record; default `postgres`.
     #[serde(default = "default_postgres_name")]
     pub name: String,
+    /// The replication sets it takes (`[[set]]` names); default all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sets: Option<Vec<String>>,
     /// libpq connection string of the target database.
     pub url: ConnString,
     #[serde(default)]
@@ -172,6 +194,9 @@ pub struct AmqpSinkConfig {
     /// A name for logs and status; default `amqp`.
     #[serde(default = "default_amqp_name")]
     pub name: String,
+    /// The replication sets it takes (`[[set]]` names); default all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sets: Option<Vec<String>>,
     /// `amqp://user:password@host:port/vhost` or `amqps://...`.
     pub url: AmqpUrl,
     /// PEM file of the CA that signed the broker's certificate (amqps); default: the
@@ -505,12 +530,19 @@ impl Config {
         if s.publication.is_empty() {
             return Err(("source.publication".into(), "must not be empty".into()));
         }
-        if s.tables.is_empty() {
+        if s.tables.is_empty() && self.sets.is_empty() {
             return Err((
                 "source.tables".into(),
-                "list at least one table, e.g. tables = [\"public.orders\", \"sales.*\"]".into(),
+                "list at least one table, e.g. tables = [\"public.orders\", \"sales.*\"], or configure a [[set]]".into(),
             ));
         }
+        if !s.tables.is_empty() && self.sets.iter().any(|x| x.name == sets::DEFAULT_SET) {
+            return Err((
+                "set.name".into(),
+                format!("{:?} is the set source.tables makes: rename the [[set]], or move source.tables into it", sets::DEFAULT_SET),
+            ));
+        }
+        sets::validate(&self.sets)?;
         if s.status_interval < Duration::from_millis(10) {
             return Err((
                 "source.status_interval".into(),
@@ -533,7 +565,23 @@ impl Config {
             ));
         }
         let mut names = std::collections::HashSet::new();
+        let all_sets = self.sets();
         for (i, sink) in self.sinks.iter().enumerate() {
+            for wanted in sink.sets().unwrap_or_default() {
+                if !all_sets.iter().any(|x| x.name == *wanted) {
+                    return Err((
+                        format!("sink[{i}].sets"),
+                        format!(
+                            "no set is named {wanted:?}; the sets are {}",
+                            all_sets
+                                .iter()
+                                .map(|x| format!("{:?}", x.name))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                }
+            }
             if !names.insert(sink.name()) {
                 return Err((
                     format!("sink[{i}].name"),
@@ -575,6 +623,21 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Every set: the `[[set]]`s, and `source.tables` as the set `default`.
+    pub fn sets(&self) -> Vec<SetConfig> {
+        let mut sets = Vec::new();
+        if !self.source.tables.is_empty() {
+            sets.push(SetConfig {
+                name: sets::DEFAULT_SET.into(),
+                tables: self.source.tables.clone(),
+                options: Vec::new(),
+                hash_key: None,
+            });
+        }
+        sets.extend(self.sets.iter().cloned());
+        sets
     }
 
     /// Where spill files go.

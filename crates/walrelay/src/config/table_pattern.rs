@@ -39,6 +39,19 @@ impl TablePattern {
         self.schema.matches(schema) && self.table.matches(table)
     }
 
+    /// Names one table: no wildcard.
+    pub fn is_exact(&self) -> bool {
+        self.exact().is_some()
+    }
+
+    /// The (schema, table) it names, when it has no wildcard.
+    pub fn exact(&self) -> Option<(&str, &str)> {
+        match (&self.schema, &self.table) {
+            (NamePattern::Exact(s), NamePattern::Exact(t)) => Some((s, t)),
+            _ => None,
+        }
+    }
+
     pub fn parse(input: &str) -> Result<Self, TablePatternError> {
         let err = |reason: &str| TablePatternError {
             input: input.to_string(),

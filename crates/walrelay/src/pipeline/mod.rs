@@ -152,8 +152,9 @@ async fn run_once(
 ) -> Result<RunEnd, RelayError> {
     // Until the stream runs, a signal drops whatever is under way (checks, waits for the
     // slot, the copy's catalog reads): nothing of it needs finishing.
+    let sets = config.sets();
     let prepared = tokio::select! {
-        p = pgoutput::prepare(&config.source) => p?,
+        p = pgoutput::prepare(&config.source, &sets) => p?,
         _ = cancel.cancelled() => return Ok(RunEnd::Stopped),
     };
     let start = prepared.confirmed;
@@ -162,7 +163,7 @@ async fn run_once(
     let copy = crate::snapshot::copy_for_sinks(
         config,
         &prepared.info,
-        &prepared.tables,
+        &prepared.plan,
         prepared.snapshot.as_ref(),
         cancel,
     );
@@ -180,13 +181,14 @@ async fn run_once(
     };
     let mut handles = Vec::new();
     for sink_config in &config.sinks {
+        let tables = prepared.plan.targets_of(sink_config.sets());
         let context = sink::SinkContext {
             start,
             slot: &config.source.slot,
             database: &prepared.info.dbname,
-            tables: &prepared.tables,
+            tables: &tables,
         };
-        handles.push(sink::start(sink_config, &context).await?);
+        handles.push(sink::start(sink_config, &context, &prepared.plan).await?);
     }
     let fanout = Fanout { sinks: handles };
     if let Err(e) = send_snapshot_reads(config, &prepared, &fanout).await {
@@ -247,6 +249,22 @@ async fn send_snapshot_reads(
     if readers.is_empty() {
         return Ok(());
     }
+    // The tables of the sets some reader takes (each reader's route keeps its own).
+    let takes = |sink: &SinkHandle, set: &String| {
+        config
+            .sinks
+            .iter()
+            .find(|c| c.name() == sink.name)
+            .and_then(|c| c.sets())
+            .is_none_or(|sets| sets.contains(set))
+    };
+    let tables: Vec<_> = prepared
+        .plan
+        .tables()
+        .iter()
+        .filter(|t| readers.iter().any(|r| takes(r, &t.set)))
+        .cloned()
+        .collect();
     let mut _temporary = None;
     let point = match &prepared.snapshot {
         Some(p) => p.clone(),
@@ -257,9 +275,7 @@ async fn send_snapshot_reads(
             point
         }
     };
-    let rows =
-        crate::snapshot::read::send_reads(&prepared.info, &prepared.tables, &point, &readers)
-            .await?;
+    let rows = crate::snapshot::read::send_reads(&prepared.info, &tables, &point, &readers).await?;
     tracing::info!(rows, snapshot_lsn = %point.lsn, sinks = readers.len(), "snapshot rows sent");
     Ok(())
 }

@@ -110,6 +110,28 @@ pub struct SinkHandle {
     pub input: queue::QueueSender,
     pub durable: watch::Receiver<Lsn>,
     pub task: JoinHandle<Result<(), SinkError>>,
+    /// The sink takes only some sets: what it is sent goes through its route.
+    pub route: Option<std::sync::Mutex<crate::sets::route::SinkRoute>>,
+}
+
+impl SinkHandle {
+    /// What this sink is sent of `batch` (of `bytes`): the batch itself, or the part its
+    /// sets take (`None` when nothing is left).
+    pub fn routed(&self, batch: &Batch, bytes: usize) -> Option<(Batch, usize)> {
+        let Some(route) = &self.route else {
+            return Some((batch.clone(), bytes));
+        };
+        let events = match route.lock() {
+            Ok(mut r) => r.filter(batch),
+            // A panic while routing leaves nothing sound to route with.
+            Err(_) => return None,
+        };
+        if events.is_empty() {
+            return None;
+        }
+        let bytes = queue::batch_bytes(&events);
+        Some((Arc::new(events), bytes))
+    }
 }
 
 /// Wait for a sink's task to finish (after its input is closed) and return how it ended.
@@ -132,7 +154,7 @@ pub struct SinkContext<'a> {
     pub slot: &'a str,
     /// The source database's name (for Debezium's `source.db`).
     pub database: &'a str,
-    /// The tables captured, as (schema, name).
+    /// The tables this sink takes (of its sets), as (schema, name) on the targets.
     pub tables: &'a [(String, String)],
 }
 
@@ -140,6 +162,7 @@ pub struct SinkContext<'a> {
 pub async fn start(
     config: &SinkConfig,
     context: &SinkContext<'_>,
+    plan: &crate::sets::Plan,
 ) -> Result<SinkHandle, SinkError> {
     let (input, rx) = queue::channel();
     let (durable_tx, durable) = watch::channel(context.start);
@@ -175,6 +198,11 @@ pub async fn start(
         input,
         durable,
         task,
+        route: config.sets().map(|sets| {
+            std::sync::Mutex::new(crate::sets::route::SinkRoute::new(
+                plan.targets_of(Some(sets)),
+            ))
+        }),
     })
 }
 

@@ -31,6 +31,7 @@ use crate::pg::conninfo::ConnInfo;
 use crate::pg::replication::ReplicationConnection;
 use crate::pg::{quote, sql, PgError};
 use crate::schema::{self, catalog, SchemaError, TableDef, TargetTable};
+use crate::sets::Plan;
 use crate::task::spawn_named;
 use progress::TableProgress;
 use state::CopyState;
@@ -73,12 +74,24 @@ pub struct SnapshotPoint {
 
 /// One table to copy into one target.
 struct Job {
+    /// The table on the target.
     def: TableDef,
+    from: CopyFrom,
     created: bool,
     text_format: bool,
     progress: Arc<TableProgress>,
     /// Ranges of the table not yet finished.
     remaining: usize,
+}
+
+/// What a copy reads of a source table: its kept columns, the rows of its set's filter,
+/// and — where the set transforms values — the shaper each row goes through.
+#[derive(Clone)]
+struct CopyFrom {
+    table: String,
+    columns: Vec<String>,
+    filter: Option<String>,
+    rows: Option<Arc<crate::sets::ShapedRelation>>,
 }
 
 /// A range of a table for one worker.
@@ -94,7 +107,7 @@ struct Chunk {
 pub async fn copy_for_sinks(
     config: &Config,
     source: &ConnInfo,
-    tables: &[(String, String)],
+    plan: &Plan,
     snapshot: Option<&SnapshotPoint>,
     cancel: &CancellationToken,
 ) -> Result<Lsn, SnapshotError> {
@@ -114,9 +127,31 @@ pub async fn copy_for_sinks(
     }
     let catalog_client = sql::connect(source).await?;
     catalog::prepare_session(&catalog_client).await?;
-    let mut defs = Vec::new();
-    for (schema_name, table) in tables {
-        defs.push(catalog::read_table(&catalog_client, schema_name, table).await?);
+    // Each table as its set shapes it on the targets, and what the copy reads of it.
+    let mut defs: HashMap<(String, String), (TableDef, CopyFrom)> = HashMap::new();
+    for shape in plan.tables() {
+        let (schema_name, table) = &shape.source;
+        let source_def = catalog::read_table(&catalog_client, schema_name, table).await?;
+        let columns: Vec<String> = source_def
+            .data_columns()
+            .filter(|c| shape.copies(&c.name))
+            .map(|c| c.name.clone())
+            .collect();
+        let rows = if shape.changes_values() {
+            let shaper = shape
+                .copy_rows(&columns)
+                .map_err(|e| SnapshotError::Worker(e.to_string()))?;
+            Some(Arc::new(shaper))
+        } else {
+            None
+        };
+        let from = CopyFrom {
+            table: quote::qualified(schema_name, table),
+            columns: columns.iter().map(|c| quote::ident(c)).collect(),
+            filter: shape.filter.clone(),
+            rows,
+        };
+        defs.insert(shape.source.clone(), (shape.table_def(&source_def), from));
     }
     // What each target needs.
     let mut plans = Vec::new();
@@ -129,7 +164,10 @@ pub async fn copy_for_sinks(
         state::ensure_table(&target).await?;
         let states = state::read(&target, &name).await?;
         let mut jobs = Vec::new();
-        for def in &defs {
+        for shape in plan.tables_of(sink.sets.as_deref()) {
+            let Some((def, from)) = defs.get(&shape.source) else {
+                continue;
+            };
             let key = (def.schema.clone(), def.name.clone());
             let created = match states.get(&key) {
                 Some(CopyState::Done(lsn)) => {
@@ -166,7 +204,7 @@ pub async fn copy_for_sinks(
                     }
                 },
             };
-            jobs.push((def.clone(), created));
+            jobs.push((def.clone(), from.clone(), created));
         }
         if !jobs.is_empty() {
             plans.push((name, target_info, target, jobs));
@@ -186,7 +224,7 @@ pub async fn copy_for_sinks(
         }
     };
     for (name, target_info, target, jobs) in plans {
-        for (def, created) in &jobs {
+        for (def, _, created) in &jobs {
             state::mark_copying(&target, &name, &def.schema, &def.name, *created).await?;
         }
         let from = CopySource {
@@ -232,7 +270,7 @@ async fn copy_tables(
     from: &CopySource<'_>,
     target: &ConnInfo,
     name: &str,
-    jobs: Vec<(TableDef, bool)>,
+    jobs: Vec<(TableDef, CopyFrom, bool)>,
     cancel: &CancellationToken,
 ) -> Result<(), SnapshotError> {
     let CopySource {
@@ -245,7 +283,7 @@ async fn copy_tables(
     // Ranges by total size, TOAST included: a table whose rows live mostly in TOAST has few
     // heap pages but much to copy.
     let range_bytes = i64::try_from(config.snapshot.range_bytes).unwrap_or(i64::MAX);
-    for (def, created) in jobs {
+    for (def, from, created) in jobs {
         let size = catalog_client
             .query_one(
                 "SELECT coalesce(max(pg_relation_size(c.oid)), 0)::int8,
@@ -254,7 +292,7 @@ async fn copy_tables(
                  FROM pg_class c
                  WHERE c.oid = $1::text::regclass
                     OR c.oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = $1::text::regclass)",
-                &[&def.qualified()],
+                &[&from.table],
             )
             .await
             .map_err(|e| PgError::from_sql("reading table sizes", e))?;
@@ -289,8 +327,9 @@ async fn copy_tables(
             }
         }
         planned.push(Job {
-            text_format: needs_text_format(&def),
+            text_format: from.rows.is_some() || needs_text_format(&def),
             def,
+            from,
             created,
             progress,
             remaining: count,
@@ -406,15 +445,25 @@ async fn worker(
         .batch_execute("SET default_toast_compression = lz4")
         .await;
     while let Some(chunk) = shared.next_chunk() {
-        let (def, text, progress) = {
+        let (def, from, text, progress) = {
             let jobs = shared
                 .jobs
                 .lock()
                 .map_err(|e| SnapshotError::Worker(e.to_string()))?;
             let j = &jobs[chunk.job];
-            (j.def.clone(), j.text_format, j.progress.clone())
+            (
+                j.def.clone(),
+                j.from.clone(),
+                j.text_format,
+                j.progress.clone(),
+            )
         };
-        copy_range(&mut src, &dst, &def, chunk.pages, text, &progress).await?;
+        let table = CopyTable {
+            def: &def,
+            from: &from,
+            text,
+        };
+        copy_range(&mut src, &dst, &table, chunk.pages, &progress).await?;
         let last = {
             let mut jobs = shared
                 .jobs
@@ -440,30 +489,51 @@ async fn worker(
     Ok(())
 }
 
-/// Stream one range of a table from the source's COPY into the target's.
+/// One table of one copy: where it goes, what is read of it, and in which format.
+struct CopyTable<'a> {
+    def: &'a TableDef,
+    from: &'a CopyFrom,
+    text: bool,
+}
+
+/// Stream one range of a table from the source's COPY into the target's: as it comes, or
+/// row by row through the set's transforms.
 async fn copy_range(
     src: &mut ReplicationConnection,
     dst: &Client,
-    def: &TableDef,
+    table: &CopyTable<'_>,
     pages: Option<(i64, Option<i64>)>,
-    text: bool,
     progress: &TableProgress,
 ) -> Result<(), SnapshotError> {
-    let cols: Vec<String> = def.data_columns().map(|c| quote::ident(&c.name)).collect();
-    let cols = cols.join(", ");
-    let filter = match pages {
-        None => String::new(),
-        Some((start, None)) => format!(" WHERE ctid >= '({start},0)'::tid"),
-        Some((start, Some(end))) => {
-            format!(" WHERE ctid >= '({start},0)'::tid AND ctid < '({end},0)'::tid")
-        }
+    let CopyTable { def, from, text } = *table;
+    let target_cols: Vec<String> = def.data_columns().map(|c| quote::ident(&c.name)).collect();
+    let mut conditions = Vec::new();
+    match pages {
+        None => {}
+        Some((start, None)) => conditions.push(format!("ctid >= '({start},0)'::tid")),
+        Some((start, Some(end))) => conditions.push(format!(
+            "ctid >= '({start},0)'::tid AND ctid < '({end},0)'::tid"
+        )),
+    }
+    if let Some(f) = &from.filter {
+        conditions.push(format!("({f})"));
+    }
+    let filter = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conditions.join(" AND "))
     };
     let format = if text { "" } else { " (FORMAT binary)" };
     let out_sql = format!(
-        "COPY (SELECT {cols} FROM {}{filter}) TO STDOUT{format}",
-        def.qualified()
+        "COPY (SELECT {} FROM {}{filter}) TO STDOUT{format}",
+        from.columns.join(", "),
+        from.table
     );
-    let in_sql = format!("COPY {} ({cols}) FROM STDIN{format}", def.qualified());
+    let in_sql = format!(
+        "COPY {} ({}) FROM STDIN{format}",
+        def.qualified(),
+        target_cols.join(", ")
+    );
     let err = |e: tokio_postgres::Error| SnapshotError::Copy {
         table: def.shown(),
         error: PgError::from_sql("", e),
@@ -479,11 +549,61 @@ async fn copy_range(
         progress
             .bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
+        let data = match &from.rows {
+            None => data,
+            Some(shaper) => shape_copy_rows(&data, shaper, from.columns.len()).map_err(|what| {
+                SnapshotError::Worker(format!("copying {}: {what}", def.shown()))
+            })?,
+        };
         sink.send(data).await.map_err(err)?;
     }
     let rows = sink.finish().await.map_err(err)?;
     progress.rows.fetch_add(rows, Ordering::Relaxed);
     Ok(())
+}
+
+/// Whole rows of COPY text through a set's transforms, back into COPY text. The source's
+/// COPY output ends every row with a newline, and `copy_out_next` returns whole rows.
+fn shape_copy_rows(
+    data: &bytes::Bytes,
+    shaper: &crate::sets::ShapedRelation,
+    columns: usize,
+) -> Result<bytes::Bytes, String> {
+    let mut out = Vec::with_capacity(data.len());
+    for line in data.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let row = shaper.row(read::parse_copy_row(line, columns)?);
+        for (i, value) in row.0.iter().enumerate() {
+            if i > 0 {
+                out.push(b'\t');
+            }
+            write_copy_value(&mut out, value);
+        }
+        out.push(b'\n');
+    }
+    Ok(bytes::Bytes::from(out))
+}
+
+/// One value in COPY text format: `\N` for NULL, backslash escapes for the characters
+/// COPY gives meaning to.
+fn write_copy_value(out: &mut Vec<u8>, value: &walrelay_model::Value) {
+    use walrelay_model::Value;
+    let text: &[u8] = match value {
+        Value::Null | Value::UnchangedToast => {
+            out.extend_from_slice(b"\\N");
+            return;
+        }
+        Value::Text(s) => s.as_bytes(),
+        Value::Binary(b) => b,
+    };
+    for &b in text {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => out.push(b),
+        }
+    }
 }
 
 /// Binary COPY carries the type oids of array elements and composite fields; they differ

@@ -15,6 +15,7 @@ use super::{SnapshotError, SnapshotPoint};
 use crate::pg::conninfo::ConnInfo;
 use crate::pg::quote;
 use crate::pg::replication::ReplicationConnection;
+use crate::sets::TableShape;
 use crate::sink::{Batch, SinkHandle};
 
 /// Events per batch handed to the sinks.
@@ -24,7 +25,7 @@ const BATCH_EVENTS: usize = 1024;
 /// sent.
 pub async fn send_reads(
     source: &ConnInfo,
-    tables: &[(String, String)],
+    tables: &[Arc<TableShape>],
     point: &SnapshotPoint,
     sinks: &[&SinkHandle],
 ) -> Result<u64, SnapshotError> {
@@ -37,15 +38,27 @@ pub async fn send_reads(
     ))
     .await?;
     let mut seq = 0u64;
-    for (schema, name) in tables {
-        let relation = Arc::new(relation(&mut conn, schema, name).await?);
-        let columns: Vec<String> = relation
+    for shape in tables {
+        let (schema, name) = &shape.source;
+        let source_relation = Arc::new(relation(&mut conn, schema, name).await?);
+        let columns: Vec<String> = source_relation
             .columns
             .iter()
             .map(|c| quote::ident(&c.name))
             .collect();
+        // Rows go through the set's shape as the stream's do; its filter is the same
+        // predicate the publication evaluates.
+        let shaped = shape
+            .relation(source_relation.clone())
+            .map_err(|e| SnapshotError::Worker(e.to_string()))?;
+        let relation = shaped.relation.clone();
+        let filter = shape
+            .filter
+            .as_ref()
+            .map(|f| format!(" WHERE ({f})"))
+            .unwrap_or_default();
         conn.copy_out(&format!(
-            "COPY (SELECT {} FROM {}) TO STDOUT",
+            "COPY (SELECT {} FROM {}{filter}) TO STDOUT",
             columns.join(", "),
             quote::qualified(schema, name)
         ))
@@ -62,12 +75,14 @@ pub async fn send_reads(
                 batch.push(walrelay_model::Event::Read {
                     position: Position::new(point.lsn, seq),
                     relation: relation.clone(),
-                    row: parse_copy_row(line, relation.columns.len()).map_err(|what| {
-                        SnapshotError::Worker(format!(
-                            "reading {}: {what}",
-                            relation.qualified_name()
-                        ))
-                    })?,
+                    row: shaped.row(parse_copy_row(line, source_relation.columns.len()).map_err(
+                        |what| {
+                            SnapshotError::Worker(format!(
+                                "reading {}: {what}",
+                                relation.qualified_name()
+                            ))
+                        },
+                    )?),
                 });
                 if batch.len() >= BATCH_EVENTS {
                     send(sinks, std::mem::take(&mut batch)).await?;
@@ -96,8 +111,11 @@ async fn send(
     let bytes = crate::sink::queue::batch_bytes(&events);
     let batch: Batch = Arc::new(events);
     for s in sinks {
+        let Some((batch, bytes)) = s.routed(&batch, bytes) else {
+            continue;
+        };
         s.input
-            .send(batch.clone(), bytes)
+            .send(batch, bytes)
             .await
             .map_err(|_| SnapshotError::Worker(format!("sink {} stopped", s.name)))?;
     }
@@ -164,7 +182,7 @@ fn lines(chunk: &Bytes) -> impl Iterator<Item = &[u8]> {
 }
 
 /// One row of COPY text format: tab-separated, `\N` for NULL, backslash escapes.
-fn parse_copy_row(line: &[u8], columns: usize) -> Result<Row, String> {
+pub(crate) fn parse_copy_row(line: &[u8], columns: usize) -> Result<Row, String> {
     let mut values = Vec::with_capacity(columns);
     for field in line.split(|&b| b == b'\t') {
         if field == b"\\N" {

@@ -14,7 +14,7 @@ use walrelay_model::{
 
 use super::decode::{OldTuple, PgOutputMessage, RawRelation};
 use super::spill::{SpillError, SpillReader, SpillWriter};
-use crate::config::TablePattern;
+use crate::sets::{Plan, ShapedRelation};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AssembleError {
@@ -30,11 +30,13 @@ pub enum AssembleError {
     },
     #[error(transparent)]
     Spill(#[from] SpillError),
+    #[error("replication set: {0}")]
+    Shape(#[from] crate::sets::shape::ShapeError),
 }
 
+/// A relation the server described: as the sinks see it when a set captures it.
 struct RelationEntry {
-    relation: Arc<Relation>,
-    selected: bool,
+    shaped: Option<Arc<ShapedRelation>>,
 }
 
 /// A transaction sent whole (not streamed), between its Begin and Commit.
@@ -118,7 +120,7 @@ pub struct StreamNeeds {
 }
 
 pub struct Assembler {
-    tables: Vec<TablePattern>,
+    plan: Arc<Plan>,
     needs: StreamNeeds,
     relations: HashMap<Oid, RelationEntry>,
     types: HashMap<Oid, String>,
@@ -136,13 +138,13 @@ pub struct Assembler {
 
 impl Assembler {
     pub fn new(
-        tables: Vec<TablePattern>,
+        plan: Arc<Plan>,
         needs: StreamNeeds,
         spill_dir: PathBuf,
         spill_prefix: String,
     ) -> Self {
         Assembler {
-            tables,
+            plan,
             needs,
             relations: HashMap::new(),
             types: HashMap::new(),
@@ -243,7 +245,7 @@ impl Assembler {
                     return Err(seq_err("Origin outside a transaction"));
                 }
             }
-            M::Relation { relation, .. } => self.add_relation(relation),
+            M::Relation { relation, .. } => self.add_relation(relation)?,
             M::Type {
                 oid, schema, name, ..
             } => {
@@ -257,7 +259,8 @@ impl Assembler {
             M::Insert { xid, relid, new } => {
                 if let Some(rel) = self.selected(relid)? {
                     let new = self.row(&rel, new)?;
-                    self.change(xid, Change::Insert { relation: rel, new }, out)?;
+                    let relation = rel.relation.clone();
+                    self.change(xid, Change::Insert { relation, new }, out)?;
                 }
             }
             M::Update {
@@ -272,7 +275,7 @@ impl Assembler {
                     self.change(
                         xid,
                         Change::Update {
-                            relation: rel,
+                            relation: rel.relation.clone(),
                             old,
                             new,
                         },
@@ -283,7 +286,8 @@ impl Assembler {
             M::Delete { xid, relid, old } => {
                 if let Some(rel) = self.selected(relid)? {
                     let old = self.old_row(&rel, old)?;
-                    self.change(xid, Change::Delete { relation: rel, old }, out)?;
+                    let relation = rel.relation.clone();
+                    self.change(xid, Change::Delete { relation, old }, out)?;
                 }
             }
             M::Truncate {
@@ -295,7 +299,7 @@ impl Assembler {
                 let mut relations = Vec::new();
                 for relid in relids {
                     if let Some(rel) = self.selected(relid)? {
-                        relations.push(rel);
+                        relations.push(rel.relation.clone());
                     }
                 }
                 if !relations.is_empty() {
@@ -414,7 +418,7 @@ impl Assembler {
         Ok(None)
     }
 
-    fn add_relation(&mut self, raw: RawRelation) {
+    fn add_relation(&mut self, raw: RawRelation) -> Result<(), AssembleError> {
         let columns = raw
             .columns
             .into_iter()
@@ -429,48 +433,56 @@ impl Assembler {
                 is_key: c.is_key,
             })
             .collect();
-        let selected = self
-            .tables
-            .iter()
-            .any(|p| p.matches(&raw.schema, &raw.name));
+        let shape = self.plan.shape_for(&raw.schema, &raw.name).cloned();
+        let oid = raw.oid;
         let relation = Arc::new(Relation {
-            oid: raw.oid,
+            oid,
             schema: raw.schema,
             name: raw.name,
             replica_identity: ReplicaIdentity::from_code(raw.replica_identity)
                 .unwrap_or(ReplicaIdentity::Default),
             columns,
         });
-        self.relations
-            .insert(raw.oid, RelationEntry { relation, selected });
+        let shaped = match shape {
+            Some(shape) => Some(Arc::new(shape.relation(relation)?)),
+            None => None,
+        };
+        self.relations.insert(oid, RelationEntry { shaped });
+        Ok(())
     }
 
-    fn selected(&self, relid: Oid) -> Result<Option<Arc<Relation>>, AssembleError> {
+    fn selected(&self, relid: Oid) -> Result<Option<Arc<ShapedRelation>>, AssembleError> {
         let entry = self
             .relations
             .get(&relid)
             .ok_or(AssembleError::UnknownRelation(relid))?;
-        Ok(entry.selected.then(|| entry.relation.clone()))
+        Ok(entry.shaped.clone())
     }
 
-    fn row(&self, rel: &Relation, values: Vec<Value>) -> Result<Row, AssembleError> {
-        if values.len() != rel.columns.len() {
+    fn row(&self, rel: &ShapedRelation, values: Vec<Value>) -> Result<Row, AssembleError> {
+        Ok(rel.row(self.source_row(rel, values)?))
+    }
+
+    /// The values as the source sent them, checked against its relation.
+    fn source_row(&self, rel: &ShapedRelation, values: Vec<Value>) -> Result<Row, AssembleError> {
+        if values.len() != rel.source.columns.len() {
             return Err(AssembleError::ColumnCount {
-                relation: rel.qualified_name().to_string(),
+                relation: rel.source.qualified_name().to_string(),
                 got: values.len(),
-                expected: rel.columns.len(),
+                expected: rel.source.columns.len(),
             });
         }
         Ok(Row(values))
     }
 
-    fn old_row(&self, rel: &Relation, old: OldTuple) -> Result<OldRow, AssembleError> {
-        Ok(match old {
-            OldTuple::Full(values) => OldRow::Full(self.row(rel, values)?),
+    fn old_row(&self, rel: &ShapedRelation, old: OldTuple) -> Result<OldRow, AssembleError> {
+        Ok(rel.old(match old {
+            OldTuple::Full(values) => OldRow::Full(self.source_row(rel, values)?),
             OldTuple::Key(values) => {
-                let row = self.row(rel, values)?;
+                let row = self.source_row(rel, values)?;
                 // The server sends every column; those outside the key are placeholders.
                 let key = rel
+                    .source
                     .columns
                     .iter()
                     .zip(row.0)
@@ -479,7 +491,7 @@ impl Assembler {
                     .collect();
                 OldRow::Key(Row(key))
             }
-        })
+        }))
     }
 
     fn change(

@@ -14,6 +14,7 @@ pub mod setup;
 pub mod spill;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::{Interval, MissedTickBehavior};
@@ -102,8 +103,8 @@ pub struct Prepared {
     pub status_interval: Duration,
     /// Created now (not found), so there is no history to resume.
     pub created_slot: bool,
-    /// The tables captured, as (schema, name).
-    pub tables: Vec<(String, String)>,
+    /// The tables captured: their sets and shapes.
+    pub plan: Arc<crate::sets::Plan>,
     /// The snapshot the slot exported when it was created now (valid until streaming).
     pub snapshot: Option<crate::snapshot::SnapshotPoint>,
     conn: ReplicationConnection,
@@ -111,7 +112,10 @@ pub struct Prepared {
 
 /// Check the server, select the tables, make the publication and the slot. After this the
 /// sinks can be opened at `confirmed`, then `start` begins the stream.
-pub async fn prepare(cfg: &SourceConfig) -> Result<Prepared, SourceError> {
+pub async fn prepare(
+    cfg: &SourceConfig,
+    sets: &[crate::config::SetConfig],
+) -> Result<Prepared, SourceError> {
     let info = cfg
         .url
         .resolve()
@@ -121,16 +125,29 @@ pub async fn prepare(cfg: &SourceConfig) -> Result<Prepared, SourceError> {
     if let Some(problem) = setup::server_problems(&facts).into_iter().next() {
         return Err(SourceError::Setup(problem));
     }
-    let tables = setup::select_tables(&client, &cfg.tables).await?;
+    let (plan, mut tables) = crate::sets::Plan::resolve(&client, sets).await?;
+    if tables.is_empty() {
+        return Err(SourceError::Setup(
+            "the sets select no table on the source: nothing to capture".into(),
+        ));
+    }
+    for (t, shape) in tables.iter_mut().zip(plan.tables()) {
+        if shape.identity_full && t.replica_identity != 'f' {
+            setup::set_identity_full(&client, t).await?;
+        }
+    }
     if let Some(t) = tables.iter().find(|t| !t.has_replica_identity()) {
         return Err(SourceError::Setup(t.identity_advice()));
     }
-    if tables.is_empty() {
-        return Err(SourceError::Setup(
-            "source.tables selects no table on the source: nothing to capture".into(),
-        ));
-    }
-    setup::ensure_publication(&client, &cfg.publication, &tables).await?;
+    let published: Vec<setup::Published> = tables
+        .iter()
+        .zip(plan.tables())
+        .map(|(table, shape)| setup::Published {
+            table,
+            filter: shape.filter.as_deref(),
+        })
+        .collect();
+    setup::ensure_publication(&client, &cfg.publication, &published, facts.version_num).await?;
 
     let mut conn = ReplicationConnection::connect(&info).await?;
     let (confirmed, created_slot, snapshot) = match setup::slot_info(&client, &cfg.slot).await? {
@@ -169,7 +186,7 @@ pub async fn prepare(cfg: &SourceConfig) -> Result<Prepared, SourceError> {
         confirmed,
         status_interval,
         created_slot,
-        tables: tables.into_iter().map(|t| (t.schema, t.name)).collect(),
+        plan: Arc::new(plan),
         snapshot,
         conn,
     })
@@ -204,7 +221,7 @@ impl PgOutputSource {
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Ok(PgOutputSource {
             conn,
-            assembler: Assembler::new(cfg.tables.clone(), needs, spill_dir, cfg.slot.clone()),
+            assembler: Assembler::new(prepared.plan.clone(), needs, spill_dir, cfg.slot.clone()),
             ticker,
             start: prepared.confirmed,
             received: prepared.confirmed,
@@ -366,6 +383,9 @@ impl PgOutputSource {
             .iter()
             .filter(|s| audience == Audience::All || !s.applies_streams);
         for sink in sinks {
+            let Some((batch, bytes)) = sink.routed(&batch, bytes) else {
+                continue;
+            };
             if !sink.input.has_room(bytes) {
                 tracing::debug!(sink = %sink.name, "the sink's queue is full: the source waits");
             }

@@ -23,6 +23,12 @@ pub struct SelectedTable {
     /// `pg_class.relreplident`: d(efault), n(othing), f(ull), i(ndex).
     pub replica_identity: char,
     pub has_primary_key: bool,
+    /// The columns pgoutput publishes (not generated ones), in order.
+    pub columns: Vec<String>,
+    /// The replica identity's columns (none under FULL or NOTHING), in order.
+    pub key: Vec<String>,
+    /// The primary key's columns, in order.
+    pub primary_key: Vec<String>,
 }
 
 impl SelectedTable {
@@ -46,7 +52,7 @@ impl SelectedTable {
 
     pub fn identity_advice(&self) -> String {
         format!(
-            "table {} has no primary key or replica identity: add a primary key, or run ALTER TABLE {} REPLICA IDENTITY FULL (or USING INDEX on a unique index of NOT NULL columns)",
+            "table {} has no primary key or replica identity: add a primary key, or run ALTER TABLE {} REPLICA IDENTITY FULL (or USING INDEX on a unique index of NOT NULL columns), or give it identity = \"full\" in its [[set.table]]",
             self.qualified_name(),
             quote::qualified(&self.schema, &self.name)
         )
@@ -170,7 +176,24 @@ pub async fn select_tables(
         let rows = client
             .query(
                 "SELECT n.nspname::text, c.relname::text, c.relreplident::text,
-                        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+                        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+                        ARRAY(SELECT a.attname::text FROM pg_attribute a
+                              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                                AND a.attgenerated = ''
+                              ORDER BY a.attnum),
+                        ARRAY(SELECT a.attname::text
+                              FROM pg_index i
+                              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+                              WHERE i.indrelid = c.oid
+                                AND CASE c.relreplident WHEN 'd' THEN i.indisprimary
+                                                        WHEN 'i' THEN i.indisreplident
+                                                        ELSE false END
+                              ORDER BY array_position(i.indkey::int2[], a.attnum)),
+                        ARRAY(SELECT a.attname::text
+                              FROM pg_index i
+                              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+                              WHERE i.indrelid = c.oid AND i.indisprimary
+                              ORDER BY array_position(i.indkey::int2[], a.attnum))
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                  WHERE c.relkind IN ('r', 'p')
                    AND n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -198,6 +221,9 @@ pub async fn select_tables(
                 name: r.get(1),
                 replica_identity: r.get::<_, String>(2).chars().next().unwrap_or('d'),
                 has_primary_key: r.get(3),
+                columns: r.get(4),
+                key: r.get(5),
+                primary_key: r.get(6),
             };
             if !out.contains(&t) {
                 out.push(t);
@@ -205,6 +231,25 @@ pub async fn select_tables(
         }
     }
     Ok(out)
+}
+
+/// `identity = "full"`: REPLICA IDENTITY FULL on the source table (its updates and deletes
+/// then carry the whole old row).
+pub async fn set_identity_full(client: &Client, t: &mut SelectedTable) -> Result<(), SourceError> {
+    let sql = format!(
+        "ALTER TABLE {} REPLICA IDENTITY FULL",
+        quote::qualified(&t.schema, &t.name)
+    );
+    client.batch_execute(&sql).await.map_err(|e| {
+        SourceError::Setup(format!(
+            "table {}: setting REPLICA IDENTITY FULL (identity = \"full\"): {} (it needs the table's owner; or run {sql} yourself)",
+            t.qualified_name(),
+            PgError::from_sql("", e)
+        ))
+    })?;
+    tracing::info!(table = %t.qualified_name(), "set REPLICA IDENTITY FULL, as the set asks");
+    t.replica_identity = 'f';
+    Ok(())
 }
 
 /// Whether the publication exists, and which of `tables` it does not publish yet.
@@ -237,15 +282,69 @@ pub async fn publication_gaps<'t>(
     Ok((exists, missing))
 }
 
-/// Create the publication for `tables`, or add the tables it lacks. Tables it has beyond
-/// these are left alone (another consumer may use them); walrelay filters their changes.
+/// A table for the publication, with its row filter.
+pub struct Published<'a> {
+    pub table: &'a SelectedTable,
+    pub filter: Option<&'a str>,
+}
+
+/// Create the publication for `tables`, add the tables it lacks, and give each table the
+/// row filter its set has (or none). Tables it has beyond these are left alone (another
+/// consumer may use them); walrelay filters their changes.
+///
+/// Everything happens in one transaction, checked before it commits: PostgreSQL accepts a
+/// row filter on columns outside the replica identity, and then fails every UPDATE and
+/// DELETE of the table on the source. A change of filter takes effect in the stream at
+/// this transaction's commit (pgoutput reads the publication as of each change).
 pub async fn ensure_publication(
     client: &Client,
     name: &str,
-    tables: &[SelectedTable],
+    tables: &[Published<'_>],
+    version_num: i32,
 ) -> Result<(), SourceError> {
-    let (exists, missing) = publication_gaps(client, name, tables).await?;
-    if missing.is_empty() {
+    let filtered: Vec<&Published> = tables.iter().filter(|t| t.filter.is_some()).collect();
+    if let Some(t) = filtered.first() {
+        if version_num < 150000 {
+            return Err(SourceError::Setup(format!(
+                "table {} has a row filter (where): row filters need PostgreSQL 15 or later on the source",
+                t.table.qualified_name()
+            )));
+        }
+    }
+    let selected: Vec<SelectedTable> = tables.iter().map(|t| t.table.clone()).collect();
+    let (exists, missing) = publication_gaps(client, name, &selected).await?;
+    // Filters now in force (PostgreSQL 15 shows them in pg_publication_tables.rowfilter).
+    let current: Vec<(String, String, Option<String>)> = if version_num >= 150000 {
+        client
+            .query(
+                "SELECT schemaname::text, tablename::text, rowfilter FROM pg_publication_tables WHERE pubname = $1",
+                &[&name],
+            )
+            .await
+            .map_err(sql_err("reading the publication's row filters"))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let filter_now = |t: &SelectedTable| {
+        current
+            .iter()
+            .find(|(s, n, _)| *s == t.schema && *n == t.name)
+            .and_then(|(_, _, f)| f.clone())
+    };
+    // Tables to add, and published tables whose filter may change: re-added in the same
+    // transaction (a publication has no ALTER for one table's filter before PostgreSQL 15's
+    // SET TABLE, which would also drop tables walrelay does not own).
+    let mut readd = Vec::new();
+    for t in tables {
+        let published = !missing.contains(&t.table);
+        if published && (t.filter.is_some() || filter_now(t.table).is_some()) {
+            readd.push(t);
+        }
+    }
+    if missing.is_empty() && readd.is_empty() {
         return Ok(());
     }
     let advice = |e: tokio_postgres::Error| {
@@ -258,35 +357,136 @@ pub async fn ensure_publication(
             _ => SourceError::Pg(pg),
         }
     };
-    let list: Vec<String> = missing
-        .iter()
-        .map(|t| quote::qualified(&t.schema, &t.name))
-        .collect();
-    let sql = if exists {
-        format!(
-            "ALTER PUBLICATION {} ADD TABLE {}",
-            quote::ident(name),
-            list.join(", ")
-        )
-    } else {
-        format!(
-            "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
-            quote::ident(name),
-            list.join(", ")
-        )
+    let item = |t: &Published| match t.filter {
+        Some(f) => format!(
+            "{} WHERE ({f})",
+            quote::qualified(&t.table.schema, &t.table.name)
+        ),
+        None => quote::qualified(&t.table.schema, &t.table.name),
     };
-    client.batch_execute(&sql).await.map_err(advice)?;
-    tracing::info!(
-        publication = name,
-        tables = missing.len(),
-        "{}",
-        if exists {
-            "added tables to publication"
-        } else {
-            "created publication"
+    client.batch_execute("BEGIN").await.map_err(advice)?;
+    let result = async {
+        if !exists {
+            client
+                .batch_execute(&format!(
+                    "CREATE PUBLICATION {} WITH (publish_via_partition_root = true)",
+                    quote::ident(name)
+                ))
+                .await
+                .map_err(advice)?;
         }
-    );
-    Ok(())
+        for t in tables {
+            let add = format!("ALTER PUBLICATION {} ADD TABLE {}", quote::ident(name), item(t));
+            let drop = format!(
+                "ALTER PUBLICATION {} DROP TABLE {}",
+                quote::ident(name),
+                quote::qualified(&t.table.schema, &t.table.name)
+            );
+            let sql = if missing.contains(&t.table) {
+                add
+            } else if readd.iter().any(|r| r.table == t.table) {
+                format!("{drop}; {add}")
+            } else {
+                continue;
+            };
+            client.batch_execute(&sql).await.map_err(|e| match t.filter {
+                Some(f) if e.as_db_error().is_some() => SourceError::Setup(format!(
+                    "table {}: the source refuses the row filter {f:?}: {} (a filter may use only the table's columns, built-in immutable functions and operators)",
+                    t.table.qualified_name(),
+                    e.as_db_error().map(|d| d.message()).unwrap_or_default()
+                )),
+                _ => advice(e),
+            })?;
+        }
+        for t in &filtered {
+            check_filter_columns(client, name, t).await?;
+        }
+        // Nothing changed when every filter reads back as it was.
+        let mut changed = !missing.is_empty() || !exists;
+        for t in &readd {
+            let after: Option<String> = client
+                .query_one(
+                    "SELECT rowfilter FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                    &[&name, &t.table.schema, &t.table.name],
+                )
+                .await
+                .map_err(sql_err("reading a row filter back"))?
+                .get(0);
+            if after != filter_now(t.table) {
+                tracing::warn!(
+                    table = %t.table.qualified_name(),
+                    before = filter_now(t.table).as_deref().unwrap_or("(none)"),
+                    after = after.as_deref().unwrap_or("(none)"),
+                    "row filter changed: it applies to changes from now on; rows already on the targets stay as they are (copy the table again to apply it to them)"
+                );
+                changed = true;
+            }
+        }
+        Ok::<bool, SourceError>(changed)
+    }
+    .await;
+    match result {
+        Ok(true) => {
+            client.batch_execute("COMMIT").await.map_err(advice)?;
+            tracing::info!(
+                publication = name,
+                added = missing.len(),
+                "{}",
+                if exists {
+                    "publication updated"
+                } else {
+                    "created publication"
+                }
+            );
+            Ok(())
+        }
+        Ok(false) => {
+            client.batch_execute("ROLLBACK").await.map_err(advice)?;
+            Ok(())
+        }
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
+/// A row filter may use only replica-identity columns (any column under FULL): otherwise
+/// PostgreSQL fails the table's UPDATEs and DELETEs. The columns it uses are read from the
+/// stored expression (`prqual`), where each column appears as `:varattno N`.
+async fn check_filter_columns(
+    client: &Client,
+    publication: &str,
+    t: &Published<'_>,
+) -> Result<(), SourceError> {
+    if t.table.replica_identity == 'f' {
+        return Ok(());
+    }
+    let used: Vec<String> = client
+        .query_one(
+            "SELECT ARRAY(SELECT DISTINCT a.attname::text
+                          FROM pg_publication_rel pr
+                          JOIN pg_publication p ON p.oid = pr.prpubid
+                          CROSS JOIN LATERAL regexp_matches(pr.prqual::text, ':varattno (\\d+)', 'g') m
+                          JOIN pg_attribute a ON a.attrelid = pr.prrelid AND a.attnum = m[1]::int2
+                          WHERE p.pubname = $1 AND pr.prrelid = $2::text::regclass
+                          ORDER BY 1)",
+            &[&publication, &quote::qualified(&t.table.schema, &t.table.name)],
+        )
+        .await
+        .map_err(sql_err("reading the columns a row filter uses"))?
+        .get(0);
+    let outside: Vec<&String> = used.iter().filter(|c| !t.table.key.contains(c)).collect();
+    if outside.is_empty() {
+        return Ok(());
+    }
+    Err(SourceError::Setup(format!(
+        "table {}: the row filter {:?} uses {}, outside the replica identity ({}): PostgreSQL would then refuse every UPDATE and DELETE of the table on the source. Filter on key columns only, or give the table identity = \"full\" (REPLICA IDENTITY FULL)",
+        t.table.qualified_name(),
+        t.filter.unwrap_or_default(),
+        outside.iter().map(|c| format!("{c:?}")).collect::<Vec<_>>().join(", "),
+        if t.table.key.is_empty() { "none".to_string() } else { t.table.key.join(", ") }
+    )))
 }
 
 pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, SourceError> {

@@ -4,7 +4,7 @@ use walrelay_model::PgTimestamp;
 
 fn assembler(dir: &std::path::Path) -> Assembler {
     Assembler::new(
-        vec![TablePattern::parse("public.*").unwrap()],
+        Arc::new(Plan::unshaped("default", &[("public", "a")])),
         StreamNeeds {
             events: false,
             whole: true,
@@ -273,7 +273,7 @@ fn out_of_order_messages_are_errors() {
 fn stream_events_for_sinks_that_apply_while_streaming() {
     let dir = tempfile::tempdir().unwrap();
     let mut a = Assembler::new(
-        vec![TablePattern::parse("public.*").unwrap()],
+        Arc::new(Plan::unshaped("default", &[("public", "a")])),
         StreamNeeds {
             events: true,
             whole: false,

@@ -1,0 +1,144 @@
+//! Replication sets at run time: the configuration's sets resolved against the source's
+//! catalog into one plan (each table, its set, its shape), and the routing that gives each
+//! sink only the tables of the sets it takes.
+//!
+//! A table belongs to one set at most, as in Slony-I: its row filter, columns and target
+//! name are then a property of the table, the publication can carry them, and two sinks
+//! never disagree on what a table's rows look like.
+
+pub mod route;
+pub mod shape;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio_postgres::Client;
+
+use crate::config::{SetConfig, TablePattern};
+use crate::source::pgoutput::setup::{self, SelectedTable};
+use crate::source::pgoutput::SourceError;
+pub use shape::{ShapedRelation, TableShape};
+
+/// Every captured table with its set and shape.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub sets: Vec<String>,
+    tables: Vec<Arc<TableShape>>,
+    by_source: HashMap<(String, String), usize>,
+}
+
+impl Plan {
+    fn push(&mut self, shape: TableShape) {
+        self.by_source
+            .insert(shape.source.clone(), self.tables.len());
+        self.tables.push(Arc::new(shape));
+    }
+
+    /// Tables replicated unchanged in one set (tests, and sources that need no catalog).
+    pub fn unshaped(set: &str, tables: &[(&str, &str)]) -> Self {
+        let mut plan = Plan {
+            sets: vec![set.to_string()],
+            ..Plan::default()
+        };
+        for (schema, name) in tables {
+            plan.push(TableShape::unchanged(set, schema, name));
+        }
+        plan
+    }
+
+    /// Select each set's tables on the source and check the sets against them. Returns the
+    /// plan and the selected tables, in the plan's order.
+    pub async fn resolve(
+        client: &Client,
+        sets: &[SetConfig],
+    ) -> Result<(Plan, Vec<SelectedTable>), SourceError> {
+        let mut plan = Plan {
+            sets: sets.iter().map(|s| s.name.clone()).collect(),
+            ..Plan::default()
+        };
+        let mut selected = Vec::new();
+        let mut targets: HashMap<(String, String), (String, String)> = HashMap::new();
+        for set in sets {
+            let mut patterns: Vec<TablePattern> = set.tables.clone();
+            patterns.extend(set.options.iter().map(|o| o.name.clone()));
+            let hash_key = set.hash_key.as_ref().map(|k| shape::HashKey::new(&k.0));
+            for table in setup::select_tables(client, &patterns).await? {
+                let source = (table.schema.clone(), table.name.clone());
+                if let Some(&i) = plan.by_source.get(&source) {
+                    return Err(SourceError::Setup(format!(
+                        "table {} is in set {:?} and in set {:?}: a table belongs to one set (it has one row filter, column list and target name); take it out of one",
+                        table.qualified_name(),
+                        plan.tables[i].set,
+                        set.name
+                    )));
+                }
+                let mut shape = TableShape::unchanged(&set.name, &table.schema, &table.name);
+                shape.hash_key = hash_key.clone();
+                if let Some(o) = set
+                    .options
+                    .iter()
+                    .find(|o| o.name.matches(&table.schema, &table.name))
+                {
+                    shape.filter = o.filter.clone();
+                    shape.only = o.columns.clone();
+                    if let Some((schema, name)) = o.target.as_ref().and_then(TablePattern::exact) {
+                        shape.target = (schema.to_string(), name.to_string());
+                    }
+                    shape.renames = o.rename_columns.clone();
+                    for (column, spec) in &o.transform {
+                        // Checked by `config::sets::validate`.
+                        let t = spec.parse().map_err(SourceError::Setup)?;
+                        shape.transforms.insert(column.clone(), t);
+                    }
+                    shape.identity_full = o.identity.is_some();
+                }
+                let full = table.replica_identity == 'f' || shape.identity_full;
+                if !full {
+                    shape.key = table.key.clone();
+                }
+                shape.primary_key = table.primary_key.clone();
+                shape
+                    .check(&table.columns, &table.key, full)
+                    .map_err(|e| SourceError::Setup(format!("set {:?}: {e}", set.name)))?;
+                if let Some(other) = targets.insert(shape.target.clone(), source.clone()) {
+                    return Err(SourceError::Setup(format!(
+                        "tables {} and {} would both be {}.{} on the targets: give one another target",
+                        walrelay_model::QualifiedName { schema: &other.0, name: &other.1 },
+                        table.qualified_name(),
+                        shape.target.0,
+                        shape.target.1
+                    )));
+                }
+                plan.push(shape);
+                selected.push(table);
+            }
+        }
+        Ok((plan, selected))
+    }
+
+    pub fn tables(&self) -> &[Arc<TableShape>] {
+        &self.tables
+    }
+
+    /// The shape of a source table, if a set captures it.
+    pub fn shape_for(&self, schema: &str, name: &str) -> Option<&Arc<TableShape>> {
+        self.by_source
+            .get(&(schema.to_string(), name.to_string()))
+            .map(|&i| &self.tables[i])
+    }
+
+    /// The tables of `sets` (all when `None`).
+    pub fn tables_of<'a>(
+        &'a self,
+        sets: Option<&'a [String]>,
+    ) -> impl Iterator<Item = &'a Arc<TableShape>> + 'a {
+        self.tables
+            .iter()
+            .filter(move |t| sets.is_none_or(|s| s.contains(&t.set)))
+    }
+
+    /// The target names of the tables of `sets`.
+    pub fn targets_of(&self, sets: Option<&[String]>) -> Vec<(String, String)> {
+        self.tables_of(sets).map(|t| t.target.clone()).collect()
+    }
+}
