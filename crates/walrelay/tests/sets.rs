@@ -17,6 +17,10 @@ const SOURCE: &str = "
                             phone text, tier text, note text);
     CREATE TABLE orders (id int PRIMARY KEY, customer int NOT NULL, amount numeric(10,2), internal text);
     CREATE TABLE audit (id serial PRIMARY KEY, what text NOT NULL);
+    CREATE TABLE tickets (id serial PRIMARY KEY, body text);
+    CREATE SEQUENCE invoice_no START 1000;
+    SELECT nextval('invoice_no') FROM generate_series(1, 5);
+    INSERT INTO tickets (body) SELECT 'ticket ' || g FROM generate_series(1, 10) g;
     INSERT INTO customers SELECT g, CASE WHEN g % 3 = 0 THEN 'eu' ELSE 'us' END,
                                  'user' || g || '@example.com', '4000123412340' || lpad(g::text, 3, '0'),
                                  '+33 ' || g, CASE WHEN g % 2 = 0 THEN 'gold' END, 'note ' || g
@@ -39,6 +43,7 @@ const EXPECTED_ORDERS: &str = "(SELECT id, customer, amount FROM orders)";
 const TARGET_SHAPE: &str = "
     CREATE SCHEMA crm;
     CREATE TABLE crm.clients (id int PRIMARY KEY, region text NOT NULL, mail text, card text, phone text, tier text);
+    CREATE TABLE crm.issues (id int PRIMARY KEY, body text);
     CREATE TABLE orders (id int PRIMARY KEY, customer int NOT NULL, amount numeric(10,2));
 ";
 
@@ -53,6 +58,11 @@ status_interval = "200ms"
 name = "crm"
 tables = ["public.orders"]
 hash_key = "{HASH_KEY}"
+sequences = ["public.invoice_no"]
+
+[[set.table]]
+name = "public.tickets"
+target = "crm.issues"
 
 [[set.table]]
 name = "public.orders"
@@ -128,6 +138,14 @@ async fn some_rows(c: &tokio_postgres::Client, sql: &str) -> String {
         .unwrap_or_else(|e| e.to_string())
 }
 
+/// A sequence's last value.
+async fn last_value(c: &tokio_postgres::Client, sequence: &str) -> i64 {
+    c.query_one(&format!("SELECT last_value FROM {sequence}"), &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sequence}: {e:?}"))
+        .get(0)
+}
+
 /// The tables of schemas public and crm.
 async fn tables(c: &tokio_postgres::Client) -> Vec<String> {
     c.query(
@@ -160,7 +178,9 @@ async fn write_changes(source: &tokio_postgres::Client) {
              DELETE FROM orders WHERE id BETWEEN 30 AND 40;
              INSERT INTO audit (what) VALUES ('after');
              COMMIT;
-             INSERT INTO audit (what) SELECT 'more ' || g FROM generate_series(1, 20) g;",
+             INSERT INTO audit (what) SELECT 'more ' || g FROM generate_series(1, 20) g;
+             INSERT INTO tickets (body) VALUES ('after the copy');
+             SELECT nextval('invoice_no') FROM generate_series(1, 7);",
         )
         .await
         .unwrap();
@@ -261,7 +281,34 @@ sets = ["crm"]
     .await;
 
     // Each target has only its sets' tables, in the sets' shape.
-    assert_eq!(tables(&crm).await, ["crm.clients", "public.orders"]);
+    wait_until_shaped(
+        &source,
+        "(SELECT * FROM tickets)",
+        &crm,
+        "crm.issues",
+        &mut relay,
+    )
+    .await;
+    assert_eq!(
+        tables(&crm).await,
+        ["crm.clients", "crm.issues", "public.orders"]
+    );
+    // Sequences: the serial of a renamed table moved with it, a named one was created, and
+    // each is at least where the source's is (the inserts after the copy used them).
+    for (target, source_seq, target_seq) in [
+        (&crm, "public.tickets_id_seq", "crm.issues_id_seq"),
+        (&crm, "public.invoice_no", "public.invoice_no"),
+        (&ops, "public.audit_id_seq", "public.audit_id_seq"),
+    ] {
+        let (s, t) = (
+            last_value(&source, source_seq).await,
+            last_value(target, target_seq).await,
+        );
+        assert!(
+            t >= s,
+            "{target_seq} is {t} on the target, behind the source's {s}"
+        );
+    }
     assert_eq!(tables(&ops).await, ["public.audit"]);
     let columns: Vec<String> = crm
         .query(
@@ -309,7 +356,7 @@ sets = ["crm"]
         .collect();
     assert_eq!(
         tables_seen.into_iter().collect::<Vec<_>>(),
-        ["crm.clients", "public.orders"]
+        ["crm.clients", "crm.issues", "public.orders"]
     );
     let inserted = lines
         .iter()
@@ -410,6 +457,14 @@ async fn a_table_added_to_a_set_is_copied_alone() {
         .unwrap()
         .get(0);
     assert_eq!(copied_before, copied_after, "orders was copied again");
+    let (s, t) = (
+        last_value(&source, "public.audit_id_seq").await,
+        last_value(&target, "public.audit_id_seq").await,
+    );
+    assert!(
+        t >= s,
+        "the target's sequence ({t}) is behind the source's ({s})"
+    );
     let log = relay.stop().await;
     assert!(
         log.contains("tables=1"),

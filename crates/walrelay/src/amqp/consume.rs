@@ -133,6 +133,8 @@ pub async fn consume(
         slot: &stream,
         database: "",
         tables: &[],
+        source: None,
+        sequences: &[],
     };
     let target = PostgresSink::open(&config.target, &context).await?;
     let info = config

@@ -634,6 +634,7 @@ impl Config {
                 tables: self.source.tables.clone(),
                 options: Vec::new(),
                 hash_key: None,
+                sequences: Vec::new(),
             });
         }
         sets.extend(self.sets.iter().cloned());

@@ -24,6 +24,10 @@ pub struct SetConfig {
     /// so hashed columns still join. Required when a table of the set hashes a column.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_key: Option<Secret>,
+    /// Sequences the set carries besides those its tables own (serial and identity
+    /// columns), `schema.name`: kept at least as far on the targets as on the source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sequences: Vec<TablePattern>,
 }
 
 /// `[[set.table]]`: how one table is replicated.
@@ -142,6 +146,12 @@ pub fn validate(sets: &[SetConfig]) -> Result<(), (String, String)> {
             return Err((
                 key("name"),
                 format!("{:?} names two sets; give each a distinct name", set.name),
+            ));
+        }
+        if let Some(s) = set.sequences.iter().find(|s| !s.is_exact()) {
+            return Err((
+                key("sequences"),
+                format!("{s} is a pattern: name each sequence as schema.name"),
             ));
         }
         if set.tables.is_empty() && set.options.is_empty() {

@@ -182,11 +182,14 @@ async fn run_once(
     let mut handles = Vec::new();
     for sink_config in &config.sinks {
         let tables = prepared.plan.targets_of(sink_config.sets());
+        let sequences = prepared.plan.sequences_of(sink_config.sets());
         let context = sink::SinkContext {
             start,
             slot: &config.source.slot,
             database: &prepared.info.dbname,
             tables: &tables,
+            source: Some(&prepared.info),
+            sequences: &sequences,
         };
         handles.push(sink::start(sink_config, &context, &prepared.plan).await?);
     }

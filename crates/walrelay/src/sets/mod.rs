@@ -25,6 +25,26 @@ pub struct Plan {
     pub sets: Vec<String>,
     tables: Vec<Arc<TableShape>>,
     by_source: HashMap<(String, String), usize>,
+    /// The sequences the sets carry.
+    pub sequences: Vec<SequencePair>,
+}
+
+/// A source sequence and where it lives on the targets.
+#[derive(Debug, Clone)]
+pub struct SequencePair {
+    pub set: String,
+    /// Quoted and qualified.
+    pub source: String,
+    pub target: SequenceTarget,
+}
+
+#[derive(Debug, Clone)]
+pub enum SequenceTarget {
+    /// The sequence of a column (serial or identity) of a target table: found on the
+    /// target by `pg_get_serial_sequence`, whatever the target named it.
+    Column { table: String, column: String },
+    /// A sequence of this name, created if missing.
+    Named { schema: String, name: String },
 }
 
 impl Plan {
@@ -109,8 +129,52 @@ impl Plan {
                         shape.target.1
                     )));
                 }
+                for (column, sequence) in table.sequence_columns.iter().zip(&table.sequences) {
+                    if shape.copies(column) {
+                        plan.sequences.push(SequencePair {
+                            set: set.name.clone(),
+                            source: sequence.clone(),
+                            target: SequenceTarget::Column {
+                                table: crate::pg::quote::qualified(
+                                    &shape.target.0,
+                                    &shape.target.1,
+                                ),
+                                column: shape.target_column(column).to_string(),
+                            },
+                        });
+                    }
+                }
                 plan.push(shape);
                 selected.push(table);
+            }
+            for named in &set.sequences {
+                let Some((schema, name)) = named.exact() else {
+                    continue;
+                };
+                let qualified = crate::pg::quote::qualified(schema, name);
+                let exists: bool = client
+                    .query_one(
+                        "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                                        WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind = 'S')",
+                        &[&schema, &name],
+                    )
+                    .await
+                    .map_err(|e| SourceError::Pg(crate::pg::PgError::from_sql("looking up a sequence", e)))?
+                    .get(0);
+                if !exists {
+                    return Err(SourceError::Setup(format!(
+                        "set {:?}: sequence {named} does not exist on the source",
+                        set.name
+                    )));
+                }
+                plan.sequences.push(SequencePair {
+                    set: set.name.clone(),
+                    source: qualified,
+                    target: SequenceTarget::Named {
+                        schema: schema.to_string(),
+                        name: name.to_string(),
+                    },
+                });
             }
         }
         Ok((plan, selected))
@@ -135,6 +199,15 @@ impl Plan {
         self.tables
             .iter()
             .filter(move |t| sets.is_none_or(|s| s.contains(&t.set)))
+    }
+
+    /// The sequences of `sets` (all when `None`).
+    pub fn sequences_of(&self, sets: Option<&[String]>) -> Vec<SequencePair> {
+        self.sequences
+            .iter()
+            .filter(|s| sets.is_none_or(|wanted| wanted.contains(&s.set)))
+            .cloned()
+            .collect()
     }
 
     /// The target names of the tables of `sets`.

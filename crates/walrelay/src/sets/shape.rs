@@ -116,6 +116,21 @@ impl TableShape {
         }))
     }
 
+    /// The name (quoted, qualified) a serial column's sequence `source` (quoted,
+    /// qualified) has on the target.
+    pub fn target_sequence(&self, source: &str) -> String {
+        // The catalog's text quotes what needs it, as a table name in the configuration.
+        let bare = crate::config::TablePattern::parse(source)
+            .ok()
+            .and_then(|p| p.exact().map(|(_, name)| name.to_string()))
+            .unwrap_or_else(|| source.to_string());
+        let name = match bare.strip_prefix(&format!("{}_", self.source.1)) {
+            Some(rest) => format!("{}_{rest}", self.target.1),
+            None => bare,
+        };
+        crate::pg::quote::qualified(&self.target.0, &name)
+    }
+
     /// Whether the copy keeps this source column.
     pub fn copies(&self, column: &str) -> bool {
         self.keeps(column)
@@ -148,7 +163,8 @@ impl TableShape {
             && self.transforms.get(column) != Some(&Transform::Drop)
     }
 
-    fn target_column<'a>(&'a self, column: &'a str) -> &'a str {
+    /// A source column's name on the target.
+    pub fn target_column<'a>(&'a self, column: &'a str) -> &'a str {
         self.renames.get(column).map_or(column, String::as_str)
     }
 
@@ -287,11 +303,36 @@ impl TableShape {
                 .retain(|(_, c)| !c.trim_start().starts_with("FOREIGN KEY"));
             def.partition_key = None;
             def.partitions.clear();
+            // A serial column's sequence moves with its table: to the target's schema, and
+            // `<table>_...` becomes `<target table>_...`. Identity sequences come with
+            // their column and are named by the target.
+            for seq in def.sequences.iter_mut().filter(|s| s.owned_by.is_some()) {
+                let renamed = self.target_sequence(&seq.name);
+                for c in def.columns.iter_mut() {
+                    if let Some(d) = &mut c.default {
+                        *d = d.replace(
+                            &crate::pg::quote::literal(&seq.name),
+                            &crate::pg::quote::literal(&renamed),
+                        );
+                    }
+                }
+                seq.name = renamed;
+            }
         }
         if self.keeps_columns() {
             return def;
         }
-        def.columns = source
+        def.sequences.retain_mut(|s| {
+            let column = s.owned_by.as_mut().or(s.identity_of.as_mut());
+            match column {
+                Some(c) if self.keeps(c) && !self.transforms.contains_key(c.as_str()) => {
+                    *c = self.target_column(c).to_string();
+                    true
+                }
+                _ => false,
+            }
+        });
+        def.columns = def
             .columns
             .iter()
             .filter(|c| c.generated.is_none() && self.keeps(&c.name))
@@ -547,6 +588,20 @@ mod tests {
             .unwrap_err()
             .message
             .contains("two columns"));
+    }
+
+    #[test]
+    fn a_serial_sequence_moves_with_its_table() {
+        let mut s = TableShape::unchanged("s", "public", "tickets");
+        s.target = ("crm".into(), "issues".into());
+        assert_eq!(
+            s.target_sequence("public.tickets_id_seq"),
+            crate::pg::quote::qualified("crm", "issues_id_seq")
+        );
+        assert_eq!(
+            s.target_sequence("\"My\".\"other\""),
+            crate::pg::quote::qualified("crm", "other")
+        );
     }
 
     #[test]

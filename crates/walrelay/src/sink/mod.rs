@@ -156,6 +156,11 @@ pub struct SinkContext<'a> {
     pub database: &'a str,
     /// The tables this sink takes (of its sets), as (schema, name) on the targets.
     pub tables: &'a [(String, String)],
+    /// The source, for what the stream does not carry (sequences); none for a consumer
+    /// of a queue.
+    pub source: Option<&'a crate::pg::conninfo::ConnInfo>,
+    /// The sequences of this sink's sets.
+    pub sequences: &'a [crate::sets::SequencePair],
 }
 
 /// Open and start the sink `config` describes.

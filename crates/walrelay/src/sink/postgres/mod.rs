@@ -18,6 +18,7 @@ mod bulk;
 mod param;
 pub mod progress;
 mod protect;
+mod sequences;
 mod session;
 pub mod statements;
 
@@ -52,6 +53,8 @@ pub struct PostgresSink {
     /// Tables copied as of a source position: their changes committed before it are in
     /// the copy already.
     copied_at: HashMap<(String, String), Lsn>,
+    /// The sequences of the sink's sets, raised before each commit.
+    sequences: Option<sequences::SequenceSync>,
 }
 
 impl PostgresSink {
@@ -90,6 +93,12 @@ impl PostgresSink {
         protect::apply(&main, config.protect, context.tables)
             .await
             .map_err(err)?;
+        let sequences = match context.source {
+            Some(source) => sequences::SequenceSync::open(source, main.client(), context.sequences)
+                .await
+                .map_err(err)?,
+            None => None,
+        };
         tracing::info!(
             sink = %config.name,
             target = %info.describe(),
@@ -105,6 +114,7 @@ impl PostgresSink {
             main,
             applied,
             copied_at,
+            sequences,
         })
     }
 
@@ -378,6 +388,7 @@ impl Applier {
                     if commit.commit_lsn < self.skip_before {
                         s.rollback().await?;
                     } else {
+                        self.raise_sequences().await?;
                         self.sink
                             .progress
                             .commit_stream(&self.sink.main, &mut s, commit)
@@ -410,6 +421,7 @@ impl Applier {
             .progress
             .record(&mut self.sink.main, &last, at)
             .await?;
+        self.raise_sequences().await?;
         self.sink.main.commit().await?;
         crate::failpoint::POSTGRES_AFTER_COMMIT.hit();
         tracing::debug!(
@@ -419,6 +431,14 @@ impl Applier {
             "target transaction committed"
         );
         self.advance_durable(durable, last.end_lsn);
+        Ok(())
+    }
+
+    /// Before a commit: the target's sequences at least where the source's are now.
+    async fn raise_sequences(&mut self) -> Result<(), ApplyError> {
+        if let Some(s) = &mut self.sink.sequences {
+            s.raise(self.sink.main.client()).await?;
+        }
         Ok(())
     }
 

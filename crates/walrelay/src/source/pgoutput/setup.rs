@@ -29,6 +29,10 @@ pub struct SelectedTable {
     pub key: Vec<String>,
     /// The primary key's columns, in order.
     pub primary_key: Vec<String>,
+    /// Columns that own a sequence (serial or identity), and the sequences, quoted and
+    /// qualified, pairwise.
+    pub sequence_columns: Vec<String>,
+    pub sequences: Vec<String>,
 }
 
 impl SelectedTable {
@@ -193,7 +197,21 @@ pub async fn select_tables(
                               FROM pg_index i
                               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
                               WHERE i.indrelid = c.oid AND i.indisprimary
-                              ORDER BY array_position(i.indkey::int2[], a.attnum))
+                              ORDER BY array_position(i.indkey::int2[], a.attnum)),
+                        ARRAY(SELECT a.attname::text
+                              FROM pg_depend d
+                              JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+                              JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+                              WHERE d.classid = 'pg_class'::regclass AND d.refobjid = c.oid
+                                AND d.deptype IN ('a', 'i')
+                              ORDER BY s.oid),
+                        ARRAY(SELECT quote_ident(sn.nspname) || '.' || quote_ident(s.relname)
+                              FROM pg_depend d
+                              JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+                              JOIN pg_namespace sn ON sn.oid = s.relnamespace
+                              WHERE d.classid = 'pg_class'::regclass AND d.refobjid = c.oid
+                                AND d.deptype IN ('a', 'i')
+                              ORDER BY s.oid)
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                  WHERE c.relkind IN ('r', 'p')
                    AND n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -224,6 +242,8 @@ pub async fn select_tables(
                 columns: r.get(4),
                 key: r.get(5),
                 primary_key: r.get(6),
+                sequence_columns: r.get(7),
+                sequences: r.get(8),
             };
             if !out.contains(&t) {
                 out.push(t);
