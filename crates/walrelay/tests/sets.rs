@@ -515,3 +515,87 @@ async fn a_row_filter_outside_the_key_or_not_immutable_is_refused_at_start() {
         assert_eq!(published, 0, "{filter}: the refused filter was rolled back");
     }
 }
+
+/// A → B → C under writes: B, a target kept write-protected, is itself the source of a
+/// second relay; C ends equal to A, and B refuses writes from anyone but its relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cascade_a_to_b_to_c_under_writes_ends_with_c_equal_to_a() {
+    let (a_pg, b_pg, c_pg) = (TestPg::start(), TestPg::start(), TestPg::start());
+    let a = a_pg.create_db("app").await;
+    a.batch_execute(SOURCE).await.unwrap();
+    let b = b_pg.create_db("app").await;
+    let c = c_pg.create_db("app").await;
+    let tables = ["customers", "orders", "audit", "tickets"];
+    let patterns: Vec<String> = tables.iter().map(|t| format!("public.{t}")).collect();
+    let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
+    let (dir_ab, dir_bc) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ab = postgres_config(
+        dir_ab.path(),
+        &a_pg.url("app"),
+        &b_pg.url("app"),
+        &patterns,
+        "protect = true",
+    );
+    let bc = postgres_config(
+        dir_bc.path(),
+        &b_pg.url("app"),
+        &c_pg.url("app"),
+        &patterns,
+        "",
+    );
+    let mut relay_ab = Relay::start(&ab);
+    wait_until_streaming(&a, &mut relay_ab).await;
+
+    let writer = a_pg.client("app").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        walrelay::task::spawn_named("test-writes", async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                writer
+                    .batch_execute(&format!(
+                        "BEGIN;
+                         INSERT INTO audit (what) VALUES ('w{i}');
+                         UPDATE customers SET region = CASE region WHEN 'eu' THEN 'us' ELSE 'eu' END WHERE id = {};
+                         INSERT INTO orders VALUES ({}, 1, 1.00, 'l') ON CONFLICT (id) DO UPDATE SET amount = orders.amount + 1;
+                         DELETE FROM tickets WHERE id = {i};
+                         COMMIT;",
+                        i % 300 + 1,
+                        1000 + i % 50,
+                    ))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(4)).await;
+            }
+            i
+        })
+    };
+    // B's tables exist once its copy is done; then B is a source in its turn.
+    wait_for_count(
+        &b,
+        "SELECT count(*) FROM walrelay.copies WHERE state = 'done'",
+        tables.len() as i64,
+        "B's copy",
+    )
+    .await;
+    let mut relay_bc = Relay::start(&bc);
+    wait_until_streaming(&b, &mut relay_bc).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(load.await.unwrap() > 20, "the writes ran");
+
+    wait_until_equal(&a, &b, &tables, &mut relay_ab).await;
+    wait_until_equal(&a, &c, &tables, &mut relay_bc).await;
+    let refused = b
+        .batch_execute("UPDATE orders SET amount = 0 WHERE id = 1")
+        .await
+        .expect_err("B's tables refuse writes from others than the relay");
+    assert!(
+        format!("{refused:?}").contains("walrelay"),
+        "the refusal names walrelay: {refused:?}"
+    );
+    relay_bc.stop().await;
+    relay_ab.stop().await;
+}
