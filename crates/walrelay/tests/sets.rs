@@ -380,6 +380,40 @@ sets = ["crm"]
         "a row outside the filter reached the jsonl sink"
     );
 
+    // `walrelay status` and `walrelay check` show the sets.
+    // `walrelay status` and `walrelay check` show the sets (check also finds the slot in
+    // use by the running relay, so it reports a problem).
+    for command in ["status", "check"] {
+        let o = std::process::Command::new(BIN)
+            .args([command, "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        if command == "status" {
+            assert!(
+                o.status.success(),
+                "{stdout}{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            assert!(
+                stdout.contains("set      crm: 3 table(s)")
+                    && stdout
+                        .contains("public.customers -> crm.clients (filtered, columns shaped)")
+                    && stdout.contains("; 2 sequence(s); sinks: crm, jsonl, amqp")
+                    && stdout.contains(
+                        "set      ops: 1 table(s): public.audit; 1 sequence(s); sinks: ops"
+                    ),
+                "{stdout}"
+            );
+        } else {
+            assert!(
+                stdout.contains("set \"crm\": 3 table(s), 3 filtered, renamed or transformed"),
+                "{stdout}"
+            );
+        }
+    }
+
     relay.assert_running();
     consumer.stop().await;
     relay.stop().await;

@@ -61,6 +61,7 @@ pub async fn status(config: &Config) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    print_sets(config, &client).await;
     for sink in &config.sinks {
         let (kind, applied) = match sink {
             SinkConfig::Jsonl(j) if j.path == "-" => {
@@ -133,6 +134,62 @@ pub async fn status(config: &Config) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Each set: its tables as the source has them now (with where each goes and how it is
+/// shaped), its sequences, and the sinks that take it.
+async fn print_sets(config: &Config, client: &tokio_postgres::Client) {
+    let plan = match crate::sets::Plan::resolve(client, &config.sets()).await {
+        Ok((plan, _)) => plan,
+        Err(e) => {
+            println!("sets     cannot be resolved on the source: {e}");
+            return;
+        }
+    };
+    for set in &plan.sets {
+        let only = std::slice::from_ref(set);
+        let tables: Vec<String> = plan
+            .tables_of(Some(only))
+            .map(|t| {
+                let mut shown = t.shown();
+                if t.source != t.target {
+                    let target = walrelay_model::QualifiedName {
+                        schema: &t.target.0,
+                        name: &t.target.1,
+                    };
+                    shown.push_str(&format!(" -> {target}"));
+                }
+                let mut notes = Vec::new();
+                if t.filter.is_some() {
+                    notes.push("filtered");
+                }
+                if !t.keeps_columns() {
+                    notes.push("columns shaped");
+                }
+                if !notes.is_empty() {
+                    shown.push_str(&format!(" ({})", notes.join(", ")));
+                }
+                shown
+            })
+            .collect();
+        let sinks: Vec<&str> = config
+            .sinks
+            .iter()
+            .filter(|k| k.sets().is_none_or(|s| s.contains(set)))
+            .map(|k| k.name())
+            .collect();
+        println!(
+            "set      {set}: {} table(s): {}; {} sequence(s); sinks: {}",
+            tables.len(),
+            tables.join(", "),
+            plan.sequences_of(Some(only)).len(),
+            if sinks.is_empty() {
+                "none".to_string()
+            } else {
+                sinks.join(", ")
+            }
+        );
+    }
 }
 
 /// The end of the last event in a JSONL file, with its commit time.
