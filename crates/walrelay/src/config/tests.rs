@@ -81,9 +81,23 @@ fn all_key_paths() -> Vec<String> {
     config
         .sinks
         .extend(parse(&amqp).unwrap().sinks.into_iter().skip(1));
+    let sets = format!("{MINIMAL}\n[[set]]\nname = \"s\"\ntables = [\"public.a\"]\nhash_key = \"k\"\nsequences = [\"public.n\"]\n[[set.table]]\nname = \"public.b\"\nwhere = \"id > 0\"\ncolumns = [\"id\", \"x\"]\ntarget = \"other.b\"\nrename_columns = {{ x = \"y\" }}\ntransform = {{ x = \"hash\" }}\nidentity = \"full\"\n");
+    let with_sets = parse(&sets).unwrap();
+    config.sets = with_sets.sets;
+    if let Some(SinkConfig::Jsonl(j)) = config.sinks.first_mut() {
+        j.sets = Some(vec!["s".into()]);
+    }
     let value = toml::Value::try_from(&config).unwrap();
     let mut paths = Vec::new();
     collect_paths(&value, "", &mut paths);
+    // Maps keyed by column name: one row in the docs covers each.
+    for p in paths.iter_mut() {
+        for map in ["set.table.transform", "set.table.rename_columns"] {
+            if p.starts_with(&format!("{map}.")) {
+                *p = map.to_string();
+            }
+        }
+    }
     paths.sort();
     paths.dedup();
     paths
