@@ -504,6 +504,38 @@ async fn a_table_added_to_a_set_is_copied_alone() {
         log.contains("tables=1"),
         "one table copied at the restart:\n{log}"
     );
+
+    // Taken out of the set, audit stops following the source; the rest goes on.
+    let cfg = write("\"public.orders\"");
+    let mut relay = Relay::start(&cfg);
+    wait_until_streaming(&source, &mut relay).await;
+    source
+        .batch_execute(
+            "INSERT INTO audit (what) VALUES ('unseen'); UPDATE orders SET amount = 0 WHERE id = 1",
+        )
+        .await
+        .unwrap();
+    wait_until_equal(&source, &target, &["orders"], &mut relay).await;
+    let log = relay.stop().await;
+    assert!(log.contains("no longer replicated"), "{log}");
+    let unseen: i64 = target
+        .query_one("SELECT count(*) FROM audit WHERE what = 'unseen'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(unseen, 0, "a table out of the set got a change");
+    // Put back, it must be copied anew: over its stale rows that is refused, with the fix.
+    let cfg = write("\"public.orders\", \"public.audit\"");
+    let refused = Relay::start(&cfg).wait_for_failure().await;
+    assert!(
+        refused.contains("TRUNCATE") && refused.contains("audit"),
+        "{refused}"
+    );
+    target.batch_execute("TRUNCATE audit").await.unwrap();
+    let mut relay = Relay::start(&cfg);
+    wait_until_streaming(&source, &mut relay).await;
+    wait_until_equal(&source, &target, &["orders", "audit"], &mut relay).await;
+    relay.stop().await;
 }
 
 /// Filters that would break the application or that the server refuses stop the relay at

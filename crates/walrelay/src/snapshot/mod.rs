@@ -163,6 +163,15 @@ pub async fn copy_for_sinks(
         schema::prepare_target_session(&target).await?;
         state::ensure_table(&target).await?;
         let states = state::read(&target, &name).await?;
+        let wanted = plan.targets_of(sink.sets.as_deref());
+        for (schema_name, table) in states.keys().filter(|k| !wanted.contains(k)) {
+            state::forget(&target, &name, schema_name, table).await?;
+            tracing::warn!(
+                sink = %sink.name,
+                table = %walrelay_model::QualifiedName { schema: schema_name, name: table },
+                "table no longer replicated to this sink: its rows stay on the target and stop following the source; to replicate it again, empty it first and it is copied anew"
+            );
+        }
         let mut jobs = Vec::new();
         for shape in plan.tables_of(sink.sets.as_deref()) {
             let Some((def, from)) = defs.get(&shape.source) else {

@@ -110,3 +110,17 @@ pub async fn mark_done(
         .map(|_| ())
         .map_err(|e| PgError::from_sql("recording a finished copy", e))
 }
+
+/// The table left the sink's sets: its record goes, so that if it comes back it is copied
+/// again (its rows on the target, which stop following the source, must then be removed
+/// first: the copy refuses a target table with rows it has no record of).
+pub async fn forget(client: &Client, name: &str, schema: &str, table: &str) -> Result<(), PgError> {
+    client
+        .execute(
+            "DELETE FROM walrelay.copies WHERE name = $1 AND schema_name = $2 AND table_name = $3",
+            &[&name, &schema, &table],
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| PgError::from_sql("forgetting the copy of a table no longer replicated", e))
+}
