@@ -138,6 +138,25 @@ async fn some_rows(c: &tokio_postgres::Client, sql: &str) -> String {
         .unwrap_or_else(|e| e.to_string())
 }
 
+/// Run `statement(i)` for i = 1, 2, ... with `pause` between, until `stop`; returns how
+/// many ran.
+fn write_until(
+    client: tokio_postgres::Client,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pause: Duration,
+    statement: impl Fn(i64) -> String + Send + 'static,
+) -> tokio::task::JoinHandle<i64> {
+    walrelay::task::spawn_named("test-writes", async move {
+        let mut i = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            i += 1;
+            client.batch_execute(&statement(i)).await.unwrap();
+            tokio::time::sleep(pause).await;
+        }
+        i
+    })
+}
+
 /// A sequence's last value.
 async fn last_value(c: &tokio_postgres::Client, sequence: &str) -> i64 {
     c.query_one(&format!("SELECT last_value FROM {sequence}"), &[])
@@ -454,26 +473,18 @@ async fn a_table_added_to_a_set_is_copied_alone() {
     relay.stop().await;
 
     // Writes go on while the relay is down and while it copies the new table.
-    let writer = source_pg.client("app").await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = {
-        let stop = stop.clone();
-        walrelay::task::spawn_named("test-writes", async move {
-            let mut i = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                i += 1;
-                writer
-                    .batch_execute(&format!(
-                        "INSERT INTO audit (what) VALUES ('w{i}'); UPDATE orders SET amount = amount + 1 WHERE id = {};",
-                        i % 500 + 1
-                    ))
-                    .await
-                    .unwrap();
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            i
-        })
-    };
+    let load = write_until(
+        source_pg.client("app").await,
+        stop.clone(),
+        Duration::from_millis(5),
+        |i| {
+            format!(
+                "INSERT INTO audit (what) VALUES ('w{i}'); UPDATE orders SET amount = amount + 1 WHERE id = {};",
+                i % 500 + 1
+            )
+        },
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let cfg = write("\"public.orders\", \"public.audit\"");
     let mut relay = Relay::start(&cfg);
@@ -562,6 +573,19 @@ async fn a_row_filter_outside_the_key_or_not_immutable_is_refused_at_start() {
         );
         let cfg = dir.path().join("walrelay.toml");
         std::fs::write(&cfg, text).unwrap();
+        if !identity.is_empty() {
+            // `check` says beforehand what the relay will change on the source.
+            let o = std::process::Command::new(BIN)
+                .args(["check", "--config"])
+                .arg(&cfg)
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&o.stdout);
+            assert!(
+                stdout.contains("table public.customers gets REPLICA IDENTITY FULL at start"),
+                "{stdout}"
+            );
+        }
         let log = Relay::start(&cfg).wait_for_failure().await;
         assert!(log.contains(said), "{filter}: {log}");
         assert!(log.contains("customers"), "the table is named: {log}");
@@ -612,32 +636,24 @@ async fn a_cascade_a_to_b_to_c_under_writes_ends_with_c_equal_to_a() {
     let mut relay_ab = Relay::start(&ab);
     wait_until_streaming(&a, &mut relay_ab).await;
 
-    let writer = a_pg.client("app").await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = {
-        let stop = stop.clone();
-        walrelay::task::spawn_named("test-writes", async move {
-            let mut i = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                i += 1;
-                writer
-                    .batch_execute(&format!(
-                        "BEGIN;
-                         INSERT INTO audit (what) VALUES ('w{i}');
-                         UPDATE customers SET region = CASE region WHEN 'eu' THEN 'us' ELSE 'eu' END WHERE id = {};
-                         INSERT INTO orders VALUES ({}, 1, 1.00, 'l') ON CONFLICT (id) DO UPDATE SET amount = orders.amount + 1;
-                         DELETE FROM tickets WHERE id = {i};
-                         COMMIT;",
-                        i % 300 + 1,
-                        1000 + i % 50,
-                    ))
-                    .await
-                    .unwrap();
-                tokio::time::sleep(Duration::from_millis(4)).await;
-            }
-            i
-        })
-    };
+    let load = write_until(
+        a_pg.client("app").await,
+        stop.clone(),
+        Duration::from_millis(4),
+        |i| {
+            format!(
+                "BEGIN;
+                 INSERT INTO audit (what) VALUES ('w{i}');
+                 UPDATE customers SET region = CASE region WHEN 'eu' THEN 'us' ELSE 'eu' END WHERE id = {};
+                 INSERT INTO orders VALUES ({}, 1, 1.00, 'l') ON CONFLICT (id) DO UPDATE SET amount = orders.amount + 1;
+                 DELETE FROM tickets WHERE id = {i};
+                 COMMIT;",
+                i % 300 + 1,
+                1000 + i % 50,
+            )
+        },
+    );
     // B's tables exist once its copy is done; then B is a source in its turn.
     wait_for_count(
         &b,

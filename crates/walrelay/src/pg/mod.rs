@@ -2,6 +2,7 @@
 //! TLS), SQL sessions, the replication-protocol client, quoting, and local servers.
 
 pub mod conninfo;
+pub mod copy_text;
 pub mod error;
 pub mod local;
 pub mod quote;

@@ -580,39 +580,16 @@ fn shape_copy_rows(
 ) -> Result<bytes::Bytes, String> {
     let mut out = Vec::with_capacity(data.len());
     for line in data.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-        let row = shaper.row(read::parse_copy_row(line, columns)?);
+        let row = shaper.row(crate::pg::copy_text::parse_row(line, columns)?);
         for (i, value) in row.0.iter().enumerate() {
             if i > 0 {
                 out.push(b'\t');
             }
-            write_copy_value(&mut out, value);
+            crate::pg::copy_text::encode_value(value, &mut out);
         }
         out.push(b'\n');
     }
     Ok(bytes::Bytes::from(out))
-}
-
-/// One value in COPY text format: `\N` for NULL, backslash escapes for the characters
-/// COPY gives meaning to.
-fn write_copy_value(out: &mut Vec<u8>, value: &walrelay_model::Value) {
-    use walrelay_model::Value;
-    let text: &[u8] = match value {
-        Value::Null | Value::UnchangedToast => {
-            out.extend_from_slice(b"\\N");
-            return;
-        }
-        Value::Text(s) => s.as_bytes(),
-        Value::Binary(b) => b,
-    };
-    for &b in text {
-        match b {
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            _ => out.push(b),
-        }
-    }
 }
 
 /// Binary COPY carries the type oids of array elements and composite fields; they differ

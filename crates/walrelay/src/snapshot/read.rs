@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use walrelay_model::{Column, Position, Relation, ReplicaIdentity, Row, Value};
+use walrelay_model::{Column, Position, Relation, ReplicaIdentity};
 
 use super::{SnapshotError, SnapshotPoint};
 use crate::pg::conninfo::ConnInfo;
@@ -75,14 +75,15 @@ pub async fn send_reads(
                 batch.push(walrelay_model::Event::Read {
                     position: Position::new(point.lsn, seq),
                     relation: relation.clone(),
-                    row: shaped.row(parse_copy_row(line, source_relation.columns.len()).map_err(
-                        |what| {
-                            SnapshotError::Worker(format!(
-                                "reading {}: {what}",
-                                relation.qualified_name()
-                            ))
-                        },
-                    )?),
+                    row: shaped.row(
+                        crate::pg::copy_text::parse_row(line, source_relation.columns.len())
+                            .map_err(|what| {
+                                SnapshotError::Worker(format!(
+                                    "reading {}: {what}",
+                                    relation.qualified_name()
+                                ))
+                            })?,
+                    ),
                 });
                 if batch.len() >= BATCH_EVENTS {
                     send(sinks, std::mem::take(&mut batch)).await?;
@@ -179,67 +180,4 @@ async fn relation(
 /// The lines of a chunk of COPY text output (each row ends with a newline).
 fn lines(chunk: &Bytes) -> impl Iterator<Item = &[u8]> {
     chunk.split(|&b| b == b'\n').filter(|l| !l.is_empty())
-}
-
-/// One row of COPY text format: tab-separated, `\N` for NULL, backslash escapes.
-pub(crate) fn parse_copy_row(line: &[u8], columns: usize) -> Result<Row, String> {
-    let mut values = Vec::with_capacity(columns);
-    for field in line.split(|&b| b == b'\t') {
-        if field == b"\\N" {
-            values.push(Value::Null);
-            continue;
-        }
-        let mut out = Vec::with_capacity(field.len());
-        let mut bytes = field.iter().copied();
-        while let Some(b) = bytes.next() {
-            if b != b'\\' {
-                out.push(b);
-                continue;
-            }
-            // COPY TO writes only these escapes (and octal never, for valid text).
-            match bytes.next() {
-                Some(b'b') => out.push(8),
-                Some(b'f') => out.push(12),
-                Some(b'n') => out.push(b'\n'),
-                Some(b'r') => out.push(b'\r'),
-                Some(b't') => out.push(b'\t'),
-                Some(b'v') => out.push(11),
-                Some(other) => out.push(other),
-                None => return Err("a COPY row ends in a lone backslash".into()),
-            }
-        }
-        let text = String::from_utf8(out).map_err(|_| "a COPY value is not UTF-8".to_string())?;
-        values.push(Value::Text(text));
-    }
-    if values.len() != columns {
-        return Err(format!(
-            "a COPY row has {} values for {columns} columns",
-            values.len()
-        ));
-    }
-    Ok(Row(values))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn copy_text_rows_unescape_as_postgres_writes_them() {
-        let row = parse_copy_row(b"1\t\\N\ta\\tb\\\\c\\nd\t", 4).unwrap();
-        assert_eq!(
-            row.0,
-            vec![
-                Value::Text("1".into()),
-                Value::Null,
-                Value::Text("a\tb\\c\nd".into()),
-                Value::Text(String::new()),
-            ]
-        );
-        assert!(
-            parse_copy_row(b"1\t2", 3).is_err(),
-            "a short row is an error"
-        );
-        assert!(parse_copy_row(b"1\\", 1).is_err());
-    }
 }

@@ -177,7 +177,7 @@ impl Run {
                 if n > 0 {
                     out.push(b'\t');
                 }
-                encode_copy_value(v, &mut out);
+                crate::pg::copy_text::encode_value(v, &mut out);
             }
             out.push(b'\n');
         }
@@ -218,28 +218,6 @@ impl HashInto for Value {
             Value::Binary(b) => b.hash(h),
             Value::Null => 0u8.hash(h),
             Value::UnchangedToast => 1u8.hash(h),
-        }
-    }
-}
-
-/// A value in COPY's text format: `\N` for NULL, backslash, tab, newline and carriage
-/// return escaped; everything else as PostgreSQL printed it.
-pub fn encode_copy_value(v: &Value, out: &mut Vec<u8>) {
-    let text = match v {
-        Value::Null | Value::UnchangedToast => {
-            out.extend_from_slice(b"\\N");
-            return;
-        }
-        Value::Text(t) => t.as_bytes(),
-        Value::Binary(b) => b.as_slice(),
-    };
-    for &b in text {
-        match b {
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            _ => out.push(b),
         }
     }
 }
@@ -364,22 +342,4 @@ pub fn missing_key_sql(run: &Run) -> String {
         quote::qualified(&rel.schema, &rel.name),
         matches.join(" AND ")
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn copy_escapes() {
-        let mut out = Vec::new();
-        encode_copy_value(&Value::Text("a\tb\\c\nd\re".into()), &mut out);
-        assert_eq!(out, b"a\\tb\\\\c\\nd\\re");
-        out.clear();
-        encode_copy_value(&Value::Null, &mut out);
-        assert_eq!(out, b"\\N");
-        out.clear();
-        encode_copy_value(&Value::Text("\\N".into()), &mut out);
-        assert_eq!(out, b"\\\\N", "a text that reads \\N is not NULL");
-    }
 }

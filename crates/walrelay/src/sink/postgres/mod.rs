@@ -417,11 +417,24 @@ impl Applier {
         };
         let group = std::mem::take(&mut self.group);
         let at = ChangeAt::Committed(walrelay_model::Position::new(last.commit_lsn, last.seq));
-        self.sink
-            .progress
-            .record(&mut self.sink.main, &last, at)
-            .await?;
-        self.raise_sequences().await?;
+        // The source's sequences are read while the target records the position: both
+        // must be done before the COMMIT, which then carries the sequences' raise.
+        let PostgresSink {
+            progress,
+            main,
+            sequences,
+            ..
+        } = &mut self.sink;
+        let (recorded, raise) = tokio::join!(progress.record(main, &last, at), async {
+            match sequences {
+                Some(s) => s.raise_sql().await,
+                None => Ok(None),
+            }
+        });
+        recorded?;
+        if let Some(sql) = raise? {
+            main.set_before_commit(sql);
+        }
         self.sink.main.commit().await?;
         crate::failpoint::POSTGRES_AFTER_COMMIT.hit();
         tracing::debug!(
@@ -434,10 +447,20 @@ impl Applier {
         Ok(())
     }
 
-    /// Before a commit: the target's sequences at least where the source's are now.
+    /// Before a streamed transaction's commit: the target's sequences at least where the
+    /// source's are now.
     async fn raise_sequences(&mut self) -> Result<(), ApplyError> {
         if let Some(s) = &mut self.sink.sequences {
-            s.raise(self.sink.main.client()).await?;
+            if let Some(sql) = s.raise_sql().await? {
+                self.sink
+                    .main
+                    .client()
+                    .batch_execute(&sql)
+                    .await
+                    .map_err(|e| {
+                        ApplyError::Pg(PgError::from_sql("raising target sequences", e))
+                    })?;
+            }
         }
         Ok(())
     }

@@ -13,7 +13,7 @@ use tokio_postgres::Client;
 
 use super::session::ApplyError;
 use crate::pg::conninfo::ConnInfo;
-use crate::pg::{sql, PgError};
+use crate::pg::{quote, sql, PgError};
 use crate::sets::{SequencePair, SequenceTarget};
 
 pub struct SequenceSync {
@@ -88,8 +88,10 @@ impl SequenceSync {
         Ok(Some(sync))
     }
 
-    /// Raise every target sequence that is behind the source's now.
-    pub async fn raise(&mut self, target: &Client) -> Result<(), ApplyError> {
+    /// The statement that raises every target sequence behind the source's now, to send
+    /// with the next COMMIT (`None` when none moved since the last). Literals only: the
+    /// names are the target's own regclass text, the values numbers.
+    pub async fn raise_sql(&mut self) -> Result<Option<String>, ApplyError> {
         let rows = self
             .source
             .query(
@@ -103,8 +105,7 @@ impl SequenceSync {
                     e,
                 ))
             })?;
-        let mut names = Vec::new();
-        let mut values = Vec::new();
+        let mut raised = Vec::new();
         for (row, target_name) in rows.iter().zip(&self.targets) {
             let Some(value) = row.get::<_, Option<i64>>(0) else {
                 continue;
@@ -112,27 +113,19 @@ impl SequenceSync {
             if self.raised.get(target_name).is_some_and(|&v| v >= value) {
                 continue;
             }
-            names.push(target_name.clone());
-            values.push(value);
+            raised.push(format!("({}, {value}::int8)", quote::literal(target_name)));
+            // Should the commit fail, the sink stops and a new run starts from nothing.
+            self.raised.insert(target_name.clone(), value);
         }
-        if names.is_empty() {
-            return Ok(());
+        if raised.is_empty() {
+            return Ok(None);
         }
         // setval acts at once, whatever becomes of the transaction around it: a value
         // raised early is still one the source has used.
-        target
-            .execute(
-                "SELECT setval(t::regclass, v)
-                 FROM unnest($1::text[], $2::int8[]) AS u(t, v)
-                 WHERE coalesce(pg_sequence_last_value(t::regclass) < v, true)",
-                &[&names, &values],
-            )
-            .await
-            .map_err(pg("raising target sequences"))?;
-        for (n, v) in names.into_iter().zip(values) {
-            self.raised.insert(n, v);
-        }
-        Ok(())
+        Ok(Some(format!(
+            "SELECT setval(t::regclass, v) FROM (VALUES {}) AS u(t, v) WHERE coalesce(pg_sequence_last_value(t::regclass) < v, true)",
+            raised.join(", ")
+        )))
     }
 }
 

@@ -95,6 +95,8 @@ pub struct ApplySession {
     stages: std::collections::HashSet<String>,
     /// `pg_replication_origin_xact_setup(...)` to send with the next COMMIT.
     commit_origin: Option<String>,
+    /// Sent with COMMIT, before it (`set_before_commit`).
+    before_commit: Option<String>,
 }
 
 impl ApplySession {
@@ -109,6 +111,7 @@ impl ApplySession {
             reorder_tables,
             stages: std::collections::HashSet::new(),
             commit_origin: None,
+            before_commit: None,
             client,
             target,
             on_conflict,
@@ -171,10 +174,14 @@ impl ApplySession {
             // pg_replication_origin_xact_setup only sets session state; the origin moves
             // when the commit record is written, so it is as atomic here as anywhere in
             // the transaction. In one message with COMMIT it costs no round trip.
-            let sql = match self.commit_origin.take() {
-                Some(setup) => format!("{setup}; COMMIT"),
-                None => "COMMIT".to_string(),
-            };
+            let sql = self
+                .before_commit
+                .take()
+                .into_iter()
+                .chain(self.commit_origin.take())
+                .chain(["COMMIT".to_string()])
+                .collect::<Vec<_>>()
+                .join("; ");
             crate::failpoint::POSTGRES_BEFORE_COMMIT.hit();
             self.client
                 .batch_execute(&sql)
@@ -197,6 +204,12 @@ impl ApplySession {
         ));
     }
 
+    /// Run `sql` (a simple query, literals only) in the message that carries the next
+    /// COMMIT, before it: no round trip of its own.
+    pub fn set_before_commit(&mut self, sql: String) {
+        self.before_commit = Some(sql);
+    }
+
     /// Undo the open transaction.
     pub async fn rollback(&mut self) -> Result<(), ApplyError> {
         self.take_pending();
@@ -215,6 +228,7 @@ impl ApplySession {
 
     fn end(&mut self) {
         self.commit_origin = None;
+        self.before_commit = None;
         self.in_transaction = false;
         self.pending_bytes = 0;
         self.savepoints.clear();
