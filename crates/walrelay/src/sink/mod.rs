@@ -121,11 +121,12 @@ impl SinkHandle {
         let Some(route) = &self.route else {
             return Some((batch.clone(), bytes));
         };
-        let events = match route.lock() {
-            Ok(mut r) => r.filter(batch),
-            // A panic while routing leaves nothing sound to route with.
-            Err(_) => return None,
-        };
+        // Only the source's task routes; a poisoned lock means routing itself panicked,
+        // and nothing sound is left to route with: fail the run rather than drop events.
+        let events = route
+            .lock()
+            .expect("a sink's route survives only what did not panic")
+            .filter(batch);
         if events.is_empty() {
             return None;
         }

@@ -129,7 +129,12 @@ pub async fn copy_for_sinks(
     catalog::prepare_session(&catalog_client).await?;
     // Each table as its set shapes it on the targets, and what the copy reads of it.
     let mut defs: HashMap<(String, String), (TableDef, CopyFrom)> = HashMap::new();
-    for shape in plan.tables() {
+    let copied = plan.tables().iter().filter(|t| {
+        sinks
+            .iter()
+            .any(|s| s.sets.as_ref().is_none_or(|sets| sets.contains(&t.set)))
+    });
+    for shape in copied {
         let (schema_name, table) = &shape.source;
         let source_def = catalog::read_table(&catalog_client, schema_name, table).await?;
         let columns: Vec<String> = source_def
