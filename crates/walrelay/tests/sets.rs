@@ -427,7 +427,8 @@ sets = ["crm"]
             );
         } else {
             assert!(
-                stdout.contains("set \"crm\": 3 table(s), 3 filtered, renamed or transformed"),
+                stdout.contains("set \"crm\": 3 table(s), 3 filtered, renamed or transformed")
+                    && stdout.contains("1 row filter(s) accepted by the source"),
                 "{stdout}"
             );
         }
@@ -573,14 +574,20 @@ async fn a_row_filter_outside_the_key_or_not_immutable_is_refused_at_start() {
         );
         let cfg = dir.path().join("walrelay.toml");
         std::fs::write(&cfg, text).unwrap();
+        // `check` finds the problem beforehand (trying the publication and rolling it
+        // back), and says what the relay will change on the source.
+        let o = std::process::Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(o.status.code(), Some(1), "{stdout}");
+        assert!(
+            stdout.contains("PROBLEM") && stdout.contains(said),
+            "{stdout}"
+        );
         if !identity.is_empty() {
-            // `check` says beforehand what the relay will change on the source.
-            let o = std::process::Command::new(BIN)
-                .args(["check", "--config"])
-                .arg(&cfg)
-                .output()
-                .unwrap();
-            let stdout = String::from_utf8_lossy(&o.stdout);
             assert!(
                 stdout.contains("table public.customers gets REPLICA IDENTITY FULL at start"),
                 "{stdout}"

@@ -165,6 +165,45 @@ pub async fn inspect(config: &Config) -> Report {
     if let Err(e) = check_publication(&client, &cfg.publication, &tables, &facts, &mut r).await {
         r.problem(e.to_string());
     }
+    // Row filters: what the relay would do to the publication, done and rolled back, so
+    // that a filter the source refuses or that would break the application shows here.
+    // As the relay will have them: `identity = "full"` applied first.
+    let as_started: Vec<setup::SelectedTable> = tables
+        .iter()
+        .zip(plan.tables())
+        .map(|(t, shape)| {
+            let mut t = t.clone();
+            if shape.identity_full {
+                t.replica_identity = 'f';
+            }
+            t
+        })
+        .collect();
+    let published: Vec<setup::Published> = as_started
+        .iter()
+        .zip(plan.tables())
+        .map(|(table, shape)| setup::Published {
+            table,
+            filter: shape.filter.as_deref(),
+        })
+        .collect();
+    let filters = published.iter().filter(|p| p.filter.is_some()).count();
+    if filters > 0 {
+        let tried = setup::ensure_publication(
+            &client,
+            &cfg.publication,
+            &published,
+            facts.version_num,
+            setup::PublicationMode::DryRun,
+        )
+        .await;
+        match tried {
+            Ok(()) => r.ok(format!(
+                "{filters} row filter(s) accepted by the source (tried and rolled back)"
+            )),
+            Err(e) => r.problem(e.to_string()),
+        }
+    }
     r
 }
 

@@ -147,7 +147,14 @@ pub async fn prepare(
             filter: shape.filter.as_deref(),
         })
         .collect();
-    setup::ensure_publication(&client, &cfg.publication, &published, facts.version_num).await?;
+    setup::ensure_publication(
+        &client,
+        &cfg.publication,
+        &published,
+        facts.version_num,
+        setup::PublicationMode::Apply,
+    )
+    .await?;
 
     let mut conn = ReplicationConnection::connect(&info).await?;
     let (confirmed, created_slot, snapshot) = match setup::slot_info(&client, &cfg.slot).await? {

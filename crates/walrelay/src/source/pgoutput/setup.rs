@@ -302,6 +302,13 @@ pub async fn publication_gaps<'t>(
     Ok((exists, missing))
 }
 
+/// Whether `ensure_publication` commits what it made, or only checks it (`walrelay check`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublicationMode {
+    Apply,
+    DryRun,
+}
+
 /// A table for the publication, with its row filter.
 pub struct Published<'a> {
     pub table: &'a SelectedTable,
@@ -321,6 +328,7 @@ pub async fn ensure_publication(
     name: &str,
     tables: &[Published<'_>],
     version_num: i32,
+    mode: PublicationMode,
 ) -> Result<(), SourceError> {
     let filtered: Vec<&Published> = tables.iter().filter(|t| t.filter.is_some()).collect();
     if let Some(t) = filtered.first() {
@@ -446,7 +454,7 @@ pub async fn ensure_publication(
     }
     .await;
     match result {
-        Ok(true) => {
+        Ok(true) if mode == PublicationMode::Apply => {
             client.batch_execute("COMMIT").await.map_err(advice)?;
             tracing::info!(
                 publication = name,
@@ -460,7 +468,7 @@ pub async fn ensure_publication(
             );
             Ok(())
         }
-        Ok(false) => {
+        Ok(_) => {
             client.batch_execute("ROLLBACK").await.map_err(advice)?;
             Ok(())
         }
