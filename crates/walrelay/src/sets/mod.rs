@@ -131,7 +131,7 @@ impl Plan {
                 }
                 for (column, sequence) in table.sequence_columns.iter().zip(&table.sequences) {
                     // A transformed column's values are not the sequence's any more.
-                    if shape.copies(column) && !shape.transforms.contains_key(column) {
+                    if shape.keeps(column) && !shape.transforms.contains_key(column) {
                         plan.sequences.push(SequencePair {
                             set: set.name.clone(),
                             source: sequence.clone(),

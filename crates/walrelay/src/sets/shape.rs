@@ -131,11 +131,6 @@ impl TableShape {
         crate::pg::quote::qualified(&self.target.0, &name)
     }
 
-    /// Whether the copy keeps this source column.
-    pub fn copies(&self, column: &str) -> bool {
-        self.keeps(column)
-    }
-
     /// The source's name for messages.
     pub fn shown(&self) -> String {
         walrelay_model::QualifiedName {
@@ -156,7 +151,8 @@ impl TableShape {
         self.transforms.values().any(|t| *t != Transform::Drop)
     }
 
-    fn keeps(&self, column: &str) -> bool {
+    /// Whether this source column reaches the targets.
+    pub fn keeps(&self, column: &str) -> bool {
         self.only
             .as_ref()
             .is_none_or(|only| only.iter().any(|c| c == column))

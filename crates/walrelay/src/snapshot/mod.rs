@@ -139,7 +139,7 @@ pub async fn copy_for_sinks(
         let source_def = catalog::read_table(&catalog_client, schema_name, table).await?;
         let columns: Vec<String> = source_def
             .data_columns()
-            .filter(|c| shape.copies(&c.name))
+            .filter(|c| shape.keeps(&c.name))
             .map(|c| c.name.clone())
             .collect();
         let rows = if shape.changes_values() {

@@ -85,7 +85,8 @@ impl SequenceSync {
                 ),
             }
         }
-        Ok(Some(sync))
+        // Nothing left to keep in step: no query per commit.
+        Ok((!sync.sources.is_empty()).then_some(sync))
     }
 
     /// The statement that raises every target sequence behind the source's now, to send
