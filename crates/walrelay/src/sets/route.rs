@@ -5,7 +5,7 @@
 //! reader of the stream checks (`walrelay consume`); the numbering depends only on the
 //! source's transaction and the sink's sets, so a repeat after a restart gets the same.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use walrelay_model::{Change, Event, Position, Relation, Xid};
 
@@ -13,8 +13,9 @@ use walrelay_model::{Change, Event, Position, Relation, Xid};
 /// sink takes, and the streamed transactions it has seen changes of.
 #[derive(Debug)]
 pub struct SinkRoute {
-    /// Target (schema, name) of the tables the sink takes.
-    tables: HashSet<(String, String)>,
+    /// The tables the sink takes, by target schema, then name: looked up per event without
+    /// building a key.
+    tables: HashMap<String, HashSet<String>>,
     pending_begin: Option<Event>,
     begun: bool,
     /// Changes kept of the open transaction.
@@ -26,8 +27,12 @@ pub struct SinkRoute {
 
 impl SinkRoute {
     pub fn new(tables: Vec<(String, String)>) -> Self {
+        let mut by_schema: HashMap<String, HashSet<String>> = HashMap::new();
+        for (schema, name) in tables {
+            by_schema.entry(schema).or_default().insert(name);
+        }
         SinkRoute {
-            tables: tables.into_iter().collect(),
+            tables: by_schema,
             pending_begin: None,
             begun: false,
             seq: 0,
@@ -37,10 +42,9 @@ impl SinkRoute {
     }
 
     fn takes(&self, relation: &Relation) -> bool {
-        // Borrowed lookup without building a key: few tables per sink, but many events.
         self.tables
-            .iter()
-            .any(|(s, n)| *s == relation.schema && *n == relation.name)
+            .get(&relation.schema)
+            .is_some_and(|names| names.contains(&relation.name))
     }
 
     /// What the sink takes of `change`, if anything.
