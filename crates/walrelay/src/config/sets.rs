@@ -131,7 +131,7 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// The set `source.tables` stands for when no `[[set]]` is configured.
+/// The set `source.tables` stands for.
 pub const DEFAULT_SET: &str = "default";
 
 /// Checks of the sets that need no server: `Err((key, message))`.

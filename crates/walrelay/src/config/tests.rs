@@ -62,6 +62,63 @@ fn invalid_values_are_named() {
 }
 
 #[test]
+fn set_errors_name_the_key_and_the_fix() {
+    let set = |body: &str| format!("{MINIMAL}\n[[set]]\nname = \"s\"\n{body}\n");
+    for (text, key, said) in [
+        (
+            set("[[set.table]]\nname = \"public.a\"\ntransform = { x = \"hash\" }"),
+            "set[0].hash_key",
+            "give the set a hash_key",
+        ),
+        (
+            set("[[set.table]]\nname = \"public.*\""),
+            "set[0].table[0].name",
+            "is a pattern",
+        ),
+        (
+            set("[[set.table]]\nname = \"public.a\"\ntransform = { x = \"scramble\" }"),
+            "set[0].table[0].transform.x",
+            "is not a transform",
+        ),
+        (
+            set("[[set.table]]\nname = \"public.a\"\nrename_columns = { x = \"z\", y = \"z\" }"),
+            "rename_columns",
+            "two columns are renamed",
+        ),
+        (
+            set("tables = [\"public.a\"]\n[[set]]\nname = \"s\"\ntables = [\"public.b\"]"),
+            "set[1].name",
+            "names two sets",
+        ),
+        (set(""), "set[0].tables", "list at least one table"),
+        (
+            format!("{MINIMAL}\n[[set]]\nname = \"default\"\ntables = [\"public.a\"]\n"),
+            "set.name",
+            "source.tables makes",
+        ),
+        (
+            set("tables = [\"public.a\"]")
+                .replace("path = \"-\"", "path = \"-\"\nsets = [\"nope\"]"),
+            "sink[0].sets",
+            "no set is named \"nope\"",
+        ),
+    ] {
+        let e = error(&text);
+        assert!(e.contains(key) && e.contains(said), "{text}\n=> {e}");
+    }
+    let ok = parse(&set("hash_key = \"k\"\n[[set.table]]\nname = \"public.a\"\ntransform = { x = \"hash\", y = { mask = 2 }, z = { constant = \"c\" } }")).unwrap();
+    assert_eq!(
+        ok.sets().len(),
+        2,
+        "source.tables is the set default, beside s"
+    );
+    assert!(
+        !format!("{ok:?}").contains("hash_key: Some(Secret(\"k\"))"),
+        "the key stays out of logs"
+    );
+}
+
+#[test]
 fn password_is_hidden_in_debug() {
     let c = parse(&MINIMAL.replace("rep@db", "rep:s3cret@db")).unwrap();
     let shown = format!("{c:?}");
