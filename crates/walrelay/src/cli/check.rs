@@ -179,14 +179,7 @@ pub async fn inspect(config: &Config) -> Report {
             t
         })
         .collect();
-    let published: Vec<setup::Published> = as_started
-        .iter()
-        .zip(plan.tables())
-        .map(|(table, shape)| setup::Published {
-            table,
-            filter: shape.filter.as_deref(),
-        })
-        .collect();
+    let published = plan.published(&as_started);
     let filters = published.iter().filter(|p| p.filter.is_some()).count();
     if filters > 0 {
         let tried = setup::ensure_publication(

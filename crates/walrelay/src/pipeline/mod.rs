@@ -191,7 +191,7 @@ async fn run_once(
             source: Some(&prepared.info),
             sequences: &sequences,
         };
-        handles.push(sink::start(sink_config, &context, &prepared.plan).await?);
+        handles.push(sink::start(sink_config, &context).await?);
     }
     let fanout = Fanout { sinks: handles };
     if let Err(e) = send_snapshot_reads(config, &prepared, &fanout).await {

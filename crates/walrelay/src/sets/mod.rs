@@ -181,6 +181,19 @@ impl Plan {
         Ok((plan, selected))
     }
 
+    /// `tables` (as `resolve` returned them, in the plan's order) with their row filters,
+    /// for the publication.
+    pub fn published<'a>(&'a self, tables: &'a [SelectedTable]) -> Vec<setup::Published<'a>> {
+        tables
+            .iter()
+            .zip(&self.tables)
+            .map(|(table, shape)| setup::Published {
+                table,
+                filter: shape.filter.as_deref(),
+            })
+            .collect()
+    }
+
     pub fn tables(&self) -> &[Arc<TableShape>] {
         &self.tables
     }

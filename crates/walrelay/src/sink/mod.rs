@@ -168,7 +168,6 @@ pub struct SinkContext<'a> {
 pub async fn start(
     config: &SinkConfig,
     context: &SinkContext<'_>,
-    plan: &crate::sets::Plan,
 ) -> Result<SinkHandle, SinkError> {
     let (input, rx) = queue::channel();
     let (durable_tx, durable) = watch::channel(context.start);
@@ -204,10 +203,9 @@ pub async fn start(
         input,
         durable,
         task,
-        route: config.sets().map(|sets| {
-            std::sync::Mutex::new(crate::sets::route::SinkRoute::new(
-                plan.targets_of(Some(sets)),
-            ))
+        // `context.tables` are already the tables of the sink's sets.
+        route: config.sets().map(|_| {
+            std::sync::Mutex::new(crate::sets::route::SinkRoute::new(context.tables.to_vec()))
         }),
     })
 }

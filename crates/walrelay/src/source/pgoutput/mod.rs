@@ -139,18 +139,10 @@ pub async fn prepare(
     if let Some(t) = tables.iter().find(|t| !t.has_replica_identity()) {
         return Err(SourceError::Setup(t.identity_advice()));
     }
-    let published: Vec<setup::Published> = tables
-        .iter()
-        .zip(plan.tables())
-        .map(|(table, shape)| setup::Published {
-            table,
-            filter: shape.filter.as_deref(),
-        })
-        .collect();
     setup::ensure_publication(
         &client,
         &cfg.publication,
-        &published,
+        &plan.published(&tables),
         facts.version_num,
         setup::PublicationMode::Apply,
     )
