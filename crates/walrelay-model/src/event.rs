@@ -38,6 +38,63 @@ pub enum Change<R = Arc<Relation>> {
         prefix: String,
         content: Vec<u8>,
     },
+    /// A schema change, at its place in the transaction.
+    Ddl(Box<Ddl>),
+}
+
+/// A schema change captured on the source (docs/events.md, `ddl`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ddl {
+    /// The command tag: `ALTER TABLE`, `CREATE INDEX`.
+    pub tag: String,
+    /// The command as the source ran it.
+    pub statement: String,
+    /// The `search_path` it ran under, for its unqualified names.
+    pub search_path: String,
+    /// The role it ran as.
+    pub role: Option<String>,
+    /// The replicated tables it touched, by their names on the targets, each with its
+    /// shape after the command.
+    pub tables: Vec<DdlTable>,
+    /// Why a target cannot run `statement` as it is, when it cannot.
+    pub unsafe_reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DdlTable {
+    pub schema: String,
+    pub name: String,
+    pub action: DdlAction,
+    /// The replication set it belongs to.
+    pub set: Option<String>,
+    /// Its columns after the command (none when dropped).
+    pub columns: Vec<DdlColumn>,
+    pub primary_key: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DdlAction {
+    Create,
+    Alter,
+    Drop,
+}
+
+impl DdlAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DdlAction::Create => "create",
+            DdlAction::Alter => "alter",
+            DdlAction::Drop => "drop",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DdlColumn {
+    pub name: String,
+    /// As `format_type` prints it: `character varying(20)`.
+    pub type_name: String,
+    pub nullable: bool,
 }
 
 impl<R> Change<R> {
@@ -67,6 +124,7 @@ impl<R> Change<R> {
                 restart_identity,
             },
             Change::Message { prefix, content } => Change::Message { prefix, content },
+            Change::Ddl(ddl) => Change::Ddl(ddl),
         })
     }
 
@@ -80,6 +138,7 @@ impl<R> Change<R> {
             Change::Delete { old, .. } => old.row().payload_len(),
             Change::Truncate { relations, .. } => relations.len() * 8,
             Change::Message { prefix, content } => prefix.len() + content.len(),
+            Change::Ddl(ddl) => ddl.statement.len() + ddl.tables.len() * 256,
         }
     }
 }

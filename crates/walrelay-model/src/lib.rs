@@ -9,7 +9,9 @@ mod time;
 mod value;
 
 pub use builtin_types::builtin_type_name;
-pub use event::{Change, Event, NonTxnMessage, TxnBegin, TxnCommit};
+pub use event::{
+    Change, Ddl, DdlAction, DdlColumn, DdlTable, Event, NonTxnMessage, TxnBegin, TxnCommit,
+};
 pub use lsn::{Lsn, ParseLsnError, Position};
 pub use relation::{display_ident, Column, QualifiedName, Relation, ReplicaIdentity};
 pub use time::PgTimestamp;

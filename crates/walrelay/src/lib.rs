@@ -7,6 +7,7 @@
 pub mod amqp;
 pub mod cli;
 pub mod config;
+pub mod ddl;
 pub mod failpoint;
 pub mod format;
 pub mod ha;

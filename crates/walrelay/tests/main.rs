@@ -6,6 +6,7 @@ mod capture;
 mod cli;
 mod connect;
 mod copy;
+mod ddl;
 mod decoder;
 mod durability;
 mod fanout;

@@ -135,6 +135,10 @@ pub async fn consume(
         tables: &[],
         source: None,
         sequences: &[],
+        // The relay decided what can be replayed (`Ddl::unsafe_reason`); what cannot is
+        // logged and passed.
+        ddl_on_unsafe: crate::config::OnUnsafeDdl::Skip,
+        ddl_additive: false,
     };
     let target = PostgresSink::open(&config.target, &context).await?;
     let info = config
@@ -552,6 +556,17 @@ async fn read_message(
         for (schema, name) in tables_of(&event) {
             tables.check(catalog, schema, name).await?;
         }
+        // A table a schema change creates exists once the sink has applied it, which is
+        // before any later event of the stream reaches the target.
+        if let Event::Change {
+            change: Change::Ddl(ddl),
+            ..
+        } = &event
+        {
+            for t in &ddl.tables {
+                tables.expect(&t.schema, &t.name);
+            }
+        }
         events.push(event);
     }
     if events.is_empty() {
@@ -574,7 +589,8 @@ fn tables_of(event: &Event) -> Vec<(&str, &str)> {
                 .iter()
                 .map(|r| (r.schema.as_str(), r.name.as_str()))
                 .collect(),
-            Change::Message { .. } => Vec::new(),
+            // A schema change makes its tables itself.
+            Change::Message { .. } | Change::Ddl(_) => Vec::new(),
         },
         _ => Vec::new(),
     }
@@ -589,6 +605,14 @@ struct TableCheck {
 }
 
 impl TableCheck {
+    /// `schema.name` is taken as found: an earlier event makes it.
+    fn expect(&mut self, schema: &str, name: &str) {
+        self.found
+            .entry(schema.to_string())
+            .or_default()
+            .insert(name.to_string());
+    }
+
     /// Asked for every change: a table found before costs a lookup, no allocation.
     async fn check(
         &mut self,

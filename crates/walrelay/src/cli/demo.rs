@@ -240,6 +240,7 @@ async fn transfers(url: &str, accounts: u32, stop: CancellationToken) -> anyhow:
 
 fn demo_config(source_url: &str, target_url: &str, spill: &Path) -> Config {
     Config {
+        ddl: Default::default(),
         source: SourceConfig {
             kind: Default::default(),
             url: ConnString(source_url.to_string()),

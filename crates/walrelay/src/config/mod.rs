@@ -22,11 +22,50 @@ pub struct Config {
     pub source: SourceConfig,
     #[serde(default)]
     pub snapshot: SnapshotConfig,
+    #[serde(default)]
+    pub ddl: DdlConfig,
     /// Replication sets (`[[set]]`); `source.tables` is the set named `default`.
     #[serde(default, rename = "set", skip_serializing_if = "Vec::is_empty")]
     pub sets: Vec<SetConfig>,
     #[serde(default, rename = "sink")]
     pub sinks: Vec<SinkConfig>,
+}
+
+/// Schema changes on the source (`[ddl]`, docs/config.md).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DdlConfig {
+    #[serde(default)]
+    pub mode: DdlMode,
+    #[serde(default)]
+    pub on_unsafe: OnUnsafeDdl,
+}
+
+/// How schema changes are captured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DdlMode {
+    /// `statements` where the source role is a superuser, `additive` otherwise.
+    #[default]
+    Auto,
+    /// An event trigger records each command in the stream; targets replay it in place.
+    Statements,
+    /// No trigger: a table's new columns and wider types, seen in the stream, are added
+    /// on postgres targets from the stream's description of the table.
+    Additive,
+    /// Nothing: a target must be changed by hand, before the source.
+    Off,
+}
+
+/// What happens to a command walrelay cannot replay safely on a target.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnUnsafeDdl {
+    /// Log it (a warning naming the command and its position) and go on.
+    #[default]
+    Skip,
+    /// Stop the relay at it, with the same message.
+    Stop,
 }
 
 /// The initial copy of existing rows into postgres targets.

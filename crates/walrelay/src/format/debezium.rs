@@ -73,8 +73,73 @@ impl DebeziumEncoder {
                     .map(|r| self.envelope(r, "t", None, None, position.commit_lsn))
                     .collect(),
                 Change::Message { .. } => Vec::new(),
+                Change::Ddl(ddl) => vec![self.schema_change(ddl, position.commit_lsn)],
             },
             _ => Vec::new(),
+        }
+    }
+
+    /// Debezium's schema change event: `ddl`, and `tableChanges` with each table's shape
+    /// after it. Published with op `ddl`, to the first table's routing key.
+    fn schema_change(&self, ddl: &walrelay_model::Ddl, lsn: Lsn) -> Envelope {
+        let ts_ms = match &self.txn {
+            Some(t) => t.commit_time.unix_millis(),
+            None => PgTimestamp::now().unix_millis(),
+        };
+        let changes: Vec<serde_json::Value> = ddl
+            .tables
+            .iter()
+            .map(|t| {
+                let columns: Vec<serde_json::Value> = t
+                    .columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        serde_json::json!({
+                            "name": c.name,
+                            "typeName": c.type_name,
+                            "optional": c.nullable,
+                            "position": i + 1,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "type": t.action.as_str().to_ascii_uppercase(),
+                    "id": format!("\"{}\".\"{}\".\"{}\"", self.database, t.schema, t.name),
+                    "table": if t.action == walrelay_model::DdlAction::Drop {
+                        serde_json::Value::Null
+                    } else {
+                        serde_json::json!({
+                            "primaryKeyColumnNames": t.primary_key,
+                            "columns": columns,
+                        })
+                    },
+                })
+            })
+            .collect();
+        let first = ddl.tables.first();
+        let body = serde_json::json!({
+            "source": {
+                "version": concat!("walrelay-", env!("CARGO_PKG_VERSION")),
+                "connector": "postgresql",
+                "name": self.server,
+                "ts_ms": ts_ms,
+                "db": self.database,
+                "schema": first.map(|t| t.schema.as_str()),
+                "table": first.map(|t| t.name.as_str()),
+                "lsn": lsn.0,
+            },
+            "ts_ms": ts_ms,
+            "databaseName": self.database,
+            "schemaName": first.map(|t| t.schema.as_str()),
+            "ddl": ddl.statement,
+            "tableChanges": changes,
+        });
+        Envelope {
+            schema: first.map(|t| t.schema.clone()).unwrap_or_default(),
+            table: first.map(|t| t.name.clone()).unwrap_or_default(),
+            op: "ddl",
+            body: serde_json::to_vec(&body).expect("a JSON value serializes"),
         }
     }
 

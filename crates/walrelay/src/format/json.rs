@@ -67,6 +67,7 @@ impl JsonEncoder {
                     Change::Delete { .. } => "delete",
                     Change::Truncate { .. } => "truncate",
                     Change::Message { .. } => "message",
+                    Change::Ddl(_) => "ddl",
                 };
                 head(out, kind, pos);
                 if let Some(t) = &self.txn {
@@ -116,6 +117,7 @@ impl JsonEncoder {
                         out.extend_from_slice(b",\"transactional\":true");
                         message_body(out, prefix, content);
                     }
+                    Change::Ddl(ddl) => ddl_body(out, ddl),
                 }
             }
         }
@@ -154,6 +156,41 @@ fn field_u64(out: &mut Vec<u8>, k: &str, v: u64) {
 pub(crate) fn string(out: &mut Vec<u8>, s: &str) {
     // Writing a str into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// A schema change: the command as the source ran it and its tables' shapes after it.
+fn ddl_body(out: &mut Vec<u8>, ddl: &walrelay_model::Ddl) {
+    field_str(out, "tag", &ddl.tag);
+    field_str(out, "statement", &ddl.statement);
+    field_str(out, "search_path", &ddl.search_path);
+    let tables: Vec<serde_json::Value> = ddl
+        .tables
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "schema": t.schema,
+                "table": t.name,
+                "action": t.action.as_str(),
+                "set": t.set,
+                "columns": t.columns.iter().map(|c| serde_json::json!({
+                    "name": c.name, "type": c.type_name, "nullable": c.nullable,
+                })).collect::<Vec<_>>(),
+                "primary_key": t.primary_key,
+            })
+        })
+        .collect();
+    let rest = serde_json::json!({
+        "role": ddl.role,
+        "tables": tables,
+        "unsafe_reason": ddl.unsafe_reason,
+    });
+    if let serde_json::Value::Object(fields) = rest {
+        for (k, v) in fields {
+            key(out, &k);
+            // Writing a Value into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, &v);
+        }
+    }
 }
 
 fn message_body(out: &mut Vec<u8>, prefix: &str, content: &[u8]) {

@@ -124,6 +124,10 @@ impl EventParser {
                     })
                 }
             }
+            "ddl" => Event::Change {
+                position,
+                change: Change::Ddl(Box::new(ddl(o)?)),
+            },
             "read" => {
                 let relation = self.relation(o)?;
                 let row = row(o, "new", &relation, false)?;
@@ -273,6 +277,57 @@ fn builtin_oid(type_name: &str) -> u32 {
         "oid" => 26,
         _ => 0,
     }
+}
+
+/// A `ddl` event's fields.
+fn ddl(o: &serde_json::Map<String, J>) -> Result<walrelay_model::Ddl, String> {
+    use walrelay_model::{DdlAction, DdlColumn, DdlTable};
+    let strings = |v: Option<&J>| -> Vec<String> {
+        v.and_then(J::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut tables = Vec::new();
+    for t in o.get("tables").and_then(J::as_array).into_iter().flatten() {
+        let t = t.as_object().ok_or("a ddl table is not an object")?;
+        let action = match text(t, "action")? {
+            "create" => DdlAction::Create,
+            "drop" => DdlAction::Drop,
+            _ => DdlAction::Alter,
+        };
+        let mut columns = Vec::new();
+        for c in t.get("columns").and_then(J::as_array).into_iter().flatten() {
+            let c = c.as_object().ok_or("a ddl column is not an object")?;
+            columns.push(DdlColumn {
+                name: text(c, "name")?.to_string(),
+                type_name: text(c, "type")?.to_string(),
+                nullable: c.get("nullable").and_then(J::as_bool).unwrap_or(true),
+            });
+        }
+        tables.push(DdlTable {
+            schema: text(t, "schema")?.to_string(),
+            name: text(t, "table")?.to_string(),
+            action,
+            set: t.get("set").and_then(J::as_str).map(str::to_string),
+            columns,
+            primary_key: strings(t.get("primary_key")),
+        });
+    }
+    Ok(walrelay_model::Ddl {
+        tag: text(o, "tag")?.to_string(),
+        statement: text(o, "statement")?.to_string(),
+        search_path: text(o, "search_path")?.to_string(),
+        role: o.get("role").and_then(J::as_str).map(str::to_string),
+        tables,
+        unsafe_reason: o
+            .get("unsafe_reason")
+            .and_then(J::as_str)
+            .map(str::to_string),
+    })
 }
 
 #[cfg(test)]

@@ -154,7 +154,7 @@ async fn run_once(
     // slot, the copy's catalog reads): nothing of it needs finishing.
     let sets = config.sets();
     let prepared = tokio::select! {
-        p = pgoutput::prepare(&config.source, &sets) => p?,
+        p = pgoutput::prepare(&config.source, &sets, &config.ddl) => p?,
         _ = cancel.cancelled() => return Ok(RunEnd::Stopped),
     };
     let start = prepared.confirmed;
@@ -190,6 +190,8 @@ async fn run_once(
             tables: &tables,
             source: Some(&prepared.info),
             sequences: &sequences,
+            ddl_on_unsafe: config.ddl.on_unsafe,
+            ddl_additive: prepared.ddl_mode == crate::config::DdlMode::Additive,
         };
         handles.push(sink::start(sink_config, &context).await?);
     }

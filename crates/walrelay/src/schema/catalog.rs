@@ -102,6 +102,8 @@ pub struct TableDef {
     pub indexes: Vec<String>,
     /// `PARTITION BY ...` of a partitioned table.
     pub partition_key: Option<String>,
+    /// Storage parameters (`fillfactor=100`), as `pg_class.reloptions` lists them.
+    pub storage: Vec<String>,
     /// Partitions: (schema, name, bound, their own partition key if sub-partitioned).
     pub partitions: Vec<PartitionDef>,
     /// Defaults left out because they depend on objects the target may lack.
@@ -249,15 +251,17 @@ pub async fn read_table(client: &Client, schema: &str, name: &str) -> Result<Tab
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let partition_key: Option<String> = client
+    let row = client
         .query_one(
-            "SELECT CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END
+            "SELECT CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END,
+                    coalesce(c.reloptions::text[], '{}')
              FROM pg_class c WHERE c.oid = $1::text::regclass",
             &[&rel],
         )
         .await
-        .map_err(err("partition key"))?
-        .get(0);
+        .map_err(err("partition key"))?;
+    let partition_key: Option<String> = row.get(0);
+    let storage: Vec<String> = row.get(1);
     let partitions = if partition_key.is_some() {
         read_partitions(client, &rel).await?
     } else {
@@ -273,6 +277,7 @@ pub async fn read_table(client: &Client, schema: &str, name: &str) -> Result<Tab
         constraints,
         indexes,
         partition_key,
+        storage,
         partitions,
         dropped_defaults,
     })

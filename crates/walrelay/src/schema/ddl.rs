@@ -127,6 +127,16 @@ pub fn create_table(t: &TableDef) -> String {
     if let Some(key) = &t.partition_key {
         sql.push_str(&format!(" PARTITION BY {key}"));
     }
+    if !t.storage.is_empty() {
+        // The catalog's `name=value`: the name is PostgreSQL's own, the value goes quoted.
+        let options: Vec<String> = t
+            .storage
+            .iter()
+            .filter_map(|o| o.split_once('='))
+            .map(|(name, value)| format!("{name}={}", quote::literal(value)))
+            .collect();
+        sql.push_str(&format!(" WITH ({})", options.join(", ")));
+    }
     sql
 }
 
@@ -250,12 +260,13 @@ mod tests {
             ],
             indexes: vec!["CREATE INDEX t_price ON \"My Schema\".t USING btree (price)".into()],
             partition_key: None,
+            storage: vec!["fillfactor=90".into()],
             partitions: vec![],
             dropped_defaults: vec![],
         };
         assert_eq!(
             create_table(&t),
-            "CREATE TABLE \"My Schema\".\"t\" (\"id\" integer GENERATED ALWAYS AS IDENTITY NOT NULL, \"price\" numeric, \"total\" numeric GENERATED ALWAYS AS ((price * 2)) STORED)"
+            "CREATE TABLE \"My Schema\".\"t\" (\"id\" integer GENERATED ALWAYS AS IDENTITY NOT NULL, \"price\" numeric, \"total\" numeric GENERATED ALWAYS AS ((price * 2)) STORED) WITH (fillfactor='90')"
         );
         let finish = finish_table(&t);
         assert_eq!(

@@ -25,6 +25,10 @@ pub struct Plan {
     pub sets: Vec<String>,
     tables: Vec<Arc<TableShape>>,
     by_source: HashMap<(String, String), usize>,
+    /// The tables by their oid on the source (a table keeps it when renamed).
+    by_oid: HashMap<walrelay_model::Oid, usize>,
+    /// Each set's table patterns, for tables created after the start (`shape_for_new`).
+    patterns: Vec<(String, Vec<TablePattern>, Option<shape::HashKey>)>,
     /// The sequences the sets carry.
     pub sequences: Vec<SequencePair>,
 }
@@ -82,6 +86,8 @@ impl Plan {
             let mut patterns: Vec<TablePattern> = set.tables.clone();
             patterns.extend(set.options.iter().map(|o| o.name.clone()));
             let hash_key = set.hash_key.as_ref().map(|k| shape::HashKey::new(&k.0));
+            plan.patterns
+                .push((set.name.clone(), set.tables.clone(), hash_key.clone()));
             for table in setup::select_tables(client, &patterns).await? {
                 let source = (table.schema.clone(), table.name.clone());
                 if let Some(&i) = plan.by_source.get(&source) {
@@ -145,6 +151,7 @@ impl Plan {
                         });
                     }
                 }
+                plan.by_oid.insert(table.oid, plan.tables.len());
                 plan.push(shape);
                 selected.push(table);
             }
@@ -203,6 +210,36 @@ impl Plan {
         self.by_source
             .get(&(schema.to_string(), name.to_string()))
             .map(|&i| &self.tables[i])
+    }
+
+    /// The shape of the table with this oid on the source, if a set captured it at start.
+    pub fn shape_by_oid(&self, oid: walrelay_model::Oid) -> Option<&Arc<TableShape>> {
+        self.by_oid.get(&oid).map(|&i| &self.tables[i])
+    }
+
+    /// The shape of a table created after the start that a set's patterns take: the
+    /// table as it is (per-table options name existing tables, and apply from the next
+    /// start).
+    pub fn shape_for_new(&self, schema: &str, name: &str) -> Option<TableShape> {
+        let (set, _, hash_key) = self
+            .patterns
+            .iter()
+            .find(|(_, patterns, _)| patterns.iter().any(|p| p.matches(schema, name)))?;
+        let mut shape = TableShape::unchanged(set, schema, name);
+        shape.hash_key = hash_key.clone();
+        Some(shape)
+    }
+
+    /// Each set's table patterns (`[[set]] tables`), for the source's DDL capture.
+    pub fn patterns(&self) -> impl Iterator<Item = &TablePattern> {
+        self.patterns.iter().flat_map(|(_, p, _)| p)
+    }
+
+    /// Whether objects of this schema belong with the replicated tables: a captured table
+    /// lives there, or a set's pattern takes tables there.
+    pub fn covers_schema(&self, schema: &str) -> bool {
+        self.by_source.keys().any(|(s, _)| s == schema)
+            || self.patterns().any(|p| p.schema.matches(schema))
     }
 
     /// The tables of `sets` (all when `None`).

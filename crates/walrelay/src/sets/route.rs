@@ -16,6 +16,8 @@ pub struct SinkRoute {
     /// The tables the sink takes, by target schema, then name: looked up per event without
     /// building a key.
     tables: HashMap<String, HashSet<String>>,
+    /// The sink's sets: a table a schema change brings into one of them is taken from then on.
+    sets: Vec<String>,
     pending_begin: Option<Event>,
     begun: bool,
     /// Changes kept of the open transaction.
@@ -26,13 +28,14 @@ pub struct SinkRoute {
 }
 
 impl SinkRoute {
-    pub fn new(tables: Vec<(String, String)>) -> Self {
+    pub fn new(tables: Vec<(String, String)>, sets: Vec<String>) -> Self {
         let mut by_schema: HashMap<String, HashSet<String>> = HashMap::new();
         for (schema, name) in tables {
             by_schema.entry(schema).or_default().insert(name);
         }
         SinkRoute {
             tables: by_schema,
+            sets,
             pending_begin: None,
             begun: false,
             seq: 0,
@@ -48,7 +51,7 @@ impl SinkRoute {
     }
 
     /// What the sink takes of `change`, if anything.
-    fn change(&self, change: &Change) -> Option<Change> {
+    fn change(&mut self, change: &Change) -> Option<Change> {
         match change {
             Change::Insert { relation, .. }
             | Change::Update { relation, .. }
@@ -71,6 +74,30 @@ impl SinkRoute {
             }
             // Logical messages belong to no table: every sink takes them.
             Change::Message { .. } => Some(change.clone()),
+            // A schema change of its tables, or of tables coming into its sets (created,
+            // renamed), which it takes from then on; one of no table (a type, a sequence
+            // in their schemas) goes to every sink.
+            Change::Ddl(ddl) => {
+                if ddl.tables.is_empty() {
+                    return Some(change.clone());
+                }
+                let mut taken = false;
+                for t in &ddl.tables {
+                    let in_sets = t.set.as_ref().is_some_and(|s| self.sets.contains(s));
+                    let known = self
+                        .tables
+                        .get(&t.schema)
+                        .is_some_and(|n| n.contains(&t.name));
+                    if in_sets && !known && t.action != walrelay_model::DdlAction::Drop {
+                        self.tables
+                            .entry(t.schema.clone())
+                            .or_default()
+                            .insert(t.name.clone());
+                    }
+                    taken |= in_sets || known;
+                }
+                taken.then(|| change.clone())
+            }
         }
     }
 
@@ -208,7 +235,7 @@ mod tests {
 
     #[test]
     fn a_sink_sees_its_tables_and_a_keepalive_for_the_rest() {
-        let mut route = SinkRoute::new(vec![("public".into(), "a".into())]);
+        let mut route = SinkRoute::new(vec![("public".into(), "a".into())], vec!["s".into()]);
         let mut batch = txn(10, &["b", "a", "b"]);
         batch.extend(txn(20, &["b"]));
         let out = route.filter(&batch);
@@ -225,7 +252,7 @@ mod tests {
 
     #[test]
     fn a_transaction_split_across_batches_keeps_its_begin() {
-        let mut route = SinkRoute::new(vec![("public".into(), "a".into())]);
+        let mut route = SinkRoute::new(vec![("public".into(), "a".into())], vec!["s".into()]);
         let events = txn(10, &["b", "a"]);
         let first = route.filter(&events[..2]);
         assert!(

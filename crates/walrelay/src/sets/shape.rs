@@ -140,6 +140,12 @@ impl TableShape {
         .to_string()
     }
 
+    /// The target is the source table as it is (a row filter aside): a schema change
+    /// of the source can run on the target as the source ran it.
+    pub fn is_unchanged(&self) -> bool {
+        self.keeps_columns() && self.source == self.target
+    }
+
     /// Columns keep their names, types and values (the table may still be renamed or
     /// filtered): the target can be created from the source's full definition.
     pub fn keeps_columns(&self) -> bool {

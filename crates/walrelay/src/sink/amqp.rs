@@ -553,6 +553,12 @@ fn kind_and_table(event: &Event) -> (&'static str, Option<String>) {
                 ("truncate", relations.first().and_then(|r| table(r)))
             }
             Change::Message { .. } => ("message", None),
+            Change::Ddl(ddl) => (
+                "ddl",
+                ddl.tables
+                    .first()
+                    .map(|t| format!("{}.{}", t.schema, t.name)),
+            ),
         },
         _ => ("other", None),
     }
@@ -564,6 +570,7 @@ fn debezium_op_name(op: &str) -> &'static str {
         "u" => "update",
         "d" => "delete",
         "t" => "truncate",
+        "ddl" => "ddl",
         _ => "read",
     }
 }

@@ -162,6 +162,11 @@ pub struct SinkContext<'a> {
     pub source: Option<&'a crate::pg::conninfo::ConnInfo>,
     /// The sequences of this sink's sets.
     pub sequences: &'a [crate::sets::SequencePair],
+    /// What a postgres target does with a schema change it cannot replay.
+    pub ddl_on_unsafe: crate::config::OnUnsafeDdl,
+    /// The stream's relations add columns and widen types on postgres targets
+    /// (`[ddl] mode = "additive"`).
+    pub ddl_additive: bool,
 }
 
 /// Open and start the sink `config` describes.
@@ -204,8 +209,11 @@ pub async fn start(
         durable,
         task,
         // `context.tables` are already the tables of the sink's sets.
-        route: config.sets().map(|_| {
-            std::sync::Mutex::new(crate::sets::route::SinkRoute::new(context.tables.to_vec()))
+        route: config.sets().map(|sets| {
+            std::sync::Mutex::new(crate::sets::route::SinkRoute::new(
+                context.tables.to_vec(),
+                sets.to_vec(),
+            ))
         }),
     })
 }

@@ -223,12 +223,16 @@ impl HashInto for Value {
 }
 
 /// Name of the staging table for a run of `rel` with `columns`: stable, so that it is
-/// created once per session (and again after a rollback undid its creation).
+/// created once per session (and again after a rollback undid its creation). The columns'
+/// names and types are in it: after a schema change the table gets a new stage.
 pub fn stage_name(rel: &Relation, columns: &[usize]) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     rel.schema.hash(&mut h);
     rel.name.hash(&mut h);
-    columns.hash(&mut h);
+    for &i in columns {
+        let c = &rel.columns[i];
+        (&c.name, c.type_oid, c.type_modifier).hash(&mut h);
+    }
     format!("walrelay_stage_{:016x}", h.finish())
 }
 

@@ -55,6 +55,8 @@ pub struct PostgresSink {
     copied_at: HashMap<(String, String), Lsn>,
     /// The sequences of the sink's sets, raised before each commit.
     sequences: Option<sequences::SequenceSync>,
+    /// How its sessions treat schema changes.
+    ddl: session::DdlSettings,
 }
 
 impl PostgresSink {
@@ -73,7 +75,12 @@ impl PostgresSink {
             .resolve()
             .map_err(|e| err(ApplyError::Pg(e.into())))?;
         let progress_name = format!("{slot}/{}", config.name);
-        let main = connect_session(&info, config, &progress_name)
+        let ddl = session::DdlSettings {
+            on_unsafe: context.ddl_on_unsafe,
+            additive: context.ddl_additive,
+            copies_name: Some(progress_name.clone()),
+        };
+        let main = connect_session(&info, config, &progress_name, &ddl)
             .await
             .map_err(err)?;
         let progress_err = |source| SinkError::Progress {
@@ -115,6 +122,7 @@ impl PostgresSink {
             applied,
             copied_at,
             sequences,
+            ddl,
         })
     }
 
@@ -144,6 +152,7 @@ async fn connect_session(
     info: &ConnInfo,
     config: &PostgresSinkConfig,
     progress_name: &str,
+    ddl: &session::DdlSettings,
 ) -> Result<ApplySession, ApplyError> {
     let client = sql::connect(info).await?;
     client
@@ -176,12 +185,10 @@ async fn connect_session(
     // Tables may be applied in any order inside a target transaction only while nothing on
     // the target checks one table against another.
     let reorder_tables = replica_role.is_ok();
-    Ok(ApplySession::new(
-        client,
-        info.describe(),
-        config.on_conflict,
-        reorder_tables,
-    ))
+    let mut session =
+        ApplySession::new(client, info.describe(), config.on_conflict, reorder_tables);
+    session.set_ddl(ddl.clone());
+    Ok(session)
 }
 
 /// The state of one run of the sink.
@@ -213,6 +220,8 @@ struct Group {
     transactions: usize,
     /// Changes applied in the group (for the log).
     changes: usize,
+    /// Commit the group at the end of the transaction being applied.
+    ends_with_transaction: bool,
     opened: Option<Instant>,
 }
 
@@ -336,6 +345,11 @@ impl Applier {
                     if self.group.opened.is_none() {
                         self.group.opened = Some(Instant::now());
                     }
+                    // What a schema change makes (an enum's new value) may only be used
+                    // once committed: its transaction ends the group.
+                    if matches!(change, walrelay_model::Change::Ddl(_)) {
+                        self.group.ends_with_transaction = true;
+                    }
                     let change = ChangeRef::new(batch.clone(), index);
                     self.sink.main.apply(change).await?;
                     self.group.changes += 1;
@@ -348,6 +362,9 @@ impl Applier {
                 } else if self.sink.main.in_transaction() {
                     self.group.last = Some(c.clone());
                     self.group.transactions += 1;
+                    if self.group.ends_with_transaction {
+                        self.commit_group(durable).await?;
+                    }
                 } else {
                     // Nothing in it for the target, and nothing open before it.
                     self.advance_durable(durable, c.end_lsn);
@@ -489,7 +506,7 @@ impl Applier {
             walrelay_model::Change::Truncate { relations, .. } => {
                 relations.iter().all(|r| self.copied_after(r))
             }
-            walrelay_model::Change::Message { .. } => false,
+            walrelay_model::Change::Message { .. } | walrelay_model::Change::Ddl(_) => false,
         }
     }
 
@@ -509,7 +526,8 @@ impl Applier {
                 Some(s) => s,
                 None => {
                     let sink = &self.sink;
-                    connect_session(&sink.info, &sink.config, &sink.progress_name).await?
+                    connect_session(&sink.info, &sink.config, &sink.progress_name, &sink.ddl)
+                        .await?
                 }
             };
             self.streams.insert(xid, session);

@@ -32,6 +32,8 @@ pub enum AssembleError {
     Spill(#[from] SpillError),
     #[error("replication set: {0}")]
     Shape(#[from] crate::sets::shape::ShapeError),
+    #[error("{0}")]
+    Ddl(String),
 }
 
 /// A relation the server described: as the sinks see it when a set captures it.
@@ -121,6 +123,13 @@ pub struct StreamNeeds {
 
 pub struct Assembler {
     plan: Arc<Plan>,
+    /// Tables whose shape changed since the start, by oid: renamed on the source, or
+    /// created under a set's pattern.
+    learned: HashMap<Oid, Arc<crate::sets::TableShape>>,
+    /// Pass on logical messages other than walrelay's own DDL messages.
+    other_messages: bool,
+    /// `[ddl] mode = "additive"`: columns the source drops are reported, not replicated.
+    additive: bool,
     needs: StreamNeeds,
     relations: HashMap<Oid, RelationEntry>,
     types: HashMap<Oid, String>,
@@ -145,6 +154,9 @@ impl Assembler {
     ) -> Self {
         Assembler {
             plan,
+            learned: HashMap::new(),
+            other_messages: true,
+            additive: false,
             needs,
             relations: HashMap::new(),
             types: HashMap::new(),
@@ -156,6 +168,17 @@ impl Assembler {
             spill_dir,
             spill_prefix,
         }
+    }
+
+    /// Whether logical messages other than walrelay's DDL messages reach the sinks (the
+    /// stream carries them all once DDL capture asks for messages).
+    pub fn set_other_messages(&mut self, pass: bool) {
+        self.other_messages = pass;
+    }
+
+    /// Report the columns the source drops as not replicated (`[ddl] mode = "additive"`).
+    pub fn set_additive(&mut self, additive: bool) {
+        self.additive = additive;
     }
 
     /// Inside a stream chunk: transactional messages carry a transaction id.
@@ -318,7 +341,12 @@ impl Assembler {
                 prefix,
                 content,
             } => {
-                if transactional {
+                if transactional && prefix == crate::ddl::capture::MESSAGE_PREFIX {
+                    if let Some(ddl) = self.ddl(&content)? {
+                        self.change(xid, Change::Ddl(Box::new(ddl)), out)?;
+                    }
+                } else if !self.other_messages {
+                } else if transactional {
                     self.change(xid, Change::Message { prefix, content }, out)?;
                 } else {
                     out.push(Event::Message(NonTxnMessage {
@@ -433,7 +461,7 @@ impl Assembler {
                 is_key: c.is_key,
             })
             .collect();
-        let shape = self.plan.shape_for(&raw.schema, &raw.name).cloned();
+        let shape = self.shape_of(raw.oid, &raw.schema, &raw.name);
         let oid = raw.oid;
         let relation = Arc::new(Relation {
             oid,
@@ -447,8 +475,84 @@ impl Assembler {
             Some(shape) => Some(Arc::new(shape.relation(relation)?)),
             None => None,
         };
+        if self.additive {
+            let before = self.relations.get(&oid).and_then(|e| e.shaped.as_ref());
+            if let (Some(before), Some(now)) = (before, &shaped) {
+                for gone in before
+                    .source
+                    .columns
+                    .iter()
+                    .filter(|c| !now.source.columns.iter().any(|n| n.name == c.name))
+                {
+                    tracing::warn!(
+                        table = %now.source.qualified_name(),
+                        column = %gone.name,
+                        "a column was dropped on the source (or renamed): NOT replicated in [ddl] mode = \"additive\"; the target keeps it, and its new rows get its default or NULL"
+                    );
+                }
+            }
+        }
         self.relations.insert(oid, RelationEntry { shaped });
         Ok(())
+    }
+
+    /// The shape of a table the server describes: the start's, by oid (a renamed table
+    /// stays in its set), by name, or a set pattern's for a table created since.
+    fn shape_of(
+        &mut self,
+        oid: Oid,
+        schema: &str,
+        name: &str,
+    ) -> Option<Arc<crate::sets::TableShape>> {
+        let known = self
+            .learned
+            .get(&oid)
+            .or_else(|| self.plan.shape_by_oid(oid))
+            .cloned();
+        match known {
+            Some(shape) if shape.source.0 == schema && shape.source.1 == name => Some(shape),
+            Some(shape) => {
+                let mut renamed = (*shape).clone();
+                if shape.source == shape.target {
+                    renamed.target = (schema.to_string(), name.to_string());
+                }
+                renamed.source = (schema.to_string(), name.to_string());
+                tracing::info!(
+                    from = %shape.shown(),
+                    to = %renamed.shown(),
+                    set = %shape.set,
+                    "a captured table was renamed on the source: it stays in its set (name it so in the configuration before the next start)"
+                );
+                let renamed = Arc::new(renamed);
+                self.learned.insert(oid, renamed.clone());
+                Some(renamed)
+            }
+            None => {
+                if let Some(shape) = self.plan.shape_for(schema, name) {
+                    return Some(shape.clone());
+                }
+                let shape = Arc::new(self.plan.shape_for_new(schema, name)?);
+                tracing::info!(table = %shape.shown(), set = %shape.set, "a table created under the set's pattern is captured");
+                self.learned.insert(oid, shape.clone());
+                Some(shape)
+            }
+        }
+    }
+
+    /// The change a DDL message makes, if it concerns the replicated tables.
+    fn ddl(&self, content: &[u8]) -> Result<Option<walrelay_model::Ddl>, AssembleError> {
+        let plan = &self.plan;
+        let role = |oid: Option<Oid>, schema: &str, name: &str| {
+            crate::ddl::command::TableRole::of(plan, &self.learned, oid, schema, name)
+        };
+        let ddl =
+            crate::ddl::command::from_message(content, plan, role).map_err(AssembleError::Ddl)?;
+        if ddl.is_none() {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(content) {
+                tracing::info!(command = %v["statement"].as_str().unwrap_or_default(), "schema change of no replicated table: not sent");
+            }
+        }
+        Ok(ddl)
     }
 
     fn selected(&self, relid: Oid) -> Result<Option<Arc<ShapedRelation>>, AssembleError> {

@@ -21,7 +21,7 @@ use tokio::time::{Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use walrelay_model::{Event, Lsn};
 
-use crate::config::SourceConfig;
+use crate::config::{DdlMode, SourceConfig};
 use crate::pg::conninfo::ConnInfo;
 use crate::pg::replication::{ReplicationConnection, ReplicationMessage};
 use crate::pg::{sql, PgError};
@@ -107,6 +107,8 @@ pub struct Prepared {
     pub plan: Arc<crate::sets::Plan>,
     /// The snapshot the slot exported when it was created now (valid until streaming).
     pub snapshot: Option<crate::snapshot::SnapshotPoint>,
+    /// How schema changes are captured (`[ddl] mode`, `auto` decided).
+    pub ddl_mode: DdlMode,
     conn: ReplicationConnection,
 }
 
@@ -115,6 +117,7 @@ pub struct Prepared {
 pub async fn prepare(
     cfg: &SourceConfig,
     sets: &[crate::config::SetConfig],
+    ddl: &crate::config::DdlConfig,
 ) -> Result<Prepared, SourceError> {
     let info = cfg
         .url
@@ -125,6 +128,11 @@ pub async fn prepare(
     if let Some(problem) = setup::server_problems(&facts).into_iter().next() {
         return Err(SourceError::Setup(problem));
     }
+    // walrelay's own changes here (replica identity, publication) are not for the targets.
+    client
+        .batch_execute(crate::ddl::capture::OWN_DDL)
+        .await
+        .map_err(|e| SourceError::Pg(PgError::from_sql("setting up the source session", e)))?;
     let (plan, mut tables) = crate::sets::Plan::resolve(&client, sets).await?;
     if tables.is_empty() {
         return Err(SourceError::Setup(
@@ -147,6 +155,18 @@ pub async fn prepare(
         setup::PublicationMode::Apply,
     )
     .await?;
+    let ddl_mode = crate::ddl::capture::effective_mode(ddl.mode, facts.is_superuser);
+    if ddl_mode == DdlMode::Statements {
+        if !facts.is_superuser {
+            return Err(SourceError::Setup(format!(
+                "[ddl] mode = \"statements\" needs event triggers, which only a superuser may create: make role {} a superuser, or set mode = \"additive\"",
+                facts.current_user
+            )));
+        }
+        let patterns: Vec<_> = plan.patterns().collect();
+        crate::ddl::capture::install(&client, &cfg.publication, &patterns).await?;
+    }
+    tracing::info!(mode = ?ddl_mode, "DDL capture");
 
     let mut conn = ReplicationConnection::connect(&info).await?;
     let (confirmed, created_slot, snapshot) = match setup::slot_info(&client, &cfg.slot).await? {
@@ -187,6 +207,7 @@ pub async fn prepare(
         created_slot,
         plan: Arc::new(plan),
         snapshot,
+        ddl_mode,
         conn,
     })
 }
@@ -214,13 +235,18 @@ impl PgOutputSource {
     ) -> Result<Self, SourceError> {
         let mut conn = prepared.conn;
         spill::prepare_dir(&spill_dir, &cfg.slot)?;
-        conn.start_replication(&setup::start_command(cfg, prepared.confirmed))
+        let messages = cfg.messages || prepared.ddl_mode == DdlMode::Statements;
+        conn.start_replication(&setup::start_command(cfg, prepared.confirmed, messages))
             .await?;
         let mut ticker = tokio::time::interval(prepared.status_interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut assembler =
+            Assembler::new(prepared.plan.clone(), needs, spill_dir, cfg.slot.clone());
+        assembler.set_other_messages(cfg.messages);
+        assembler.set_additive(prepared.ddl_mode == DdlMode::Additive);
         Ok(PgOutputSource {
             conn,
-            assembler: Assembler::new(prepared.plan.clone(), needs, spill_dir, cfg.slot.clone()),
+            assembler,
             ticker,
             start: prepared.confirmed,
             received: prepared.confirmed,

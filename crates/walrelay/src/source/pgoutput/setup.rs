@@ -18,6 +18,7 @@ use crate::pg::{quote, PgError};
 /// A table the configuration selects, with what the checks need to know of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SelectedTable {
+    pub oid: walrelay_model::Oid,
     pub schema: String,
     pub name: String,
     /// `pg_class.relreplident`: d(efault), n(othing), f(ull), i(ndex).
@@ -211,7 +212,8 @@ pub async fn select_tables(
                               JOIN pg_namespace sn ON sn.oid = s.relnamespace
                               WHERE d.classid = 'pg_class'::regclass AND d.refobjid = c.oid
                                 AND d.deptype IN ('a', 'i')
-                              ORDER BY s.oid)
+                              ORDER BY s.oid),
+                        c.oid
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                  WHERE c.relkind IN ('r', 'p')
                    AND n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -235,6 +237,7 @@ pub async fn select_tables(
         }
         for r in rows {
             let t = SelectedTable {
+                oid: r.get(9),
                 schema: r.get(0),
                 name: r.get(1),
                 replica_identity: r.get::<_, String>(2).chars().next().unwrap_or('d'),
@@ -627,12 +630,12 @@ pub async fn create_slot(
 }
 
 /// The `START_REPLICATION` command for this configuration.
-pub fn start_command(cfg: &SourceConfig, start: Lsn) -> String {
+pub fn start_command(cfg: &SourceConfig, start: Lsn, messages: bool) -> String {
     format!(
         "START_REPLICATION SLOT {} LOGICAL {} (proto_version '2', streaming 'on', publication_names {}, messages '{}')",
         quote::ident(&cfg.slot),
         start,
         quote::literal(&quote::ident(&cfg.publication)),
-        cfg.messages
+        messages
     )
 }

@@ -19,7 +19,9 @@ use super::statements;
 use crate::config::OnConflict;
 use crate::pg::{quote, PgError};
 
+mod ddl;
 mod rows;
+pub use ddl::DdlSettings;
 use rows::{Check, Pending, Shape};
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +99,7 @@ pub struct ApplySession {
     commit_origin: Option<String>,
     /// Sent with COMMIT, before it (`set_before_commit`).
     before_commit: Option<String>,
+    ddl: DdlSettings,
 }
 
 impl ApplySession {
@@ -112,6 +115,7 @@ impl ApplySession {
             stages: std::collections::HashSet::new(),
             commit_origin: None,
             before_commit: None,
+            ddl: DdlSettings::default(),
             client,
             target,
             on_conflict,
@@ -124,6 +128,11 @@ impl ApplySession {
             in_transaction: false,
             savepoints: Vec::new(),
         }
+    }
+
+    /// How schema changes are treated (`session::ddl`).
+    pub fn set_ddl(&mut self, settings: DdlSettings) {
+        self.ddl = settings;
     }
 
     pub fn client(&self) -> &Client {
@@ -312,6 +321,9 @@ impl ApplySession {
         self.begin().await?;
         let at = change_at(&change);
         let c = change.change();
+        if let Change::Ddl(ddl) = c {
+            return self.replay_ddl(ddl, at).await;
+        }
         let relation = match c {
             Change::Insert { relation, .. }
             | Change::Update { relation, .. }
@@ -541,7 +553,24 @@ impl ApplySession {
             .await
             .map_err(self.pg_err("reading the target catalog"))?;
         let exists: bool = row.get(0);
-        let columns: Vec<String> = row.get(1);
+        let mut columns: Vec<String> = row.get(1);
+        if exists && self.ddl.additive {
+            let types: Vec<(String, u32, i32)> = self
+                .client
+                .query(
+                    "SELECT a.attname::text, a.atttypid, a.atttypmod FROM pg_attribute a
+                     WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+                    &[&name],
+                )
+                .await
+                .map_err(self.pg_err("reading the target catalog"))?
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect();
+            if self.add_from_relation(rel, &types).await? {
+                columns.extend(rel.columns.iter().map(|c| c.name.clone()));
+            }
+        }
         if !exists {
             return Err(ApplyError::Target {
                 target: self.target.clone(),

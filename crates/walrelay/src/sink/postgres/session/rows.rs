@@ -82,8 +82,8 @@ impl ApplySession {
                 self.truncate(relations, *restart_identity, *cascade, at)
                     .await?
             }
-            // Logical messages carry no data for tables.
-            Change::Message { .. } => {}
+            // Logical messages carry no data for tables; `apply` replays schema changes.
+            Change::Message { .. } | Change::Ddl(_) => {}
         }
         if self.pending.len() >= MAX_PENDING || self.queued_bytes >= MAX_PENDING_BYTES {
             self.flush().await?;

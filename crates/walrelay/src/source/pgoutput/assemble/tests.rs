@@ -99,6 +99,7 @@ fn summary(events: &[Event]) -> Vec<String> {
                     Change::Delete { .. } => "D".into(),
                     Change::Truncate { relations, .. } => format!("T{}", relations.len()),
                     Change::Message { prefix, .. } => format!("m{prefix}"),
+                    Change::Ddl(d) => format!("ddl {}", d.tag),
                 };
                 format!("{what}@{}#{}", position.commit_lsn.0, position.seq)
             }
