@@ -15,6 +15,8 @@ pub struct FailPoint(&'static str);
 
 /// A postgres sink sent a transaction's changes and is about to send COMMIT.
 pub const POSTGRES_BEFORE_COMMIT: FailPoint = FailPoint("postgres-before-commit");
+/// A postgres sink ran a schema change in the open target transaction.
+pub const POSTGRES_DDL_REPLAYED: FailPoint = FailPoint("postgres-ddl-replayed");
 /// A postgres sink's target transaction committed; its position is not yet reported durable,
 /// nor confirmed to the source.
 pub const POSTGRES_AFTER_COMMIT: FailPoint = FailPoint("postgres-after-commit");

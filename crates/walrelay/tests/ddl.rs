@@ -456,3 +456,75 @@ async fn a_command_that_cannot_replay_is_skipped_or_stops_the_relay_as_configure
         "the relay stops naming the command:\n{log}"
     );
 }
+
+/// A crash right after a schema change ran on the target, before its transaction commits:
+/// the target undoes it with the transaction, and the restarted relay replays it once, at
+/// the same place. The command's author is an ordinary role (not a superuser): the
+/// trigger records its commands all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_a_replayed_schema_change_replays_it_once() {
+    let (source_pg, target_pg) = (TestPg::start(), TestPg::start());
+    let source = source_pg.create_db("app").await;
+    source
+        .batch_execute(
+            "CREATE ROLE clerk LOGIN PASSWORD 'cl3rk-pass';
+             CREATE TABLE t (id int PRIMARY KEY, b int);
+             ALTER TABLE t OWNER TO clerk;
+             INSERT INTO t VALUES (1, 1);",
+        )
+        .await
+        .unwrap();
+    let target = target_pg.create_db("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = postgres_config(
+        dir.path(),
+        &source_pg.url("app"),
+        &target_pg.url("app"),
+        &["public.t"],
+        "",
+    );
+    let mut armed = Relay::start_with_failpoint("run", &cfg, "postgres-ddl-replayed");
+    wait_until_streaming(&source, &mut armed).await;
+    wait_until_equal(&source, &target, &["t"], &mut armed).await;
+    let clerk = source_pg
+        .client_for(&format!(
+            "postgresql://clerk:cl3rk-pass@127.0.0.1:{}/app",
+            source_pg.port()
+        ))
+        .await;
+    clerk
+        .batch_execute("ALTER TABLE t ADD COLUMN c text DEFAULT 'new'")
+        .await
+        .unwrap();
+    clerk
+        .batch_execute("INSERT INTO t VALUES (2, 2, 'two')")
+        .await
+        .unwrap();
+    armed.wait(Duration::from_secs(60)).await;
+
+    let mut relay = Relay::start(&cfg);
+    wait_until_streaming(&source, &mut relay).await;
+    wait_for_row(
+        &target,
+        "SELECT count(*) FROM t WHERE c = 'two'",
+        &mut relay,
+    )
+    .await;
+    wait_until_equal(&source, &target, &["t"], &mut relay).await;
+    let log = relay.stop().await;
+    assert_eq!(
+        log.matches("schema change replayed").count(),
+        1,
+        "replayed once after the crash:\n{log}"
+    );
+    assert!(!log.contains("NOT replayed"), "{log}");
+    let columns: i64 = target
+        .query_one(
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = 't'::regclass AND attnum > 0 AND NOT attisdropped",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(columns, 3);
+}

@@ -263,4 +263,43 @@ mod tests {
         assert!(matches!(rest[0], Event::Begin(_)));
         assert_eq!(rest.len(), 3);
     }
+
+    #[test]
+    fn a_table_created_in_the_sinks_set_is_taken_from_its_schema_change_on() {
+        use walrelay_model::{Ddl, DdlAction, DdlTable};
+        let mut route = SinkRoute::new(vec![("public".into(), "a".into())], vec!["s".into()]);
+        let ddl = |set: &str, name: &str| Event::Change {
+            position: Position::new(Lsn(10), 1),
+            change: Change::Ddl(Box::new(Ddl {
+                tag: "CREATE TABLE".into(),
+                statement: format!("CREATE TABLE {name} ()"),
+                search_path: "public".into(),
+                role: None,
+                tables: vec![DdlTable {
+                    schema: "public".into(),
+                    name: name.into(),
+                    action: DdlAction::Create,
+                    set: Some(set.into()),
+                    columns: vec![],
+                    primary_key: vec![],
+                }],
+                unsafe_reason: None,
+            })),
+        };
+        let mut batch = txn(10, &[]);
+        batch.insert(1, ddl("s", "new"));
+        batch.insert(2, ddl("other", "theirs"));
+        let out = route.filter(&batch);
+        assert_eq!(
+            out.len(),
+            3,
+            "begin, the sink's own schema change, commit: {out:?}"
+        );
+        let out = route.filter(&txn(20, &["new", "theirs"]));
+        assert!(
+            matches!(&out[1], Event::Change { change: Change::Insert { relation, .. }, .. } if relation.name == "new"),
+            "{out:?}"
+        );
+        assert_eq!(out.len(), 3, "{out:?}");
+    }
 }

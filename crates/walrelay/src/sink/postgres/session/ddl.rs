@@ -88,6 +88,7 @@ impl ApplySession {
             );
             client.batch_execute(&restore).await.map_err(err)?;
             self.after_ddl(ddl, at).await?;
+            crate::failpoint::POSTGRES_DDL_REPLAYED.hit();
             tracing::info!(target = %self.target, at = %at, command = %ddl.tag, tables = ?ddl.tables.iter().map(|t| format!("{}.{}", t.schema, t.name)).collect::<Vec<_>>(), "schema change replayed");
             return Ok(());
         }
