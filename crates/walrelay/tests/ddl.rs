@@ -9,8 +9,6 @@ use walrelay_testkit::TestPg;
 
 use crate::support::*;
 
-const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
 /// The schema changes the test runs on the source, one statement at a time (each as its
 /// own query, as psql sends a script), each followed by writes that need the new shape.
 /// `BEGIN`..`COMMIT` and `BEGIN`..`ROLLBACK` make transactions of DDL and rows together.
@@ -192,27 +190,14 @@ queues = [{{ name = "{queue}" }}]
         target_pg.url("app")
     );
     let cfg = relay_config_file(dir.path(), &source_pg.url("app"), &["public.*"], "", &sinks);
-    let check = std::process::Command::new(env!("CARGO_BIN_EXE_walrelay"))
-        .args(["check", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&check.stdout);
+    let (_, said) = walrelay_check(&cfg);
     assert!(
         said.contains("DDL: statements"),
         "check must say the mode:\n{said}"
     );
     let mut relay = Relay::start(&cfg);
     wait_until_streaming(&source, &mut relay).await;
-    let consume_cfg = dir.path().join("consume.toml");
-    std::fs::write(
-        &consume_cfg,
-        format!(
-            "[consume]\nurl = \"{BROKER}\"\nqueue = \"{queue}\"\n\n[target]\nurl = \"{}\"\n",
-            target_pg.url("queued")
-        ),
-    )
-    .unwrap();
+    let consume_cfg = consume_config(dir.path(), "consume", &queue, &target_pg.url("queued"), "");
     let mut consumer = Relay::start_consume(&consume_cfg);
 
     let mut load = pgbench_load(&source_pg, "app");
@@ -323,12 +308,7 @@ async fn without_a_superuser_new_columns_and_wider_types_still_reach_the_target(
         &["public.orders"],
         "",
     );
-    let check = std::process::Command::new(env!("CARGO_BIN_EXE_walrelay"))
-        .args(["check", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&check.stdout);
+    let (_, said) = walrelay_check(&cfg);
     assert!(
         said.contains("DDL: additive"),
         "check must say the mode:\n{said}"

@@ -20,8 +20,6 @@ use walrelay_testkit::{wait_for, TestPg};
 
 use crate::support::*;
 
-const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
 /// Names no other run of the tests uses.
 fn unique(what: &str) -> String {
     format!("walrelay-test-{}-{what}", std::process::id())
@@ -93,16 +91,6 @@ fn relay_config(dir: &Path, source_url: &str, tables: &[&str], sink: &str) -> Pa
         "status_interval = \"200ms\"",
         &sinks,
     )
-}
-
-/// A `walrelay consume` config: `queue` applied to `target_url`.
-fn consume_config(dir: &Path, name: &str, queue: &str, target_url: &str, extra: &str) -> PathBuf {
-    let text = format!(
-        "[consume]\nurl = \"{BROKER}\"\nqueue = \"{queue}\"\nprefetch = 50\n{extra}\n\n[target]\nurl = \"{target_url}\"\n"
-    );
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
 }
 
 const ACCOUNTS: &str = "CREATE TABLE acct (id int PRIMARY KEY, balance int8 NOT NULL, note text)";

@@ -9,7 +9,6 @@ use walrelay_testkit::TestPg;
 
 use crate::support::*;
 
-const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const HASH_KEY: &str = "a long random s3cret";
 
 const SOURCE: &str = "
@@ -262,15 +261,7 @@ sets = ["crm"]
     let cfg = sets_config(dir.path(), &source_pg.url("app"), &sinks);
     let mut relay = Relay::start(&cfg);
     wait_until_streaming(&source, &mut relay).await;
-    let consume_cfg = dir.path().join("consume.toml");
-    std::fs::write(
-        &consume_cfg,
-        format!(
-            "[consume]\nurl = \"{BROKER}\"\nqueue = \"{queue}\"\n\n[target]\nurl = \"{}\"\n",
-            target_pg.url("queued")
-        ),
-    )
-    .unwrap();
+    let consume_cfg = consume_config(dir.path(), "consume", &queue, &target_pg.url("queued"), "");
     let mut consumer = Relay::start_consume(&consume_cfg);
 
     // The copy.
@@ -576,13 +567,8 @@ async fn a_row_filter_outside_the_key_or_not_immutable_is_refused_at_start() {
         std::fs::write(&cfg, text).unwrap();
         // `check` finds the problem beforehand (trying the publication and rolling it
         // back), and says what the relay will change on the source.
-        let o = std::process::Command::new(BIN)
-            .args(["check", "--config"])
-            .arg(&cfg)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&o.stdout);
-        assert_eq!(o.status.code(), Some(1), "{stdout}");
+        let (code, stdout) = walrelay_check(&cfg);
+        assert_eq!(code, Some(1), "{stdout}");
         assert!(
             stdout.contains("PROBLEM") && stdout.contains(said),
             "{stdout}"

@@ -470,3 +470,29 @@ pub async fn wait_for_count(client: &tokio_postgres::Client, sql: &str, expected
     })
     .await
 }
+
+/// The test broker: the machine's RabbitMQ.
+pub const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A `walrelay consume` config: `queue` applied to `target_url`.
+pub fn consume_config(dir: &Path, name: &str, queue: &str, target_url: &str, extra: &str) -> PathBuf {
+    let text = format!(
+        "[consume]\nurl = \"{BROKER}\"\nqueue = \"{queue}\"\nprefetch = 50\n{extra}\n\n[target]\nurl = \"{target_url}\"\n"
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `walrelay check --config cfg`: its exit code and standard output.
+pub fn walrelay_check(cfg: &Path) -> (Option<i32>, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_walrelay"))
+        .args(["check", "--config"])
+        .arg(cfg)
+        .output()
+        .unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+    )
+}
