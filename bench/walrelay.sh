@@ -28,6 +28,11 @@ spill_dir = "$(wr_dir)/spill"
 [snapshot]
 parallel = ${WALRELAY_PARALLEL:-4}
 
+# WALRELAY_DDL=off measures the relay without DDL capture (its event triggers, and the
+# messages it asks of the stream).
+[ddl]
+mode = "${WALRELAY_DDL:-auto}"
+
 [[sink]]
 type = "postgres"
 url = "host=127.0.0.1 port=$DST_PORT dbname=$BENCH_DB user=$PGUSER sslmode=disable"

@@ -475,7 +475,13 @@ pub async fn wait_for_count(client: &tokio_postgres::Client, sql: &str, expected
 pub const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// A `walrelay consume` config: `queue` applied to `target_url`.
-pub fn consume_config(dir: &Path, name: &str, queue: &str, target_url: &str, extra: &str) -> PathBuf {
+pub fn consume_config(
+    dir: &Path,
+    name: &str,
+    queue: &str,
+    target_url: &str,
+    extra: &str,
+) -> PathBuf {
     let text = format!(
         "[consume]\nurl = \"{BROKER}\"\nqueue = \"{queue}\"\nprefetch = 50\n{extra}\n\n[target]\nurl = \"{target_url}\"\n"
     );

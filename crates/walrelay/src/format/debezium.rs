@@ -368,4 +368,51 @@ mod tests {
             }))
             .is_empty());
     }
+
+    /// A schema change becomes Debezium's schema change event: the DDL text and each
+    /// table's change with its columns, on the table's routing key.
+    #[test]
+    fn a_schema_change_is_a_schema_change_event() {
+        use walrelay_model::{Ddl, DdlAction, DdlColumn, DdlTable};
+        let mut enc = DebeziumEncoder::new("shop", "app");
+        let ddl = Ddl {
+            tag: "ALTER TABLE".into(),
+            statement: "ALTER TABLE orders ADD note text".into(),
+            search_path: "public".into(),
+            role: None,
+            tables: vec![DdlTable {
+                schema: "public".into(),
+                name: "orders".into(),
+                action: DdlAction::Alter,
+                set: None,
+                columns: vec![DdlColumn {
+                    name: "note".into(),
+                    type_name: "text".into(),
+                    nullable: true,
+                }],
+                primary_key: vec!["id".into()],
+            }],
+            unsafe_reason: None,
+        };
+        let out = enc.encode(&Event::Change {
+            position: Position::new(Lsn(42), 1),
+            change: Change::Ddl(Box::new(ddl)),
+        });
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].op, out[0].table.as_str()), ("ddl", "orders"));
+        let e: J = serde_json::from_slice(&out[0].body).unwrap();
+        assert_eq!(e["ddl"], "ALTER TABLE orders ADD note text");
+        assert_eq!(e["databaseName"], "app");
+        assert_eq!(e["tableChanges"][0]["type"], "ALTER");
+        assert_eq!(e["tableChanges"][0]["id"], "\"app\".\"public\".\"orders\"");
+        assert_eq!(
+            e["tableChanges"][0]["table"]["columns"][0]["typeName"],
+            "text"
+        );
+        assert_eq!(
+            e["tableChanges"][0]["table"]["primaryKeyColumnNames"][0],
+            "id"
+        );
+        assert_eq!(e["source"]["lsn"], 42);
+    }
 }

@@ -346,6 +346,7 @@ impl Assembler {
                         self.change(xid, Change::Ddl(Box::new(ddl)), out)?;
                     }
                 } else if !self.other_messages {
+                    // Sent only because DDL capture asked for messages: not for the sinks.
                 } else if transactional {
                     self.change(xid, Change::Message { prefix, content }, out)?;
                 } else {
@@ -521,7 +522,7 @@ impl Assembler {
                     from = %shape.shown(),
                     to = %renamed.shown(),
                     set = %shape.set,
-                    "a captured table was renamed on the source: it stays in its set (name it so in the configuration before the next start)"
+                    "a captured table was renamed on the source: it stays in its set (where the configuration names it, rename it there before the next start)"
                 );
                 let renamed = Arc::new(renamed);
                 self.learned.insert(oid, renamed.clone());

@@ -106,11 +106,17 @@ impl ApplySession {
             tracing::info!(target = %self.target, at = %at, command = %ddl.statement, "schema change not replayed: the target does not have what it drops");
             return Ok(());
         }
-        let reason = format!(
-            "the target refused it: {}",
-            PgError::from_sql("replaying it", error)
-        );
-        self.not_replayed(ddl, at, &reason)
+        let error = PgError::from_sql("replaying it", error);
+        // A deadlock or a lost connection says nothing of the command: the relay retries
+        // the whole transaction rather than skip it.
+        if error.is_transient() {
+            return Err(ApplyError::Statement {
+                table: ddl.tag.clone(),
+                at,
+                error,
+            });
+        }
+        self.not_replayed(ddl, at, &format!("the target refused it: {error}"))
     }
 
     fn not_replayed(&self, ddl: &Ddl, at: ChangeAt, reason: &str) -> Result<(), ApplyError> {
