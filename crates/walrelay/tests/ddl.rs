@@ -365,10 +365,14 @@ async fn without_a_superuser_new_columns_and_wider_types_still_reach_the_target(
 /// A command the target cannot run as the source did (here: inside a `DO` block) is
 /// skipped with a warning naming it, by default, and stops the relay under
 /// `on_unsafe = "stop"`. Across the restart between the two, a table the stream created
-/// is held as it is: not copied again, its rows go on.
+/// (in a transaction large enough that PostgreSQL streams it before its commit) is held as
+/// it is: not copied again, its rows go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_that_cannot_replay_is_skipped_or_stops_the_relay_as_configured() {
-    let (source_pg, target_pg) = (TestPg::start(), TestPg::start());
+    let source_pg = TestPg::builder()
+        .setting("logical_decoding_work_mem", "64kB")
+        .start();
+    let target_pg = TestPg::start();
     let source = source_pg.create_db("app").await;
     source
         .batch_execute("CREATE TABLE t (id int PRIMARY KEY, b int)")
@@ -389,8 +393,11 @@ async fn a_command_that_cannot_replay_is_skipped_or_stops_the_relay_as_configure
     for statement in [
         "DO $$ BEGIN EXECUTE 'CREATE INDEX t_b ON t (b)'; END $$",
         "INSERT INTO t VALUES (1, 1)",
+        "BEGIN",
         "CREATE TABLE later (id int PRIMARY KEY, v text)",
+        "INSERT INTO later SELECT g, repeat('x', 200) FROM generate_series(2, 5000) g",
         "INSERT INTO later VALUES (1, 'one')",
+        "COMMIT",
     ] {
         source.batch_execute(statement).await.unwrap();
     }
@@ -417,7 +424,7 @@ async fn a_command_that_cannot_replay_is_skipped_or_stops_the_relay_as_configure
     let mut relay = Relay::start(&cfg);
     wait_until_streaming(&source, &mut relay).await;
     source
-        .batch_execute("INSERT INTO later VALUES (2, 'two')")
+        .batch_execute("INSERT INTO later VALUES (5001, 'two')")
         .await
         .unwrap();
     wait_until_equal(&source, &target, &["t", "later"], &mut relay).await;

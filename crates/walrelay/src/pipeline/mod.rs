@@ -27,8 +27,11 @@ pub fn ack_position(start: Lsn, sinks_durable: &[Lsn], already_confirmed: Lsn) -
 /// the streamed changes again would repeat them. Every transaction that commits before
 /// the highest position a sink recorded starts streaming before it too, so holding back
 /// the streams that start below it lets each sink skip what it holds by commit position.
-/// Likewise for a table copied at `copied_until`. Nothing to hold back at or below `start`:
-/// the server sends nothing that committed before it.
+/// Likewise for a table copied at `copied_until`. And at least below `start`: decoding
+/// resumes at the slot's `restart_lsn`, and PostgreSQL 15 streams again the first chunks of
+/// a large transaction that began there even when it committed before `start` (it then
+/// ends it with a Stream Abort) — applying those would repeat rows and schema changes the
+/// target holds (found with a `CREATE TABLE` streamed before a clean restart).
 pub fn whole_until(
     start: Lsn,
     copied_until: Lsn,
@@ -39,11 +42,7 @@ pub fn whole_until(
         .chain([copied_until])
         .max()
         .unwrap_or(Lsn::ZERO);
-    if highest > start {
-        highest
-    } else {
-        Lsn::ZERO
-    }
+    highest.max(start)
 }
 
 /// The sinks of one pipeline run, as the source sees them.
@@ -308,7 +307,11 @@ mod tests {
     #[test]
     fn streams_are_held_back_below_the_highest_recorded_or_copied_position() {
         let none = || [None::<Lsn>].into_iter();
-        assert_eq!(whole_until(Lsn(10), Lsn::ZERO, none()), Lsn::ZERO);
+        assert_eq!(
+            whole_until(Lsn(10), Lsn::ZERO, none()),
+            Lsn(10),
+            "what streams again from before the start goes whole"
+        );
         assert_eq!(
             whole_until(
                 Lsn(10),
@@ -324,8 +327,7 @@ mod tests {
         );
         assert_eq!(
             whole_until(Lsn(60), Lsn(40), [Some(Lsn(60))].into_iter()),
-            Lsn::ZERO,
-            "nothing before the start is sent again"
+            Lsn(60)
         );
     }
 }

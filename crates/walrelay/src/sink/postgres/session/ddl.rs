@@ -147,8 +147,11 @@ impl ApplySession {
         let Some(name) = self.ddl.copies_name.clone() else {
             return Ok(());
         };
-        let ChangeAt::Committed(position) = at else {
-            return Ok(());
+        // A streamed transaction's commit position is not known yet; every change of a
+        // table it creates comes after the creation, so "held since the start" is as true.
+        let held_since = match at {
+            ChangeAt::Committed(position) => position.commit_lsn,
+            ChangeAt::Streaming(_) => walrelay_model::Lsn::ZERO,
         };
         // No copy has run here (a queue consumer's target): nothing to record.
         let recorded: bool = self
@@ -174,10 +177,7 @@ impl ApplySession {
                 }
             };
             self.client
-                .execute(
-                    sql,
-                    &[&name, &t.schema, &t.name, &position.commit_lsn.to_string()],
-                )
+                .execute(sql, &[&name, &t.schema, &t.name, &held_since.to_string()])
                 .await
                 .map_err(|e| PgError::from_sql("recording a table the stream created", e))?;
         }
