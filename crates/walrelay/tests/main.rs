@@ -2,6 +2,7 @@
 //! started by the test kit.
 
 mod apply;
+mod bidirectional;
 mod capture;
 mod cli;
 mod connect;

@@ -250,6 +250,7 @@ fn demo_config(source_url: &str, target_url: &str, spill: &Path) -> Config {
             status_interval: Duration::from_secs(1),
             spill_dir: Some(spill.to_path_buf()),
             messages: true,
+            origin: Default::default(),
         },
         snapshot: SnapshotConfig::default(),
         sets: Vec::new(),

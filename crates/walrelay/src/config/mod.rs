@@ -134,6 +134,22 @@ pub struct SourceConfig {
     /// Capture logical messages (`pg_logical_emit_message`).
     #[serde(default = "yes")]
     pub messages: bool,
+    /// Which transactions by their replication origin: all, or only those made on the
+    /// source itself (not applied there by a replication: two-way setups).
+    #[serde(default)]
+    pub origin: OriginFilter,
+}
+
+/// `source.origin`: as the `origin` option of PostgreSQL 16's subscriptions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OriginFilter {
+    /// Every transaction, replicated ones too (a cascade A -> B -> C passes A's on).
+    #[default]
+    Any,
+    /// Only transactions without a replication origin: not those walrelay (or any
+    /// replication) applied on the source, so that a relay each way does not loop.
+    None,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

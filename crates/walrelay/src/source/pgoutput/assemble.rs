@@ -47,6 +47,8 @@ struct OpenTxn {
     /// Begin is emitted with the first selected change, so that a transaction touching only
     /// unselected tables leaves no trace but its position.
     begun: bool,
+    /// Left out for its replication origin: its changes are dropped.
+    skipped: bool,
     seq: u64,
 }
 
@@ -130,6 +132,10 @@ pub struct Assembler {
     other_messages: bool,
     /// `[ddl] mode = "additive"`: columns the source drops are reported, not replicated.
     additive: bool,
+    /// `source.origin = "none"`: transactions with a replication origin are left out.
+    skip_replicated: bool,
+    /// Streamed transactions left out for their origin.
+    skipped_streams: std::collections::HashSet<Xid>,
     needs: StreamNeeds,
     relations: HashMap<Oid, RelationEntry>,
     types: HashMap<Oid, String>,
@@ -157,6 +163,8 @@ impl Assembler {
             learned: HashMap::new(),
             other_messages: true,
             additive: false,
+            skip_replicated: false,
+            skipped_streams: std::collections::HashSet::new(),
             needs,
             relations: HashMap::new(),
             types: HashMap::new(),
@@ -174,6 +182,12 @@ impl Assembler {
     /// stream carries them all once DDL capture asks for messages).
     pub fn set_other_messages(&mut self, pass: bool) {
         self.other_messages = pass;
+    }
+
+    /// Leave out the transactions that have a replication origin (`source.origin = "none"`):
+    /// what a replication applied on the source does not go back out.
+    pub fn set_skip_replicated(&mut self, skip: bool) {
+        self.skip_replicated = skip;
     }
 
     /// Report the columns the source drops as not replicated (`[ddl] mode = "additive"`).
@@ -227,6 +241,7 @@ impl Assembler {
                         origin: None,
                     },
                     begun: false,
+                    skipped: false,
                     seq: 0,
                 });
             }
@@ -258,11 +273,17 @@ impl Assembler {
                 }
             }
             M::Origin { name, .. } => {
+                // pgoutput sends it before the transaction's first change (in a streamed
+                // one's first chunk), so leaving the transaction out loses nothing of it.
                 if let Some(xid) = self.stream {
+                    if self.skip_replicated {
+                        self.skipped_streams.insert(xid);
+                    }
                     if let Some(w) = self.streams.get_mut(&xid) {
                         w.origin = Some(name);
                     }
                 } else if let Some(txn) = self.txn.as_mut() {
+                    txn.skipped = self.skip_replicated;
                     txn.begin.origin = Some(name);
                 } else {
                     return Err(seq_err("Origin outside a transaction"));
@@ -396,6 +417,12 @@ impl Assembler {
                 let w = self.streams.remove(&xid).ok_or_else(|| {
                     seq_err(&format!("Stream Commit for unknown transaction {xid}"))
                 })?;
+                if self.skipped_streams.remove(&xid) {
+                    self.held_back.remove(&xid);
+                    w.discard();
+                    out.push(Event::Keepalive(end_lsn));
+                    return Ok(None);
+                }
                 let begin = TxnBegin {
                     xid,
                     commit_lsn,
@@ -431,10 +458,12 @@ impl Assembler {
                     return Err(seq_err("Stream Abort inside a transaction or stream"));
                 }
                 let held = self.held_back.contains(&xid);
-                if self.needs.events && !held && self.streams.contains_key(&xid) {
+                let skipped = self.skipped_streams.contains(&xid);
+                if self.needs.events && !held && !skipped && self.streams.contains_key(&xid) {
                     out.push(Event::StreamAbort { xid, subxid });
                 }
                 if xid == subxid {
+                    self.skipped_streams.remove(&xid);
                     self.held_back.remove(&xid);
                     if let Some(w) = self.streams.remove(&xid) {
                         w.discard();
@@ -606,6 +635,9 @@ impl Assembler {
         out: &mut Vec<Event>,
     ) -> Result<(), AssembleError> {
         if let Some(top) = self.stream {
+            if self.skipped_streams.contains(&top) {
+                return Ok(());
+            }
             let subxid = xid.unwrap_or(top);
             let w = self
                 .streams
@@ -635,6 +667,9 @@ impl Assembler {
             .txn
             .as_mut()
             .ok_or_else(|| seq_err("change outside a transaction"))?;
+        if txn.skipped {
+            return Ok(());
+        }
         if !txn.begun {
             txn.begun = true;
             out.push(Event::Begin(txn.begin.clone()));

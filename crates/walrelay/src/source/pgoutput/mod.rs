@@ -244,6 +244,7 @@ impl PgOutputSource {
             Assembler::new(prepared.plan.clone(), needs, spill_dir, cfg.slot.clone());
         assembler.set_other_messages(cfg.messages);
         assembler.set_additive(prepared.ddl_mode == DdlMode::Additive);
+        assembler.set_skip_replicated(cfg.origin == crate::config::OriginFilter::None);
         Ok(PgOutputSource {
             conn,
             assembler,

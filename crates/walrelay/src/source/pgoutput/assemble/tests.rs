@@ -339,3 +339,51 @@ fn stream_events_for_sinks_that_apply_while_streaming() {
         "no spill file without a whole-transaction sink"
     );
 }
+
+/// `source.origin = "none"`: a transaction with a replication origin, whole or streamed,
+/// leaves only its position; one without passes.
+#[test]
+fn transactions_with_an_origin_are_left_out_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = assembler(dir.path());
+    a.set_skip_replicated(true);
+    let origin = || PgOutputMessage::Origin {
+        commit_lsn: Lsn(0),
+        name: "walrelay/back".into(),
+    };
+    let ev = run(
+        &mut a,
+        vec![
+            relation(1, "public", "a"),
+            begin(100, 5),
+            origin(),
+            insert(None, 1, "replicated"),
+            commit(100),
+            PgOutputMessage::StreamStart {
+                xid: 9,
+                first_segment: true,
+            },
+            origin(),
+            insert(Some(9), 1, "streamed and replicated"),
+            PgOutputMessage::StreamStop,
+            PgOutputMessage::StreamCommit {
+                xid: 9,
+                commit_lsn: Lsn(200),
+                end_lsn: Lsn(208),
+                commit_time: PgTimestamp(2),
+            },
+            begin(300, 6),
+            insert(None, 1, "local"),
+            commit(300),
+        ],
+    );
+    assert_eq!(
+        summary(&ev),
+        ["K108", "K208", "B6", "Ilocal@300#1", "C6@300#2"]
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "spill files removed"
+    );
+}
