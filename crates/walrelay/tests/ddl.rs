@@ -90,48 +90,42 @@ fn pgbench_load(pg: &TestPg, db: &str) -> Child {
         .expect("pgbench starts")
 }
 
-fn pgbench_init(pg: &TestPg, db: &str) {
+/// Run one of the server's client programs on `db` (by its socket) and return what it
+/// printed; it must succeed.
+fn run_tool(pg: &TestPg, program: &str, args: &[&str], db: &str) -> String {
     let out = pg
         .server
-        .command("pgbench")
-        .args(["-i", "-s", "1", "-q", "-h"])
+        .command(program)
+        .args(args)
+        .arg("-h")
         .arg(pg.server.socket_dir())
         .args(["-p", &pg.port().to_string(), db])
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "pgbench -i: {}",
+        "{program}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn pgbench_init(pg: &TestPg, db: &str) {
+    run_tool(pg, "pgbench", &["-i", "-s", "1", "-q"], db);
 }
 
 /// The schema of `db` (schema `public`) as `pg_dump -s` prints it, without its comments,
 /// owners, privileges and the random `\restrict` keys: what the DBA compares.
 fn schema_dump(pg: &TestPg, db: &str) -> String {
-    let out = pg
-        .server
-        .command("pg_dump")
-        .args([
-            "-s",
-            "-n",
-            "public",
-            "--no-owner",
-            "--no-privileges",
-            "--no-publications",
-            "-h",
-        ])
-        .arg(pg.server.socket_dir())
-        .args(["-p", &pg.port().to_string(), db])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pg_dump: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
+    let options = [
+        "-s",
+        "-n",
+        "public",
+        "--no-owner",
+        "--no-privileges",
+        "--no-publications",
+    ];
+    run_tool(pg, "pg_dump", &options, db)
         .lines()
         .filter(|l| {
             !l.starts_with("--") && !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict")

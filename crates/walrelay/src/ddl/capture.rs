@@ -163,6 +163,21 @@ BEGIN
             END;
         END LOOP;
     END LOOP;
+    FOR t IN
+        SELECT n.nspname, r.relname
+          FROM pg_class r JOIN pg_namespace n ON n.oid = r.relnamespace
+         WHERE r.oid = ANY (relids)
+           AND r.relkind IN ('r', 'p') AND NOT r.relispartition
+           AND NOT (r.relreplident IN ('f', 'i')
+                    OR (r.relreplident = 'd'
+                        AND EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = r.oid AND i.indisprimary)))
+           AND EXISTS (SELECT 1 FROM walrelay.ddl_publish w
+                        WHERE (w.schema_name IS NULL OR w.schema_name = n.nspname)
+                          AND (w.table_name IS NULL OR w.table_name = r.relname))
+    LOOP
+        RAISE WARNING 'walrelay: table %.% has no primary key or replica identity, so it is not replicated: give it one, and walrelay takes it at its next start',
+            t.nspname, t.relname;
+    END LOOP;
     PERFORM pg_logical_emit_message(true, 'walrelay.ddl', jsonb_build_object(
         'tag', tag,
         'statement', current_query(),
