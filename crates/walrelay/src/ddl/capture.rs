@@ -50,7 +50,7 @@ BEGIN
                'schema', d.schema_name,
                'name', d.object_name,
                'identity', d.object_identity,
-               'address', to_jsonb(d.address_names))), '[]')
+               'original', d.original)), '[]')
       INTO dropped
       FROM pg_event_trigger_dropped_objects() d
      WHERE NOT d.is_temporary

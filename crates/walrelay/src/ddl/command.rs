@@ -36,6 +36,9 @@ struct Object {
 #[derive(Debug, Deserialize)]
 struct Dropped {
     oid: i64,
+    /// Named by the command itself, not dropped along with something else.
+    #[serde(default)]
+    original: bool,
     #[serde(rename = "type")]
     kind: String,
     schema: Option<String>,
@@ -170,9 +173,11 @@ pub fn from_message(
                 Vec::new(),
             ),
             // Columns, constraints and defaults go with their table's ALTER, which the
-            // command's objects name; the rest (indexes, sequences, types) by schema.
+            // command's objects name; the rest (indexes, sequences, types) by schema, if
+            // the command named them: what goes with a table (its row type, its indexes)
+            // is the table's, and an unreplicated table's DROP is not for the targets.
             ("table column" | "table constraint" | "default value", _, _) => {}
-            (_, Some(schema), _) => other_objects |= plan.covers_schema(schema),
+            (_, Some(schema), _) if d.original => other_objects |= plan.covers_schema(schema),
             _ => {}
         }
     }
@@ -279,5 +284,25 @@ mod tests {
         assert_eq!(ddl.tables.len(), 1);
         assert_eq!(ddl.tables[0].columns[0].type_name, "integer");
         assert_eq!(ddl.unsafe_reason, None);
+    }
+
+    #[test]
+    fn dropping_an_unreplicated_table_is_not_sent_even_with_its_index_in_a_replicated_schema() {
+        let plan = Plan::unshaped("default", &[("public", "kept")]);
+        let role = |_: Option<Oid>, s: &str, n: &str| match plan.shape_for(s, n) {
+            Some(shape) => TableRole::Captured(shape.clone()),
+            None => TableRole::Not,
+        };
+        let msg = br#"{"tag":"DROP TABLE","statement":"DROP TABLE local_only","search_path":"public",
+            "objects":[],"tables":[],"dropped":[
+              {"oid":5,"type":"table","schema":"public","name":"local_only","identity":"public.local_only","original":true},
+              {"oid":6,"type":"index","schema":"public","name":"local_only_pkey","identity":"public.local_only_pkey","original":false},
+              {"oid":7,"type":"type","schema":"public","name":"local_only","identity":"public.local_only","original":false}]}"#;
+        assert_eq!(from_message(msg, &plan, role).unwrap(), None);
+        let msg = br#"{"tag":"DROP TYPE","statement":"DROP TYPE mood","search_path":"public",
+            "objects":[],"tables":[],"dropped":[
+              {"oid":8,"type":"type","schema":"public","name":"mood","identity":"public.mood","original":true}]}"#;
+        let ddl = from_message(msg, &plan, role).unwrap().unwrap();
+        assert!(ddl.tables.is_empty());
     }
 }
