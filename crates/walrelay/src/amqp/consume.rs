@@ -634,10 +634,7 @@ impl TableCheck {
                 "the target has no table {qualified}"
             )));
         }
-        self.found
-            .entry(schema.to_string())
-            .or_default()
-            .insert(name.to_string());
+        self.expect(schema, name);
         Ok(())
     }
 }

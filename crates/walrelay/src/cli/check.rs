@@ -70,15 +70,9 @@ pub async fn inspect(config: &Config) -> Report {
         }
     };
     let configured = config.ddl.mode;
-    let mode = crate::ddl::capture::effective_mode(configured, facts.is_superuser);
-    let ddl_line = crate::ddl::capture::describe(mode, configured);
-    if mode == crate::config::DdlMode::Statements && !facts.is_superuser {
-        r.problem(format!(
-            "[ddl] mode = \"statements\" needs event triggers, which only a superuser may create: make role {} a superuser, or set mode = \"additive\"",
-            facts.current_user
-        ));
-    } else {
-        r.ok(ddl_line);
+    match crate::ddl::capture::mode_for(configured, facts.is_superuser, &facts.current_user) {
+        Ok(mode) => r.ok(crate::ddl::capture::describe(mode, configured)),
+        Err(problem) => r.problem(problem),
     }
     let server_problems = setup::server_problems(&facts);
     if server_problems.is_empty() {

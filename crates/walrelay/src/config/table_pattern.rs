@@ -13,6 +13,14 @@ pub enum NamePattern {
 }
 
 impl NamePattern {
+    /// The one name it stands for, if it is no wildcard.
+    pub fn exact(&self) -> Option<&str> {
+        match self {
+            NamePattern::Exact(n) => Some(n),
+            NamePattern::Any => None,
+        }
+    }
+
     pub fn matches(&self, name: &str) -> bool {
         match self {
             NamePattern::Exact(n) => n == name,
@@ -46,10 +54,7 @@ impl TablePattern {
 
     /// The (schema, table) it names, when it has no wildcard.
     pub fn exact(&self) -> Option<(&str, &str)> {
-        match (&self.schema, &self.table) {
-            (NamePattern::Exact(s), NamePattern::Exact(t)) => Some((s, t)),
-            _ => None,
-        }
+        Some((self.schema.exact()?, self.table.exact()?))
     }
 
     pub fn parse(input: &str) -> Result<Self, TablePatternError> {

@@ -10,7 +10,7 @@
 
 use tokio_postgres::Client;
 
-use crate::config::{DdlMode, NamePattern, TablePattern};
+use crate::config::{DdlMode, TablePattern};
 use crate::pg::{quote, PgError};
 
 /// The prefix of the messages the trigger writes.
@@ -137,14 +137,23 @@ BEGIN
     -- transaction, so that its first row is published. Not without a replica identity:
     -- the publication would make the application's updates and deletes of it fail.
     FOR t IN
-        SELECT r.oid, n.nspname, r.relname
+        SELECT r.oid, n.nspname, r.relname,
+               (r.relreplident IN ('f', 'i')
+                OR (r.relreplident = 'd'
+                    AND EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = r.oid AND i.indisprimary)))
+                 AS has_identity
           FROM pg_class r JOIN pg_namespace n ON n.oid = r.relnamespace
          WHERE r.oid = ANY (relids)
            AND r.relkind IN ('r', 'p') AND NOT r.relispartition
-           AND (r.relreplident IN ('f', 'i')
-                OR (r.relreplident = 'd'
-                    AND EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = r.oid AND i.indisprimary)))
+           AND EXISTS (SELECT 1 FROM walrelay.ddl_publish w
+                        WHERE (w.schema_name IS NULL OR w.schema_name = n.nspname)
+                          AND (w.table_name IS NULL OR w.table_name = r.relname))
     LOOP
+        IF NOT t.has_identity THEN
+            RAISE WARNING 'walrelay: table %.% has no primary key or replica identity, so it is not replicated: give it one, and walrelay takes it at its next start',
+                t.nspname, t.relname;
+            CONTINUE;
+        END IF;
         FOR p IN
             SELECT DISTINCT w.publication
               FROM walrelay.ddl_publish w
@@ -162,21 +171,6 @@ BEGIN
                     t.nspname, t.relname, p.publication, SQLERRM;
             END;
         END LOOP;
-    END LOOP;
-    FOR t IN
-        SELECT n.nspname, r.relname
-          FROM pg_class r JOIN pg_namespace n ON n.oid = r.relnamespace
-         WHERE r.oid = ANY (relids)
-           AND r.relkind IN ('r', 'p') AND NOT r.relispartition
-           AND NOT (r.relreplident IN ('f', 'i')
-                    OR (r.relreplident = 'd'
-                        AND EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = r.oid AND i.indisprimary)))
-           AND EXISTS (SELECT 1 FROM walrelay.ddl_publish w
-                        WHERE (w.schema_name IS NULL OR w.schema_name = n.nspname)
-                          AND (w.table_name IS NULL OR w.table_name = r.relname))
-    LOOP
-        RAISE WARNING 'walrelay: table %.% has no primary key or replica identity, so it is not replicated: give it one, and walrelay takes it at its next start',
-            t.nspname, t.relname;
     END LOOP;
     PERFORM pg_logical_emit_message(true, 'walrelay.ddl', jsonb_build_object(
         'tag', tag,
@@ -218,12 +212,23 @@ $do$;
 "#;
 
 /// The mode in force: `auto` is `statements` for a superuser, `additive` otherwise.
-pub fn effective_mode(configured: DdlMode, is_superuser: bool) -> DdlMode {
+fn effective_mode(configured: DdlMode, is_superuser: bool) -> DdlMode {
     match configured {
         DdlMode::Auto if is_superuser => DdlMode::Statements,
         DdlMode::Auto => DdlMode::Additive,
         other => other,
     }
+}
+
+/// The mode in force for a role, or why the configured one cannot be.
+pub fn mode_for(configured: DdlMode, is_superuser: bool, role: &str) -> Result<DdlMode, String> {
+    let mode = effective_mode(configured, is_superuser);
+    if mode == DdlMode::Statements && !is_superuser {
+        return Err(format!(
+            "[ddl] mode = \"statements\" needs event triggers, which only a superuser may create: make role {role} a superuser, or set mode = \"additive\""
+        ));
+    }
+    Ok(mode)
 }
 
 /// What `walrelay check` says of the mode.
@@ -267,14 +272,10 @@ pub async fn install(
             )
             .await?;
         for p in patterns {
-            let exact = |n: &NamePattern| match n {
-                NamePattern::Exact(s) => Some(s.clone()),
-                NamePattern::Any => None,
-            };
             client
                 .execute(
                     "INSERT INTO walrelay.ddl_publish (publication, schema_name, table_name) VALUES ($1, $2, $3)",
-                    &[&publication, &exact(&p.schema), &exact(&p.table)],
+                    &[&publication, &p.schema.exact(), &p.table.exact()],
                 )
                 .await?;
         }

@@ -95,8 +95,8 @@ impl TableRole {
     }
 }
 
-/// The change for a trigger message, or `None` when the command concerns no replicated
-/// table (then the caller logs it). `role` tells what a table is to the relay.
+/// The change for a trigger message, or `None` (logged) when the command concerns no
+/// replicated table. `role` tells what a table is to the relay.
 pub fn from_message(
     content: &[u8],
     plan: &Plan,
@@ -188,6 +188,7 @@ pub fn from_message(
     }
     let touches_tables = msg.objects.iter().any(|o| o.table.is_some());
     if tables.is_empty() && (touches_tables || !other_objects) {
+        tracing::info!(command = %msg.statement, "schema change of no replicated table: not sent");
         return Ok(None);
     }
     let unsafe_reason = unsafe_reason(&msg.tag, &msg.statement, &shaped);

@@ -29,19 +29,24 @@ pub struct SinkRoute {
 
 impl SinkRoute {
     pub fn new(tables: Vec<(String, String)>, sets: Vec<String>) -> Self {
-        let mut by_schema: HashMap<String, HashSet<String>> = HashMap::new();
-        for (schema, name) in tables {
-            by_schema.entry(schema).or_default().insert(name);
-        }
-        SinkRoute {
-            tables: by_schema,
+        let mut route = SinkRoute {
+            tables: HashMap::new(),
             sets,
             pending_begin: None,
             begun: false,
             seq: 0,
             reads: 0,
             streams: HashSet::new(),
+        };
+        for (schema, name) in tables {
+            route.take(schema, name);
         }
+        route
+    }
+
+    /// From now on the sink takes `schema.name`.
+    fn take(&mut self, schema: String, name: String) {
+        self.tables.entry(schema).or_default().insert(name);
     }
 
     fn takes(&self, relation: &Relation) -> bool {
@@ -89,10 +94,7 @@ impl SinkRoute {
                         .get(&t.schema)
                         .is_some_and(|n| n.contains(&t.name));
                     if in_sets && !known && t.action != walrelay_model::DdlAction::Drop {
-                        self.tables
-                            .entry(t.schema.clone())
-                            .or_default()
-                            .insert(t.name.clone());
+                        self.take(t.schema.clone(), t.name.clone());
                     }
                     taken |= in_sets || known;
                 }

@@ -534,14 +534,12 @@ impl Assembler {
         schema: &str,
         name: &str,
     ) -> Option<Arc<crate::sets::TableShape>> {
-        let known = self
-            .learned
-            .get(&oid)
-            .or_else(|| self.plan.shape_by_oid(oid))
-            .cloned();
-        match known {
-            Some(shape) if shape.source.0 == schema && shape.source.1 == name => Some(shape),
-            Some(shape) => {
+        use crate::ddl::command::TableRole;
+        match TableRole::of(&self.plan, &self.learned, Some(oid), schema, name) {
+            TableRole::Captured(shape) if shape.source.0 == schema && shape.source.1 == name => {
+                Some(shape)
+            }
+            TableRole::Captured(shape) => {
                 let mut renamed = (*shape).clone();
                 if shape.source == shape.target {
                     renamed.target = (schema.to_string(), name.to_string());
@@ -557,15 +555,13 @@ impl Assembler {
                 self.learned.insert(oid, renamed.clone());
                 Some(renamed)
             }
-            None => {
-                if let Some(shape) = self.plan.shape_for(schema, name) {
-                    return Some(shape.clone());
-                }
-                let shape = Arc::new(self.plan.shape_for_new(schema, name)?);
+            TableRole::New(shape) => {
+                let shape = Arc::new(*shape);
                 tracing::info!(table = %shape.shown(), set = %shape.set, "a table created under the set's pattern is captured");
                 self.learned.insert(oid, shape.clone());
                 Some(shape)
             }
+            TableRole::Not => None,
         }
     }
 
@@ -575,14 +571,7 @@ impl Assembler {
         let role = |oid: Option<Oid>, schema: &str, name: &str| {
             crate::ddl::command::TableRole::of(plan, &self.learned, oid, schema, name)
         };
-        let ddl =
-            crate::ddl::command::from_message(content, plan, role).map_err(AssembleError::Ddl)?;
-        if ddl.is_none() {
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(content) {
-                tracing::info!(command = %v["statement"].as_str().unwrap_or_default(), "schema change of no replicated table: not sent");
-            }
-        }
-        Ok(ddl)
+        crate::ddl::command::from_message(content, plan, role).map_err(AssembleError::Ddl)
     }
 
     fn selected(&self, relid: Oid) -> Result<Option<Arc<ShapedRelation>>, AssembleError> {

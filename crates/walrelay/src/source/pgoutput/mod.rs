@@ -155,14 +155,9 @@ pub async fn prepare(
         setup::PublicationMode::Apply,
     )
     .await?;
-    let ddl_mode = crate::ddl::capture::effective_mode(ddl.mode, facts.is_superuser);
+    let ddl_mode = crate::ddl::capture::mode_for(ddl.mode, facts.is_superuser, &facts.current_user)
+        .map_err(SourceError::Setup)?;
     if ddl_mode == DdlMode::Statements {
-        if !facts.is_superuser {
-            return Err(SourceError::Setup(format!(
-                "[ddl] mode = \"statements\" needs event triggers, which only a superuser may create: make role {} a superuser, or set mode = \"additive\"",
-                facts.current_user
-            )));
-        }
         let patterns: Vec<_> = plan.patterns().collect();
         crate::ddl::capture::install(&client, &cfg.publication, &patterns).await?;
     }

@@ -11,7 +11,7 @@ use tokio_postgres::Client;
 use walrelay_model::{Lsn, QualifiedName};
 
 use super::SourceError;
-use crate::config::{NamePattern, SourceConfig, TablePattern};
+use crate::config::{SourceConfig, TablePattern};
 use crate::pg::replication::ReplicationConnection;
 use crate::pg::{quote, PgError};
 
@@ -171,11 +171,7 @@ pub async fn select_tables(
 ) -> Result<Vec<SelectedTable>, SourceError> {
     let mut out: Vec<SelectedTable> = Vec::new();
     for p in patterns {
-        let exact = |n: &NamePattern| match n {
-            NamePattern::Exact(s) => Some(s.clone()),
-            NamePattern::Any => None,
-        };
-        let (schema, table) = (exact(&p.schema), exact(&p.table));
+        let (schema, table) = (p.schema.exact(), p.table.exact());
         // Partitions are left out of wildcards: the publication publishes them through
         // their root (publish_via_partition_root), which the wildcard selects.
         let rows = client

@@ -543,8 +543,10 @@ impl ApplySession {
             .client
             .query_one(
                 "SELECT c.oid IS NOT NULL,
-                        coalesce(array_agg(a.attname::text) FILTER (WHERE a.attname IS NOT NULL), '{}'),
-                        coalesce(array_agg(a.attname::text) FILTER (WHERE a.attidentity = 'a'), '{}')
+                        coalesce(array_agg(a.attname::text ORDER BY a.attnum) FILTER (WHERE a.attname IS NOT NULL), '{}'),
+                        coalesce(array_agg(a.attname::text) FILTER (WHERE a.attidentity = 'a'), '{}'),
+                        coalesce(array_agg(a.atttypid ORDER BY a.attnum) FILTER (WHERE a.attname IS NOT NULL), '{}'),
+                        coalesce(array_agg(a.atttypmod ORDER BY a.attnum) FILTER (WHERE a.attname IS NOT NULL), '{}')
                  FROM (SELECT to_regclass($1) AS oid) c
                  LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
                  GROUP BY c.oid",
@@ -555,17 +557,13 @@ impl ApplySession {
         let exists: bool = row.get(0);
         let mut columns: Vec<String> = row.get(1);
         if exists && self.ddl.additive {
-            let types: Vec<(String, u32, i32)> = self
-                .client
-                .query(
-                    "SELECT a.attname::text, a.atttypid, a.atttypmod FROM pg_attribute a
-                     WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped",
-                    &[&name],
-                )
-                .await
-                .map_err(self.pg_err("reading the target catalog"))?
+            let (oids, modifiers): (Vec<u32>, Vec<i32>) = (row.get(3), row.get(4));
+            let types: Vec<(String, u32, i32)> = columns
                 .iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .cloned()
+                .zip(oids)
+                .zip(modifiers)
+                .map(|((name, oid), modifier)| (name, oid, modifier))
                 .collect();
             if self.add_from_relation(rel, &types).await? {
                 columns.extend(rel.columns.iter().map(|c| c.name.clone()));
