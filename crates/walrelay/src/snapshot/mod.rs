@@ -477,7 +477,7 @@ async fn worker(
             from: &from,
             text,
         };
-        copy_range(&mut src, &dst, &table, chunk.pages, &progress).await?;
+        copy_range(&mut src, &dst, &table, chunk.pages, &progress, &name).await?;
         let last = {
             let mut jobs = shared
                 .jobs
@@ -518,6 +518,7 @@ async fn copy_range(
     table: &CopyTable<'_>,
     pages: Option<(i64, Option<i64>)>,
     progress: &TableProgress,
+    name: &str,
 ) -> Result<(), SnapshotError> {
     let CopyTable { def, from, text } = *table;
     let target_cols: Vec<String> = def.data_columns().map(|c| quote::ident(&c.name)).collect();
@@ -557,6 +558,11 @@ async fn copy_range(
         error,
     };
     src.copy_out(&out_sql).await.map_err(pg_err)?;
+    // Marked as walrelay's, so that a relay reading the target does not send the rows back
+    // (`crate::origin`). A failed copy's connection goes, and its transaction with it.
+    dst.batch_execute(&format!("BEGIN; {}", crate::origin::mark_statement(name)))
+        .await
+        .map_err(err)?;
     let sink = dst.copy_in(in_sql.as_str()).await.map_err(err)?;
     futures_util::pin_mut!(sink);
     while let Some(data) = src.copy_out_next(COPY_BUFFER).await.map_err(pg_err)? {
@@ -572,6 +578,7 @@ async fn copy_range(
         sink.send(data).await.map_err(err)?;
     }
     let rows = sink.finish().await.map_err(err)?;
+    dst.batch_execute("COMMIT").await.map_err(err)?;
     progress.rows.fetch_add(rows, Ordering::Relaxed);
     Ok(())
 }

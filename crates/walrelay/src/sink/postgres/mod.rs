@@ -188,6 +188,7 @@ async fn connect_session(
     let mut session =
         ApplySession::new(client, info.describe(), config.on_conflict, reorder_tables);
     session.set_ddl(ddl.clone());
+    session.set_mark(progress_name);
     Ok(session)
 }
 

@@ -362,7 +362,12 @@ impl Assembler {
                 prefix,
                 content,
             } => {
-                if transactional && prefix == crate::ddl::capture::MESSAGE_PREFIX {
+                if prefix == crate::origin::APPLIED_PREFIX {
+                    // walrelay's own mark: never for the sinks.
+                    if transactional && self.skip_replicated {
+                        self.leave_out_current();
+                    }
+                } else if transactional && prefix == crate::ddl::capture::MESSAGE_PREFIX {
                     if let Some(ddl) = self.ddl(&content)? {
                         self.change(xid, Change::Ddl(Box::new(ddl)), out)?;
                     }
@@ -615,6 +620,33 @@ impl Assembler {
                 OldRow::Key(Row(key))
             }
         }))
+    }
+
+    /// The open transaction (or stream) carries walrelay's mark (`crate::origin`): leave it
+    /// out, as one with an origin. The mark is its first change, so nothing of it has gone
+    /// out; a mark met later is not walrelay's doing, and is ignored with a warning.
+    fn leave_out_current(&mut self) {
+        let passed_on = if let Some(top) = self.stream {
+            match self.streams.get(&top) {
+                Some(w) if !w.has_changes() => {
+                    self.skipped_streams.insert(top);
+                    false
+                }
+                _ => !self.skipped_streams.contains(&top),
+            }
+        } else if let Some(txn) = self.txn.as_mut() {
+            if !txn.begun {
+                txn.skipped = true;
+            }
+            txn.begun && !txn.skipped
+        } else {
+            false
+        };
+        if passed_on {
+            tracing::warn!(
+                "a transaction carries walrelay's mark after changes of its own: it is not one walrelay applied, and is replicated"
+            );
+        }
     }
 
     fn change(

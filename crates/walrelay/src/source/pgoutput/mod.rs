@@ -109,6 +109,8 @@ pub struct Prepared {
     pub snapshot: Option<crate::snapshot::SnapshotPoint>,
     /// How schema changes are captured (`[ddl] mode`, `auto` decided).
     pub ddl_mode: DdlMode,
+    /// `server_version_num` of the source.
+    pub version_num: i32,
     conn: ReplicationConnection,
 }
 
@@ -203,6 +205,7 @@ pub async fn prepare(
         plan: Arc::new(plan),
         snapshot,
         ddl_mode,
+        version_num: facts.version_num,
         conn,
     })
 }
@@ -230,8 +233,14 @@ impl PgOutputSource {
     ) -> Result<Self, SourceError> {
         let mut conn = prepared.conn;
         spill::prepare_dir(&spill_dir, &cfg.slot)?;
-        let messages = cfg.messages || prepared.ddl_mode == DdlMode::Statements;
-        conn.start_replication(&setup::start_command(cfg, prepared.confirmed, messages))
+        let skip_replicated = cfg.origin == crate::config::OriginFilter::None;
+        let options = setup::StartOptions {
+            // walrelay's marks (`crate::origin`) come as messages.
+            messages: cfg.messages || prepared.ddl_mode == DdlMode::Statements || skip_replicated,
+            // PostgreSQL 16+ leaves out what has an origin itself, before decoding it out.
+            no_origin: skip_replicated && prepared.version_num >= 160000,
+        };
+        conn.start_replication(&setup::start_command(cfg, prepared.confirmed, options))
             .await?;
         let mut ticker = tokio::time::interval(prepared.status_interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -239,7 +248,7 @@ impl PgOutputSource {
             Assembler::new(prepared.plan.clone(), needs, spill_dir, cfg.slot.clone());
         assembler.set_other_messages(cfg.messages);
         assembler.set_additive(prepared.ddl_mode == DdlMode::Additive);
-        assembler.set_skip_replicated(cfg.origin == crate::config::OriginFilter::None);
+        assembler.set_skip_replicated(skip_replicated);
         Ok(PgOutputSource {
             conn,
             assembler,

@@ -626,12 +626,26 @@ pub async fn create_slot(
 }
 
 /// The `START_REPLICATION` command for this configuration.
-pub fn start_command(cfg: &SourceConfig, start: Lsn, messages: bool) -> String {
+/// What the stream asks pgoutput for, beyond the changes.
+#[derive(Debug, Clone, Copy)]
+pub struct StartOptions {
+    /// Logical messages (`pg_logical_emit_message`).
+    pub messages: bool,
+    /// Only transactions without a replication origin (`origin 'none'`, PostgreSQL 16+).
+    pub no_origin: bool,
+}
+
+pub fn start_command(cfg: &SourceConfig, start: Lsn, options: StartOptions) -> String {
+    let origin = if options.no_origin {
+        ", origin 'none'"
+    } else {
+        ""
+    };
     format!(
-        "START_REPLICATION SLOT {} LOGICAL {} (proto_version '2', streaming 'on', publication_names {}, messages '{}')",
+        "START_REPLICATION SLOT {} LOGICAL {} (proto_version '2', streaming 'on', publication_names {}, messages '{}'{origin})",
         quote::ident(&cfg.slot),
         start,
         quote::literal(&quote::ident(&cfg.publication)),
-        messages
+        options.messages
     )
 }

@@ -89,6 +89,11 @@ impl SpillWriter {
         self.count == 0
     }
 
+    /// Whether any change came, kept or only counted (`note`).
+    pub fn has_changes(&self) -> bool {
+        !self.subxacts.is_empty()
+    }
+
     /// Count a change of `subxid` without keeping it.
     pub fn note(&mut self, subxid: Xid) {
         if !self.subxacts.iter().any(|(x, _, _)| *x == subxid) {

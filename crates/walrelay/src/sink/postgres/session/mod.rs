@@ -100,6 +100,8 @@ pub struct ApplySession {
     /// Sent with COMMIT, before it (`set_before_commit`).
     before_commit: Option<String>,
     ddl: DdlSettings,
+    /// Sent with BEGIN: marks the transaction as walrelay's (`crate::origin`).
+    begin_sql: String,
 }
 
 impl ApplySession {
@@ -116,6 +118,7 @@ impl ApplySession {
             commit_origin: None,
             before_commit: None,
             ddl: DdlSettings::default(),
+            begin_sql: "BEGIN".into(),
             client,
             target,
             on_conflict,
@@ -128,6 +131,12 @@ impl ApplySession {
             in_transaction: false,
             savepoints: Vec::new(),
         }
+    }
+
+    /// Mark every transaction as written by relay `name`, so that a relay reading this
+    /// target leaves it out (`crate::origin`).
+    pub fn set_mark(&mut self, name: &str) {
+        self.begin_sql = format!("BEGIN; {}", crate::origin::mark_statement(name));
     }
 
     /// How schema changes are treated (`session::ddl`).
@@ -166,7 +175,7 @@ impl ApplySession {
     pub async fn begin(&mut self) -> Result<(), ApplyError> {
         if !self.in_transaction {
             self.client
-                .batch_execute("BEGIN")
+                .batch_execute(&self.begin_sql)
                 .await
                 .map_err(self.pg_err("BEGIN"))?;
             self.in_transaction = true;

@@ -387,3 +387,68 @@ fn transactions_with_an_origin_are_left_out_when_asked() {
         "spill files removed"
     );
 }
+
+/// walrelay's mark (`crate::origin`) leaves out a transaction, whole or streamed, as an
+/// origin does: PostgreSQL 15 sends a streamed transaction's origin only at its commit.
+/// Without `origin = "none"` the mark only goes unseen by the sinks.
+#[test]
+fn transactions_marked_as_applied_by_walrelay_are_left_out_when_asked() {
+    let mark = |xid| PgOutputMessage::Message {
+        xid,
+        transactional: true,
+        lsn: Lsn(1),
+        prefix: crate::origin::APPLIED_PREFIX.into(),
+        content: b"slot/back".to_vec(),
+    };
+    let messages = || {
+        vec![
+            relation(1, "public", "a"),
+            begin(100, 5),
+            mark(None),
+            insert(None, 1, "applied"),
+            commit(100),
+            PgOutputMessage::StreamStart {
+                xid: 9,
+                first_segment: true,
+            },
+            mark(Some(9)),
+            insert(Some(9), 1, "streamed and applied"),
+            PgOutputMessage::StreamStop,
+            PgOutputMessage::StreamCommit {
+                xid: 9,
+                commit_lsn: Lsn(200),
+                end_lsn: Lsn(208),
+                commit_time: PgTimestamp(2),
+            },
+            begin(300, 6),
+            insert(None, 1, "local"),
+            mark(None),
+            commit(300),
+        ]
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = assembler(dir.path());
+    a.set_other_messages(true);
+    a.set_skip_replicated(true);
+    assert_eq!(
+        summary(&run(&mut a, messages())),
+        ["K108", "K208", "B6", "Ilocal@300#1", "C6@300#2"],
+        "a mark after a change is not walrelay's: that transaction passes"
+    );
+    let mut a = assembler(dir.path());
+    a.set_other_messages(true);
+    assert_eq!(
+        summary(&run(&mut a, messages())),
+        [
+            "B5",
+            "Iapplied@100#1",
+            "C5@100#2",
+            "B9",
+            "Istreamed and applied@200#1",
+            "C9@200#2",
+            "B6",
+            "Ilocal@300#1",
+            "C6@300#2"
+        ]
+    );
+}

@@ -1,0 +1,23 @@
+//! The mark walrelay leaves on what it writes to a database, so that a relay reading that
+//! database can leave it out: two writable nodes with a relay each way, without loops.
+//!
+//! Each transaction walrelay writes to a target (applied changes, a copy's rows) begins
+//! with a transactional logical message under [`APPLIED_PREFIX`]. A replication origin
+//! marks the same transactions, but PostgreSQL 15 tells a streamed transaction's origin
+//! only at its commit, after its changes went out; the message is the transaction's first
+//! change, so a relay with `source.origin = "none"` knows before anything of it is passed
+//! on. It costs one small WAL record per target transaction.
+
+use crate::pg::quote;
+
+/// The prefix of the mark's logical message; its content names the relay that wrote.
+pub const APPLIED_PREFIX: &str = "walrelay.applied";
+
+/// The statement that marks the open transaction as written by relay `name`.
+pub fn mark_statement(name: &str) -> String {
+    format!(
+        "SELECT pg_logical_emit_message(true, {}, {})",
+        quote::literal(APPLIED_PREFIX),
+        quote::literal(name)
+    )
+}
