@@ -139,6 +139,7 @@ pub async fn consume(
         // logged and passed.
         ddl_on_unsafe: crate::config::OnUnsafeDdl::Skip,
         ddl_additive: false,
+        two_writers: false,
     };
     let target = PostgresSink::open(&config.target, &context).await?;
     let info = config

@@ -259,6 +259,7 @@ fn demo_config(source_url: &str, target_url: &str, spill: &Path) -> Config {
             sets: None,
             url: ConnString(target_url.to_string()),
             on_conflict: OnConflict::Error,
+            on_conflict_tables: Default::default(),
             batch_transactions: 10_000,
             batch_bytes: 16 << 20,
             batch_delay: Duration::from_millis(200),

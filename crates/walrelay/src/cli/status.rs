@@ -83,8 +83,20 @@ pub async fn status(config: &Config) -> anyhow::Result<ExitCode> {
             }
             SinkConfig::Postgres(p) => {
                 let target = p.url.resolve()?;
+                let progress_name = format!("{slot_name}/{}", p.name);
                 let applied = match sql::connect(&target).await {
-                    Ok(c) => progress::recorded(&c, &format!("{slot_name}/{}", p.name)).await?,
+                    Ok(c) => {
+                        if let Some(n) =
+                            crate::sink::postgres::conflict::logged(&c, &progress_name).await
+                        {
+                            println!(
+                                "conflicts {} (postgres {}): {n} resolved (walrelay.conflicts)",
+                                p.name,
+                                target.describe()
+                            );
+                        }
+                        progress::recorded(&c, &progress_name).await?
+                    }
                     Err(e) => {
                         println!(
                             "sink     {} (postgres {}): cannot connect: {e}",

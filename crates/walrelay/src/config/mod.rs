@@ -201,7 +201,9 @@ pub struct JsonlSinkConfig {
 }
 
 /// What the postgres sink does when a change does not fit the target: a duplicate key on
-/// insert, or no row for an update or delete.
+/// insert, or no row for an update or delete; with two writable nodes
+/// (`source.origin = "none"`) also a row the target changed after the incoming change was
+/// made (`sink::postgres::conflict`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnConflict {
@@ -210,9 +212,15 @@ pub enum OnConflict {
     Error,
     /// Make the target match: update the existing row, insert the missing one, ignore a
     /// missing row to delete. Every conflict is logged.
+    #[serde(alias = "apply_remote")]
     Apply,
     /// Leave the target as it is and go on. Every conflict is logged.
+    #[serde(alias = "keep_local")]
     Skip,
+    /// The later commit wins (commit timestamps, then the node's system identifier): both
+    /// nodes keep the same row. Two writable nodes only; needs `track_commit_timestamp`.
+    #[serde(rename = "last_writer_wins")]
+    LastWriterWins,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -228,6 +236,9 @@ pub struct PostgresSinkConfig {
     pub url: ConnString,
     #[serde(default)]
     pub on_conflict: OnConflict,
+    /// `on_conflict` of single tables, by their qualified name on the target.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub on_conflict_tables: std::collections::BTreeMap<String, OnConflict>,
     /// Most source transactions applied in one target transaction.
     #[serde(default = "default_batch_transactions")]
     pub batch_transactions: usize,
@@ -240,6 +251,15 @@ pub struct PostgresSinkConfig {
     /// Reject writes to the replicated target tables from any session but walrelay's.
     #[serde(default)]
     pub protect: bool,
+}
+
+impl PostgresSinkConfig {
+    /// Whether any table resolves conflicts by `last_writer_wins`.
+    pub fn uses_last_writer_wins(&self) -> bool {
+        std::iter::once(&self.on_conflict)
+            .chain(self.on_conflict_tables.values())
+            .any(|p| *p == OnConflict::LastWriterWins)
+    }
 }
 
 /// Publishes events to a RabbitMQ exchange (`sink::amqp`).

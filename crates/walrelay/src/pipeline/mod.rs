@@ -191,6 +191,7 @@ async fn run_once(
             sequences: &sequences,
             ddl_on_unsafe: config.ddl.on_unsafe,
             ddl_additive: prepared.ddl_mode == crate::config::DdlMode::Additive,
+            two_writers: config.source.origin == crate::config::OriginFilter::None,
         };
         handles.push(sink::start(sink_config, &context).await?);
     }

@@ -167,6 +167,10 @@ pub struct SinkContext<'a> {
     /// The stream's relations add columns and widen types on postgres targets
     /// (`[ddl] mode = "additive"`).
     pub ddl_additive: bool,
+    /// The targets take writes of their own (`source.origin = "none"`): postgres sinks
+    /// find and resolve conflicts (`sink::postgres::conflict`), with each transaction's
+    /// commit time, so they take streamed transactions whole.
+    pub two_writers: bool,
 }
 
 /// Open and start the sink `config` describes.
@@ -203,7 +207,7 @@ pub async fn start(
     Ok(SinkHandle {
         name,
         reads,
-        applies_streams: config.applies_streams(),
+        applies_streams: config.applies_streams() && !context.two_writers,
         recorded,
         input,
         durable,

@@ -15,6 +15,7 @@
 //!   statements run, the open group commits, so that they never wait on its locks.
 
 mod bulk;
+pub mod conflict;
 mod param;
 pub mod progress;
 mod protect;
@@ -94,6 +95,21 @@ impl PostgresSink {
             .await
             .map_err(progress_err)?;
         progress.attach(&main).await.map_err(err)?;
+        let mut main = main;
+        if context.two_writers {
+            let two = conflict::prepare(
+                &main,
+                progress.has_origin(),
+                &progress_name,
+                config,
+                context.source,
+            )
+            .await
+            .map_err(err)?;
+            main.set_two_writers(two);
+        } else if config.uses_last_writer_wins() {
+            tracing::warn!(sink = %config.name, "on_conflict = \"last_writer_wins\" compares the two nodes' commits only with source.origin = \"none\" (two writable nodes); with one writer the incoming change wins");
+        }
         let copied_at = crate::snapshot::copied_positions(main.client(), &progress_name)
             .await
             .map_err(|e| err(ApplyError::Pg(e)))?;
@@ -188,6 +204,7 @@ async fn connect_session(
     let mut session =
         ApplySession::new(client, info.describe(), config.on_conflict, reorder_tables);
     session.set_ddl(ddl.clone());
+    session.set_on_conflict_tables(config.on_conflict_tables.clone());
     session.set_mark(progress_name);
     Ok(session)
 }
@@ -310,6 +327,7 @@ impl Applier {
     ) -> Result<(), ApplyError> {
         match &batch[index] {
             Event::Begin(b) => {
+                self.sink.main.set_remote_commit(b.commit_time);
                 self.skipping = b.commit_lsn < self.skip_before;
                 self.inside_transaction = !self.skipping;
                 self.commit_lsn = b.commit_lsn;

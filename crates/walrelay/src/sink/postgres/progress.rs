@@ -216,6 +216,12 @@ impl Progress {
         ))
     }
 
+    /// Whether the applying session holds a replication origin, which marks every
+    /// transaction it commits.
+    pub fn has_origin(&self) -> bool {
+        self.origin
+    }
+
     pub fn describe(&self) -> String {
         match (self.origin, self.table) {
             (true, true) => format!("replication origin and walrelay.progress row {}", self.name),

@@ -102,6 +102,24 @@ pub struct ApplySession {
     ddl: DdlSettings,
     /// Sent with BEGIN: marks the transaction as walrelay's (`crate::origin`).
     begin_sql: String,
+    /// `on_conflict` of single tables, by their qualified name on the target.
+    on_conflict_tables: std::collections::BTreeMap<String, OnConflict>,
+    /// The target takes writes of its own too (`source.origin = "none"`).
+    two_writers: Option<TwoWriters>,
+}
+
+/// What the statements of two writable nodes need (`super::conflict`).
+#[derive(Debug, Clone)]
+pub struct TwoWriters {
+    /// The relay's replication origin on the target, and its name in the conflict log.
+    pub relay: String,
+    /// The source's name for ties (`walrelay.nodes`).
+    pub remote_node: String,
+    /// Rows can be told by their last writer: the session holds the origin, and the
+    /// target keeps commit timestamps. Without, only missing and existing keys conflict.
+    pub detect_newer: bool,
+    /// Commit time of the source transaction being applied.
+    pub remote_time: String,
 }
 
 impl ApplySession {
@@ -119,6 +137,8 @@ impl ApplySession {
             before_commit: None,
             ddl: DdlSettings::default(),
             begin_sql: "BEGIN".into(),
+            on_conflict_tables: Default::default(),
+            two_writers: None,
             client,
             target,
             on_conflict,
@@ -137,6 +157,45 @@ impl ApplySession {
     /// target leaves it out (`crate::origin`).
     pub fn set_mark(&mut self, name: &str) {
         self.begin_sql = format!("BEGIN; {}", crate::origin::mark_statement(name));
+    }
+
+    /// `on_conflict` of single tables, by their qualified name on the target.
+    pub fn set_on_conflict_tables(
+        &mut self,
+        tables: std::collections::BTreeMap<String, OnConflict>,
+    ) {
+        self.on_conflict_tables = tables;
+    }
+
+    /// The target takes writes of its own: conflicts are found and resolved as
+    /// `super::conflict` says.
+    pub fn set_two_writers(&mut self, two_writers: TwoWriters) {
+        self.two_writers = Some(two_writers);
+    }
+
+    /// The source transaction applied from now on committed at `time`.
+    pub fn set_remote_commit(&mut self, time: walrelay_model::PgTimestamp) {
+        if let Some(t) = self.two_writers.as_mut() {
+            t.remote_time = time.to_string();
+        }
+    }
+
+    /// The conflict policy of a table.
+    fn policy(&self, rel: &Relation) -> OnConflict {
+        let configured = if self.on_conflict_tables.is_empty() {
+            self.on_conflict
+        } else {
+            let name = format!("{}.{}", rel.schema, rel.name);
+            self.on_conflict_tables
+                .get(&name)
+                .copied()
+                .unwrap_or(self.on_conflict)
+        };
+        match configured {
+            // With one writer the incoming change is always the later one.
+            OnConflict::LastWriterWins if self.two_writers.is_none() => OnConflict::Apply,
+            p => p,
+        }
     }
 
     /// How schema changes are treated (`session::ddl`).
@@ -354,7 +413,10 @@ impl ApplySession {
             }
             (_, kind) => kind,
         };
-        if let (Some(rel), Some(kind), OnConflict::Error) = (&relation, kind, self.on_conflict) {
+        let bulk = relation
+            .as_ref()
+            .is_some_and(|rel| self.policy(rel) == OnConflict::Error && self.two_writers.is_none());
+        if let (Some(rel), Some(kind), true) = (&relation, kind, bulk) {
             let mine = self.runs.iter().position(|r| Arc::ptr_eq(&r.relation, rel));
             match mine {
                 Some(i) if self.runs[i].kind == kind => {}

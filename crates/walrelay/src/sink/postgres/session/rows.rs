@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio_postgres::Statement;
 use walrelay_model::{Change, OldRow, Relation, ReplicaIdentity, Row, Value};
 
+use super::super::conflict::ConflictSql;
 use super::super::param::TextParam;
 use super::super::statements::{self, RowMatch};
 use super::{ApplyError, ApplySession, ChangeAt};
@@ -42,6 +43,12 @@ pub(super) enum Check {
         resolution: &'static str,
     },
     Anything,
+    /// A statement of two writable nodes (`conflict`): it returns a row per conflict it
+    /// met (kind, the target row's commit time and node, resolution), resolved and
+    /// logged, or, with `stop`, left for the sink to stop on.
+    Conflicts {
+        stop: bool,
+    },
 }
 
 pub(super) struct Pending {
@@ -98,19 +105,33 @@ impl ApplySession {
         at: ChangeAt,
     ) -> Result<(), ApplyError> {
         self.check_relation(rel).await?;
-        let params = values(new.0.iter())?;
+        let mut params = values(new.0.iter())?;
         let what = format!("insert of {}", key_text(rel, new));
-        let check = match self.on_conflict {
+        let policy = self.policy(rel);
+        if self.two_writers.is_some() && rel.key_columns().next().is_some() {
+            params.extend(self.conflict_params(rel, new, &what, at));
+            let check = Check::Conflicts {
+                stop: policy == OnConflict::Error,
+            };
+            return self
+                .queue(rel, Shape::Insert, params, check, what, at)
+                .await;
+        }
+        let check = match policy {
             OnConflict::Error => Check::Anything,
             OnConflict::Skip => Check::ResolvedAt {
                 rows: 0,
                 resolution: "the row exists already; the insert was skipped",
             },
-            OnConflict::Apply if rel.key_columns().next().is_some() => Check::ResolvedAt {
-                rows: 1,
-                resolution: "the row exists already; it was updated to the inserted values",
-            },
-            OnConflict::Apply => Check::Anything,
+            OnConflict::Apply | OnConflict::LastWriterWins
+                if rel.key_columns().next().is_some() =>
+            {
+                Check::ResolvedAt {
+                    rows: 1,
+                    resolution: "the row exists already; it was updated to the inserted values",
+                }
+            }
+            OnConflict::Apply | OnConflict::LastWriterWins => Check::Anything,
         };
         self.queue(rel, Shape::Insert, params, check, what, at)
             .await
@@ -139,23 +160,32 @@ impl ApplySession {
             })
             .collect();
         let complete = !new.0.contains(&Value::UnchangedToast);
-        let mut params = if complete && self.on_conflict == OnConflict::Apply {
+        let policy = self.policy(rel);
+        let mut params = if complete && policy == OnConflict::Apply {
             values(new.0.iter())?
         } else {
             values(new.0.iter().zip(&set).filter(|(_, &s)| s).map(|(v, _)| v))?
         };
         params.extend(match_params);
-        let check = match self.on_conflict {
+        if self.two_writers.is_some() && matches!(how, RowMatch::Key(_)) {
+            params.extend(self.conflict_params(rel, new, &what, at));
+            let check = Check::Conflicts {
+                stop: policy == OnConflict::Error,
+            };
+            let shape = Shape::Update { set, how, complete };
+            return self.queue(rel, shape, params, check, what, at).await;
+        }
+        let check = match policy {
             OnConflict::Error => Check::ExactlyOne,
             OnConflict::Skip => Check::ResolvedAt {
                 rows: 0,
                 resolution: "no such row; the update was skipped",
             },
-            OnConflict::Apply if complete => Check::ResolvedAt {
+            OnConflict::Apply | OnConflict::LastWriterWins if complete => Check::ResolvedAt {
                 rows: 1,
                 resolution: "no such row; the new row was inserted",
             },
-            OnConflict::Apply => Check::ResolvedAt {
+            OnConflict::Apply | OnConflict::LastWriterWins => Check::ResolvedAt {
                 rows: 0,
                 resolution: "no such row, and the source did not send its unchanged TOAST values; the update was skipped",
             },
@@ -178,13 +208,27 @@ impl ApplySession {
         at: ChangeAt,
     ) -> Result<(), ApplyError> {
         self.check_relation(rel).await?;
-        let (how, params, what) = row_match(rel, Some(old), None, "delete", &self.target)?;
-        let check = match self.on_conflict {
+        let (how, mut params, what) = row_match(rel, Some(old), None, "delete", &self.target)?;
+        let policy = self.policy(rel);
+        if let (Some(_), RowMatch::Key(_), OldRow::Key(key)) = (&self.two_writers, &how, old) {
+            // The incoming "row" of a delete is its key.
+            let row = Row(key.0.clone());
+            params.extend(self.conflict_params(rel, &row, &what, at));
+            let check = Check::Conflicts {
+                stop: policy == OnConflict::Error,
+            };
+            return self
+                .queue(rel, Shape::Delete(how), params, check, what, at)
+                .await;
+        }
+        let check = match policy {
             OnConflict::Error => Check::ExactlyOne,
-            OnConflict::Skip | OnConflict::Apply => Check::ResolvedAt {
-                rows: 0,
-                resolution: "no such row; the delete was skipped",
-            },
+            OnConflict::Skip | OnConflict::Apply | OnConflict::LastWriterWins => {
+                Check::ResolvedAt {
+                    rows: 0,
+                    resolution: "no such row; the delete was skipped",
+                }
+            }
         };
         self.queue(rel, Shape::Delete(how), params, check, what, at)
             .await
@@ -239,13 +283,19 @@ impl ApplySession {
 
     fn sql_for(&self, rel: &Relation, shape: &Shape) -> String {
         let key: Vec<usize> = rel.key_columns().map(|(i, _)| i).collect();
-        match (shape, self.on_conflict) {
+        let policy = self.policy(rel);
+        if let Some(two) = &self.two_writers {
+            if let Some(sql) = two_writers_sql(rel, shape, policy, two, &key) {
+                return sql;
+            }
+        }
+        match (shape, policy) {
             (Shape::Insert, OnConflict::Error) => statements::insert(rel, false),
             (Shape::Insert, OnConflict::Skip) => statements::insert(rel, true),
             (Shape::Insert, OnConflict::Apply) if !key.is_empty() => {
                 statements::insert_or_update(rel, &key)
             }
-            (Shape::Insert, OnConflict::Apply) => statements::insert(rel, false),
+            (Shape::Insert, _) => statements::insert(rel, false),
             (
                 Shape::Update {
                     set,
@@ -266,18 +316,30 @@ impl ApplySession {
         }
         let pending = self.take_pending();
         let client = &self.client;
-        let results = futures_util::future::join_all(
-            pending
-                .iter()
-                .map(|p| client.execute_raw(&p.statement, p.params.iter())),
-        )
+        // Sent in order, pipelined: each future sends its statement when first polled.
+        let results = futures_util::future::join_all(pending.iter().map(|p| async move {
+            if let Check::Conflicts { .. } = p.check {
+                use futures_util::TryStreamExt;
+                let rows: Vec<tokio_postgres::Row> = client
+                    .query_raw(&p.statement, p.params.iter())
+                    .await?
+                    .try_collect()
+                    .await?;
+                Ok((rows.len() as u64, rows))
+            } else {
+                client
+                    .execute_raw(&p.statement, p.params.iter())
+                    .await
+                    .map(|n| (n, Vec::new()))
+            }
+        }))
         .await;
         for (p, result) in pending.iter().zip(results) {
             let table = match &p.table {
                 Some(t) => t.qualified_name().to_string(),
                 None => "walrelay.progress".to_string(),
             };
-            let rows = result.map_err(|e| {
+            let (rows, conflicts) = result.map_err(|e| {
                 let error = PgError::from_sql("", e);
                 let table = table.clone();
                 if error.code() == Some("23505") {
@@ -307,6 +369,44 @@ impl ApplySession {
                         },
                     })
                 }
+                Check::Conflicts { stop } => {
+                    for c in &conflicts {
+                        let (kind, local_time, local_node, resolution): (
+                            String,
+                            Option<String>,
+                            Option<String>,
+                            String,
+                        ) = (c.get(0), c.get(1), c.get(2), c.get(3));
+                        let local = match local_time {
+                            Some(t) => format!(
+                                "the target's row was committed at {t} by node {}",
+                                local_node.as_deref().unwrap_or("unknown")
+                            ),
+                            None => "the target has no such row".into(),
+                        };
+                        let remote = self
+                            .two_writers
+                            .as_ref()
+                            .map(|t| t.remote_time.clone())
+                            .unwrap_or_default();
+                        if stop {
+                            return Err(ApplyError::Conflict {
+                                table,
+                                at: p.at,
+                                what: format!(
+                                    "{}: {kind}: {local}; the change was committed on the source at {remote}",
+                                    p.what
+                                ),
+                            });
+                        }
+                        tracing::warn!(
+                            table = %table,
+                            at = %p.at,
+                            "conflict resolved ({resolution}, in walrelay.conflicts): {}: {kind}: {local}; the change was committed on the source at {remote}",
+                            p.what
+                        );
+                    }
+                }
                 Check::ResolvedAt {
                     rows: r,
                     resolution,
@@ -323,6 +423,92 @@ impl ApplySession {
         }
         Ok(())
     }
+}
+
+impl ApplySession {
+    /// The parameters a statement of two writers takes after the change's own
+    /// (`conflict::EXTRA_PARAMS`).
+    fn conflict_params(
+        &self,
+        rel: &Relation,
+        row: &Row,
+        what: &str,
+        at: ChangeAt,
+    ) -> Vec<TextParam> {
+        let two = self.two_writers.as_ref().expect("two writers");
+        let columns: &[walrelay_model::Column] = if row.0.len() == rel.columns.len() {
+            &rel.columns
+        } else {
+            &[]
+        };
+        let mut incoming = serde_json::Map::new();
+        let keys: Vec<&walrelay_model::Column> = if columns.is_empty() {
+            rel.key_columns().map(|(_, c)| c).collect()
+        } else {
+            columns.iter().collect()
+        };
+        for (c, v) in keys.into_iter().zip(&row.0) {
+            let value = match v {
+                Value::Null => serde_json::Value::Null,
+                Value::UnchangedToast => serde_json::Value::String("(unchanged)".into()),
+                Value::Text(t) => serde_json::Value::String(t.clone()),
+                Value::Binary(b) => serde_json::Value::String(String::from_utf8_lossy(b).into()),
+            };
+            incoming.insert(c.name.clone(), value);
+        }
+        vec![
+            TextParam(Some(two.remote_time.clone())),
+            TextParam(Some(two.remote_node.clone())),
+            TextParam(Some(at.to_string())),
+            TextParam(Some(serde_json::Value::Object(incoming).to_string())),
+            TextParam(Some(what.to_string())),
+        ]
+    }
+}
+
+/// The statement of two writable nodes for a shape, where the row is found by a key.
+fn two_writers_sql(
+    rel: &Relation,
+    shape: &Shape,
+    policy: OnConflict,
+    two: &super::TwoWriters,
+    key: &[usize],
+) -> Option<String> {
+    if key.is_empty() {
+        return None;
+    }
+    let sql = ConflictSql {
+        rel,
+        policy,
+        relay: &two.relay,
+        detect_newer: two.detect_newer,
+    };
+    Some(match shape {
+        Shape::Insert => sql.insert(key),
+        Shape::Update {
+            set,
+            how: RowMatch::Key(k),
+            complete,
+        } => {
+            let positional = *complete && policy == OnConflict::Apply;
+            let mut n = 0;
+            let assignments: Vec<String> = rel
+                .columns
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| set[*i])
+                .map(|(i, c)| {
+                    n += 1;
+                    let p = if positional { i + 1 } else { n };
+                    format!("{} = ${p}", crate::pg::quote::ident(&c.name))
+                })
+                .collect();
+            let first_key_param = if positional { rel.columns.len() } else { n } + 1;
+            sql.update(&assignments, k, first_key_param, positional)
+        }
+        Shape::Delete(RowMatch::Key(k)) => sql.delete(k),
+        _ => return None,
+    })
 }
 
 /// Values as parameters; an unchanged TOAST value cannot be one.
