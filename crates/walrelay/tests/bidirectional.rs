@@ -332,3 +332,45 @@ async fn a_conflict_stops_the_relay_with_both_sides_when_asked() {
     assert_eq!(value(&nodes.b, "t", 7).await.as_deref(), Some("b"));
     assert!(conflicts(&nodes.b).await.is_empty());
 }
+
+/// `walrelay check` with two writable nodes: what `last_writer_wins` needs on the target
+/// is a problem; keys both nodes would hand out are a note.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_says_what_two_writable_nodes_need() {
+    let (a_pg, b_pg) = (TestPg::start(), TestPg::start());
+    let a = a_pg.create_db("app").await;
+    a.batch_execute("CREATE TABLE s (id serial PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let _b = b_pg.create_db("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = relay_config_file(
+        dir.path(),
+        &a_pg.url("app"),
+        &["public.s"],
+        "origin = \"none\"",
+        &format!(
+            "[[sink]]\ntype = \"postgres\"\nurl = \"{}\"\non_conflict = \"last_writer_wins\"\n",
+            b_pg.url("app")
+        ),
+    );
+    let o = std::process::Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("PROBLEM  sink postgres: on_conflict = \"last_writer_wins\" needs on the target: track_commit_timestamp = on"),
+        "{out}"
+    );
+    assert!(
+        out.contains("NOTE     sequence s_id_seq steps by 1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("NOTE     track_commit_timestamp is off on the source"),
+        "{out}"
+    );
+}

@@ -13,12 +13,18 @@ use crate::source::pgoutput::SourceError;
 pub struct Report {
     pub ok: Vec<String>,
     pub problems: Vec<String>,
+    /// Advice: nothing stops the relay, but something may go wrong.
+    pub notes: Vec<String>,
 }
 
 impl Report {
     fn ok(&mut self, s: impl Into<String>) {
         self.ok.push(s.into());
     }
+    fn note(&mut self, s: impl Into<String>) {
+        self.notes.push(s.into());
+    }
+
     fn problem(&mut self, s: impl Into<String>) {
         self.problems.push(s.into());
     }
@@ -28,6 +34,9 @@ pub async fn check(config: &Config) -> anyhow::Result<ExitCode> {
     let report = inspect(config).await;
     for line in &report.ok {
         println!("ok       {line}");
+    }
+    for line in &report.notes {
+        println!("NOTE     {line}");
     }
     for line in &report.problems {
         println!("PROBLEM  {line}");
@@ -184,6 +193,9 @@ pub async fn inspect(config: &Config) -> Report {
             t
         })
         .collect();
+    if cfg.origin == crate::config::OriginFilter::None {
+        check_two_writers(config, &client, &tables, &mut r).await;
+    }
     let published = plan.published(&as_started);
     let filters = published.iter().filter(|p| p.filter.is_some()).count();
     if filters > 0 {
@@ -203,6 +215,86 @@ pub async fn inspect(config: &Config) -> Report {
         }
     }
     r
+}
+
+/// Two writable nodes (`source.origin = "none"`): what finding conflicts needs on each node,
+/// and keys both nodes would hand out.
+async fn check_two_writers(
+    config: &Config,
+    source: &tokio_postgres::Client,
+    tables: &[setup::SelectedTable],
+    r: &mut Report,
+) {
+    const TRACKS: &str = "SELECT current_setting('track_commit_timestamp')::bool, \
+         has_function_privilege('pg_replication_origin_session_setup(text)', 'execute')";
+    if let Ok(row) = source.query_one(TRACKS, &[]).await {
+        if !row.get::<_, bool>(0) {
+            r.note("track_commit_timestamp is off on the source: the relay back to it cannot tell rows changed there after an incoming change (set it on; a restart)");
+        }
+    }
+    for sink in &config.sinks {
+        let crate::config::SinkConfig::Postgres(p) = sink else {
+            continue;
+        };
+        let Ok(info) = p.url.resolve() else { continue };
+        let row = match sql::connect(&info).await {
+            Ok(c) => c.query_one(TRACKS, &[]).await.ok(),
+            Err(e) => {
+                r.problem(format!(
+                    "sink {}: cannot connect to the target: {e}",
+                    p.name
+                ));
+                continue;
+            }
+        };
+        let Some(row) = row else { continue };
+        let (track, origin): (bool, bool) = (row.get(0), row.get(1));
+        let mut missing = Vec::new();
+        if !track {
+            missing.push("track_commit_timestamp = on (a restart)");
+        }
+        if !origin {
+            missing.push("a replication origin (a superuser role, or EXECUTE on the pg_replication_origin_* functions)");
+        }
+        if missing.is_empty() {
+            r.ok(format!(
+                "sink {}: conflicts with writes on the target are found (commit timestamps and a replication origin)",
+                p.name
+            ));
+        } else if p.uses_last_writer_wins() {
+            r.problem(format!(
+                "sink {}: on_conflict = \"last_writer_wins\" needs on the target: {}",
+                p.name,
+                missing.join(", ")
+            ));
+        } else {
+            r.note(format!(
+                "sink {}: rows changed on the target after an incoming change are not found as conflicts without {}",
+                p.name,
+                missing.join(" and ")
+            ));
+        }
+    }
+    let oids: Vec<u32> = tables.iter().map(|t| t.oid).collect();
+    let stepping = source
+        .query(
+            "SELECT DISTINCT s.seqrelid::regclass::text, s.seqincrement
+               FROM pg_depend d JOIN pg_sequence s ON s.seqrelid = d.objid
+              WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+                AND d.refobjid = ANY ($1) AND d.deptype IN ('a', 'i')
+                AND abs(s.seqincrement) = 1
+              ORDER BY 1",
+            &[&oids],
+        )
+        .await;
+    if let Ok(rows) = stepping {
+        for row in rows {
+            let name: String = row.get(0);
+            r.note(format!(
+                "sequence {name} steps by 1: both nodes hand out the same keys, and each insert of one is a conflict; give each node its own, e.g. ALTER SEQUENCE {name} INCREMENT BY 2 RESTART WITH <its next odd value> here and the even one on the other node (docs/operations.md, Two writable nodes)"
+            ));
+        }
+    }
 }
 
 /// The publication exists with every table, or this role can create or extend it.
