@@ -118,7 +118,7 @@ async fn a_relay_each_way_does_not_loop() {
 /// Two nodes keeping commit timestamps, a relay each way with `on_conflict` as given
 /// (`tables` on both; A's rows copied to B), both streaming.
 struct TwoNodes {
-    _servers: (TestPg, TestPg),
+    servers: (TestPg, TestPg),
     a: tokio_postgres::Client,
     b: tokio_postgres::Client,
     configs: (std::path::PathBuf, std::path::PathBuf),
@@ -168,7 +168,7 @@ impl TwoNodes {
         wait_until_streaming(&b, &mut b_to_a).await;
         (
             TwoNodes {
-                _servers: (a_pg, b_pg),
+                servers: (a_pg, b_pg),
                 a,
                 b,
                 configs: (ab, ba),
@@ -373,4 +373,234 @@ async fn check_says_what_two_writable_nodes_need() {
         out.contains("NOTE     track_commit_timestamp is off on the source"),
         "{out}"
     );
+}
+
+/// pgbench's script for one node: move money on its own accounts, and log the move under
+/// a key from its own sequence (odd on A, even on B).
+fn two_way_script(node: &str, accounts: (i32, i32)) -> String {
+    format!(
+        "\\set aid random({}, {})\n\\set delta random(-5000, 5000)\nBEGIN;\n\
+         UPDATE acct SET balance = balance + :delta WHERE id = :aid;\n\
+         INSERT INTO hist (id, node, acct, delta) VALUES (nextval('hist_id'), '{node}', :aid, :delta);\n\
+         END;\n",
+        accounts.0, accounts.1
+    )
+}
+
+/// pgbench with `script` on `pg`'s app database for `seconds`; it must succeed.
+fn pgbench(pg: &TestPg, script: &std::path::Path, seconds: u32) -> std::process::Child {
+    pg.server
+        .command("pgbench")
+        .args(["-n", "-c", "2", "-j", "1", "-T", &seconds.to_string(), "-f"])
+        .arg(script)
+        .arg("-h")
+        .arg(pg.server.socket_dir())
+        .args(["-p", &pg.port().to_string(), "app"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("pgbench starts")
+}
+
+/// Every account's balance is the sum of its logged moves: nothing applied twice or lost.
+async fn assert_balanced(client: &tokio_postgres::Client, node: &str) {
+    let off: i64 = client
+        .query_one(
+            "SELECT count(*) FROM acct a
+             WHERE a.balance <> coalesce((SELECT sum(h.delta) FROM hist h WHERE h.acct = a.id), 0)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        off, 0,
+        "accounts on {node} whose balance is not their moves"
+    );
+}
+
+/// Both nodes take writes for 60 s (pgbench, each on its own accounts and keys), a relay
+/// each way, and one relay or the other is killed with -9 now and then and started again.
+/// Then, quiet: both nodes are equal, every move is on both once (each balance is its
+/// moves), no conflict was met, and one more insert on A reaches B once and causes no
+/// write back on A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_way_load_with_kills_ends_equal_and_loop_free() {
+    let (nodes, a_to_b, b_to_a) = TwoNodes::start(
+        "CREATE TABLE acct (id int PRIMARY KEY, balance bigint NOT NULL DEFAULT 0);
+         CREATE TABLE hist (id bigint PRIMARY KEY, node text NOT NULL, acct int NOT NULL, delta int NOT NULL);
+         INSERT INTO acct (id) SELECT generate_series(1, 200);
+         CREATE SEQUENCE hist_id INCREMENT 2 START 1",
+        &["public.acct", "public.hist"],
+        "",
+    )
+    .await;
+    let (a, b) = (&nodes.a, &nodes.b);
+    b.batch_execute("CREATE SEQUENCE hist_id INCREMENT 2 START 2")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (script_a, script_b) = (dir.path().join("a.sql"), dir.path().join("b.sql"));
+    std::fs::write(&script_a, two_way_script("A", (1, 100))).unwrap();
+    std::fs::write(&script_b, two_way_script("B", (101, 200))).unwrap();
+    let mut load_a = pgbench(&nodes.servers.0, &script_a, 60);
+    let mut load_b = pgbench(&nodes.servers.1, &script_b, 60);
+
+    let mut relays = [Some(a_to_b), Some(b_to_a)];
+    let mut kills = 0;
+    let mut rng = 0x9e37_79b9_u64;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(55) {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        tokio::time::sleep(Duration::from_millis(3000 + rng % 5000)).await;
+        let which = (rng % 2) as usize;
+        let relay = relays[which].take().unwrap();
+        relay.kill9().await;
+        kills += 1;
+        let config = if which == 0 {
+            &nodes.configs.0
+        } else {
+            &nodes.configs.1
+        };
+        relays[which] = Some(Relay::start(config));
+    }
+    for load in [&mut load_a, &mut load_b] {
+        let status = load.wait().unwrap();
+        let mut err = String::new();
+        std::io::Read::read_to_string(load.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert!(status.success(), "pgbench: {err}");
+    }
+    let [Some(mut a_to_b), Some(mut b_to_a)] = relays else {
+        unreachable!()
+    };
+    wait_until_equal(a, b, &["acct", "hist"], &mut a_to_b).await;
+    wait_until_equal(a, b, &["acct", "hist"], &mut b_to_a).await;
+    assert!(kills >= 5, "{kills} kills");
+    for (client, node) in [(a, "A"), (b, "B")] {
+        assert_balanced(client, node).await;
+        let by_node: Vec<(String, i64)> = client
+            .query(
+                "SELECT node, count(*) FROM hist GROUP BY node ORDER BY node",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert_eq!(
+            by_node.len(),
+            2,
+            "moves of both nodes on {node}: {by_node:?}"
+        );
+        assert!(by_node.iter().all(|(_, n)| *n > 100), "{by_node:?}");
+        assert!(conflicts(client).await.is_empty(), "no conflict on {node}");
+    }
+
+    a.batch_execute("INSERT INTO hist VALUES (-1, 'A', 1, 0)")
+        .await
+        .unwrap();
+    let on_a = hist_xmin(a).await;
+    wait_until_equal(a, b, &["hist"], &mut a_to_b).await;
+    let on_b = hist_xmin(b).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    a_to_b.assert_running();
+    b_to_a.assert_running();
+    assert_eq!(hist_xmin(a).await, on_a, "the insert came back to A");
+    assert_eq!(
+        hist_xmin(b).await,
+        on_b,
+        "the insert was applied on B again"
+    );
+    a_to_b.stop().await;
+    b_to_a.stop().await;
+}
+
+async fn hist_xmin(client: &tokio_postgres::Client) -> String {
+    client
+        .query_one("SELECT xmin::text FROM hist WHERE id = -1", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Three writable nodes, a relay from each to each other (six), all writing at once, each
+/// on its own keys (inserts, updates, deletes): all end equal, with no conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_in_a_full_mesh_end_equal() {
+    let servers: Vec<TestPg> = (0..3).map(|_| TestPg::start()).collect();
+    let mut clients = Vec::new();
+    for pg in &servers {
+        clients.push(pg.create_db("app").await);
+    }
+    clients[0]
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, node int NOT NULL, v int NOT NULL);
+             INSERT INTO t SELECT g, 0, 0 FROM generate_series(1, 300) g",
+        )
+        .await
+        .unwrap();
+    let dirs: Vec<tempfile::TempDir> = (0..6).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut relays = Vec::new();
+    // Node 0's rows are copied to 1 and 2 first; the other relays start without a copy.
+    let pairs = [(0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)];
+    for (n, &(from, to)) in pairs.iter().enumerate() {
+        let slot = format!("from_{from}_to_{to}");
+        let config = relay_config_file(
+            dirs[n].path(),
+            &servers[from].url("app"),
+            &["public.t"],
+            &format!("origin = \"none\"\nslot = \"{slot}\"\nstatus_interval = \"200ms\""),
+            &format!(
+                "[snapshot]\nenabled = {}\n\n[[sink]]\ntype = \"postgres\"\nurl = \"{}\"\n",
+                from == 0,
+                servers[to].url("app")
+            ),
+        );
+        let mut relay = Relay::start(&config);
+        wait_until_slot_streams(&clients[from], &slot, &mut relay).await;
+        if from == 0 {
+            wait_until_equal(&clients[0], &clients[to], &["t"], &mut relay).await;
+        }
+        relays.push(relay);
+    }
+    // Each node: inserts of its own keys, updates and deletes of its share of the rows.
+    let writes = clients.iter().enumerate().map(|(node, c)| async move {
+        let node = node as i32;
+        for round in 0..40 {
+            c.execute(
+                "INSERT INTO t SELECT 1000 * ($1 + 1) + $2 * 10 + g, $1, $2 FROM generate_series(0, 9) g",
+                &[&node, &round],
+            )
+            .await
+            .unwrap();
+            c.execute(
+                "UPDATE t SET v = v + 1, node = $1 WHERE id % 3 = $1 AND id <= 300",
+                &[&node],
+            )
+            .await
+            .unwrap();
+            c.execute(
+                "DELETE FROM t WHERE id = 1000 * ($1 + 1) + $2 * 10",
+                &[&node, &round],
+            )
+            .await
+            .unwrap();
+        }
+    });
+    futures_util::future::join_all(writes).await;
+    for (n, &(from, to)) in pairs.iter().enumerate() {
+        wait_until_equal(&clients[from], &clients[to], &["t"], &mut relays[n]).await;
+    }
+    let rows: i64 = clients[2]
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 300 + 3 * 40 * 9);
+    for relay in relays {
+        relay.stop().await;
+    }
 }

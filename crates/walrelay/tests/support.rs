@@ -311,6 +311,15 @@ impl Scene {
 
 /// Wait until the relay streams from its slot (copy finished, sinks open).
 pub async fn wait_until_streaming(client: &tokio_postgres::Client, relay: &mut Relay) {
+    wait_until_slot_streams(client, "walrelay", relay).await
+}
+
+/// Wait until the relay streams from slot `slot`.
+pub async fn wait_until_slot_streams(
+    client: &tokio_postgres::Client,
+    slot: &str,
+    relay: &mut Relay,
+) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         relay.assert_running();
@@ -321,8 +330,8 @@ pub async fn wait_until_streaming(client: &tokio_postgres::Client, relay: &mut R
                 // so the copy is done and the sinks are open.
                 "SELECT coalesce(r.state NOT IN ('startup'), false) \
                  FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
-                 WHERE s.slot_name = 'walrelay'",
-                &[],
+                 WHERE s.slot_name = $1",
+                &[&slot],
             )
             .await
             .unwrap();

@@ -130,7 +130,7 @@ fn password_is_hidden_in_debug() {
 fn all_key_paths() -> Vec<String> {
     let mut config = parse(MINIMAL).unwrap();
     config.source.spill_dir = Some("/var/lib/walrelay/spill".into());
-    let postgres = format!("{MINIMAL}\n[[sink]]\ntype = \"postgres\"\nurl = \"host=replica\"\n");
+    let postgres = format!("{MINIMAL}\n[[sink]]\ntype = \"postgres\"\nurl = \"host=replica\"\non_conflict_tables = {{ \"public.a\" = \"keep_local\" }}\n");
     config
         .sinks
         .extend(parse(&postgres).unwrap().sinks.into_iter().skip(1));
@@ -149,7 +149,11 @@ fn all_key_paths() -> Vec<String> {
     collect_paths(&value, "", &mut paths);
     // Maps keyed by column name: one row in the docs covers each.
     for p in paths.iter_mut() {
-        for map in ["set.table.transform", "set.table.rename_columns"] {
+        for map in [
+            "set.table.transform",
+            "set.table.rename_columns",
+            "sink.on_conflict_tables",
+        ] {
             if p.starts_with(&format!("{map}.")) {
                 *p = map.to_string();
             }
@@ -386,4 +390,24 @@ fn documented_example_parses() {
         .and_then(|s| s.split("```").next())
         .expect("docs/config.md has a ```toml example");
     parse(example).unwrap();
+}
+
+#[test]
+fn conflict_policies_have_their_two_writer_names_per_sink_and_per_table() {
+    let c = parse(&format!(
+        "{MINIMAL}\n[[sink]]\ntype = \"postgres\"\nurl = \"host=b\"\non_conflict = \"keep_local\"\n\
+         on_conflict_tables = {{ \"public.a\" = \"apply_remote\", \"public.b\" = \"last_writer_wins\" }}\n"
+    ))
+    .unwrap();
+    let Some(SinkConfig::Postgres(p)) = c.sinks.last() else {
+        panic!("a postgres sink")
+    };
+    assert_eq!(p.on_conflict, OnConflict::Skip);
+    assert_eq!(p.on_conflict_tables["public.a"], OnConflict::Apply);
+    assert_eq!(p.on_conflict_tables["public.b"], OnConflict::LastWriterWins);
+    assert!(p.uses_last_writer_wins());
+    let e = error(&format!(
+        "{MINIMAL}\n[[sink]]\ntype = \"postgres\"\nurl = \"host=b\"\non_conflict = \"newest\"\n"
+    ));
+    assert!(e.contains("newest"), "{e}");
 }
