@@ -17,7 +17,8 @@ async fn xmin(client: &tokio_postgres::Client, id: i32) -> String {
 }
 
 /// A write on either node reaches the other once, and causes no write back: an insert
-/// would come back as a conflict (the relay would stop), an update as a new xmin.
+/// would come back as a conflict (the relay would stop), an update as a new xmin. So do
+/// the rows of the first node's copy to the second, while the relay back already runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_each_way_does_not_loop() {
     // Small enough that the big transaction below is streamed, both ways.
@@ -29,16 +30,31 @@ async fn a_relay_each_way_does_not_loop() {
     let (a_pg, b_pg) = (node(), node());
     let a = a_pg.create_db("app").await;
     a.batch_execute(
-        "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'first')",
+        "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'first');
+         INSERT INTO t SELECT g, 'copied' FROM generate_series(100000, 104999) g",
     )
     .await
     .unwrap();
     let b = b_pg.create_db("app").await;
+    b.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
     let (dir_ab, dir_ba) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let sink = |url: String, copy: bool| {
         format!("[snapshot]\nenabled = {copy}\n\n[[sink]]\ntype = \"postgres\"\nurl = \"{url}\"\n")
     };
     let origin = "origin = \"none\"\nstatus_interval = \"200ms\"";
+    // The way back first, without a copy (B is empty): it is reading B when A's rows are
+    // copied there, and leaves the copy out (walrelay marks it), so nothing goes back.
+    let ba = relay_config_file(
+        dir_ba.path(),
+        &b_pg.url("app"),
+        &["public.t"],
+        origin,
+        &sink(a_pg.url("app"), false),
+    );
+    let mut b_to_a = Relay::start(&ba);
+    wait_until_streaming(&b, &mut b_to_a).await;
     let ab = relay_config_file(
         dir_ab.path(),
         &a_pg.url("app"),
@@ -49,16 +65,7 @@ async fn a_relay_each_way_does_not_loop() {
     let mut a_to_b = Relay::start(&ab);
     wait_until_streaming(&a, &mut a_to_b).await;
     wait_until_equal(&a, &b, &["t"], &mut a_to_b).await;
-    // B has A's rows: the way back starts from now, without a copy.
-    let ba = relay_config_file(
-        dir_ba.path(),
-        &b_pg.url("app"),
-        &["public.t"],
-        origin,
-        &sink(a_pg.url("app"), false),
-    );
-    let mut b_to_a = Relay::start(&ba);
-    wait_until_streaming(&b, &mut b_to_a).await;
+    let copied_on_a = xmin(&a, 100000).await;
 
     a.batch_execute(
         "INSERT INTO t VALUES (2, 'from a'); UPDATE t SET v = 'changed on a' WHERE id = 1",
@@ -88,8 +95,13 @@ async fn a_relay_each_way_does_not_loop() {
         on_a,
         "B's insert was applied on A more than once"
     );
+    assert_eq!(
+        xmin(&a, 100000).await,
+        copied_on_a,
+        "the copy came back to A"
+    );
     let rows: i64 = a
-        .query_one("SELECT count(*) FROM t", &[])
+        .query_one("SELECT count(*) FROM t WHERE id < 100000", &[])
         .await
         .unwrap()
         .get(0);
