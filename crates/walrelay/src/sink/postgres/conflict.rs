@@ -56,6 +56,10 @@ $fn$;
 pub const NODE_SQL: &str = "INSERT INTO walrelay.nodes (origin, node) VALUES ($1, $2) \
      ON CONFLICT (origin) DO UPDATE SET node = EXCLUDED.node";
 
+/// The statements' parameters after the change's own: the source's commit time, its
+/// node, the change's position, the incoming row (JSON) and the change in words.
+pub const EXTRA_PARAMS: usize = 5;
+
 /// A node's name for ties: its system identifier and database, the same whichever relay
 /// reads it.
 const NODE_NAME_SQL: &str =
@@ -212,6 +216,18 @@ impl ConflictSql<'_> {
         )
     }
 
+    /// The incoming row (parameters `$1..$n`), where the target has none.
+    fn insert_missing(&self) -> String {
+        let cols = self.cols();
+        let params: Vec<String> = (1..=cols.len()).map(|i| format!("${i}")).collect();
+        format!(
+            "ins AS (INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} WHERE NOT EXISTS (SELECT 1 FROM loc) RETURNING 1)",
+            self.table(),
+            cols.join(", "),
+            params.join(", ")
+        )
+    }
+
     /// The target's row, if someone else committed it after the incoming change.
     fn newer(&self, e: usize) -> String {
         if !self.detect_newer {
@@ -274,22 +290,8 @@ impl ConflictSql<'_> {
                 e + 1
             ),
         };
-        let mut ctes = vec![
-            self.local(key, 1),
-            format!(
-                "ins AS (INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} WHERE NOT EXISTS (SELECT 1 FROM loc) RETURNING 1)",
-                self.table(),
-                cols.join(", "),
-                params.join(", ")
-            ),
-        ];
-        let assignments: Vec<String> = cols
-            .iter()
-            .zip(&params)
-            .enumerate()
-            .filter(|(i, _)| !key.contains(i))
-            .map(|(_, (c, p))| format!("{c} = {p}"))
-            .collect();
+        let mut ctes = vec![self.local(key, 1), self.insert_missing()];
+        let assignments = super::statements::set_all_but_key(&cols, &params, key);
         if self.policy != OnConflict::Error && !assignments.is_empty() {
             ctes.push(format!(
                 "upd AS (UPDATE {} SET {} WHERE {} AND EXISTS (SELECT 1 FROM loc WHERE {remote_wins}) RETURNING 1)",
@@ -332,14 +334,7 @@ impl ConflictSql<'_> {
             ));
         }
         if insert_missing {
-            let cols = self.cols();
-            let params: Vec<String> = (1..=cols.len()).map(|i| format!("${i}")).collect();
-            ctes.push(format!(
-                "ins AS (INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} WHERE NOT EXISTS (SELECT 1 FROM loc) RETURNING 1)",
-                self.table(),
-                cols.join(", "),
-                params.join(", ")
-            ));
+            ctes.push(self.insert_missing());
         }
         let conflicts = self.row_conflicts(
             "update",

@@ -133,6 +133,16 @@ pub fn delete(rel: &Relation, how: &RowMatch) -> String {
     )
 }
 
+/// `c = $n` for every column outside `key`: an existing row made the inserted one.
+pub fn set_all_but_key(cols: &[String], params: &[String], key: &[usize]) -> Vec<String> {
+    cols.iter()
+        .zip(params)
+        .enumerate()
+        .filter(|(i, _)| !key.contains(i))
+        .map(|(_, (c, p))| format!("{c} = {p}"))
+        .collect()
+}
+
 /// `on_conflict = "apply"` for an insert: insert, or if a row with the key exists, update
 /// it to the inserted values. Returns one row when it updated (a conflict resolved).
 pub fn insert_or_update(rel: &Relation, key: &[usize]) -> String {
@@ -140,13 +150,7 @@ pub fn insert_or_update(rel: &Relation, key: &[usize]) -> String {
     let params: Vec<String> = (1..=cols.len()).map(|i| format!("${i}")).collect();
     let key_cols: Vec<String> = key.iter().map(|&i| cols[i].clone()).collect();
     // The key is what matched: only the other columns change.
-    let assignments: Vec<String> = cols
-        .iter()
-        .zip(&params)
-        .enumerate()
-        .filter(|(i, _)| !key.contains(i))
-        .map(|(_, (c, p))| format!("{c} = {p}"))
-        .collect();
+    let assignments = set_all_but_key(&cols, &params, key);
     let key_match: Vec<String> = key
         .iter()
         .map(|&i| format!("{} = {}", cols[i], params[i]))

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio_postgres::Statement;
 use walrelay_model::{Change, OldRow, Relation, ReplicaIdentity, Row, Value};
 
-use super::super::conflict::ConflictSql;
+use super::super::conflict::{ConflictSql, EXTRA_PARAMS};
 use super::super::param::TextParam;
 use super::super::statements::{self, RowMatch};
 use super::{ApplyError, ApplySession, ChangeAt};
@@ -384,10 +384,10 @@ impl ApplySession {
                             ),
                             None => "the target has no such row".into(),
                         };
-                        let remote = self
-                            .two_writers
-                            .as_ref()
-                            .map(|t| t.remote_time.clone())
+                        // The change's own, not the session's: the group went on since.
+                        let remote = p.params[p.params.len() - EXTRA_PARAMS]
+                            .0
+                            .clone()
                             .unwrap_or_default();
                         if stop {
                             return Err(ApplyError::Conflict {
@@ -427,7 +427,7 @@ impl ApplySession {
 
 impl ApplySession {
     /// The parameters a statement of two writers takes after the change's own
-    /// (`conflict::EXTRA_PARAMS`).
+    /// (`conflict::EXTRA_PARAMS`, the source's commit time first).
     fn conflict_params(
         &self,
         rel: &Relation,
