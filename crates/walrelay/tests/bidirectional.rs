@@ -123,8 +123,26 @@ async fn a_relay_each_way_does_not_loop() {
         a10,
         "the streamed insert came back to A"
     );
+
+    // A schema change replays on B once, and B's capture of the replay is not sent back
+    // (there it would fail, the index exists, and be logged as skipped).
+    a.batch_execute("CREATE INDEX t_by_v ON t (v)")
+        .await
+        .unwrap();
+    wait_for_count(
+        &b,
+        "SELECT count(*) FROM pg_indexes WHERE indexname = 't_by_v'",
+        1,
+        "the index on B",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     a_to_b.stop().await;
-    b_to_a.stop().await;
+    let back = b_to_a.stop().await;
+    assert!(
+        !back.contains("t_by_v"),
+        "the schema change came back:\n{back}"
+    );
 }
 
 /// Two nodes keeping commit timestamps, a relay each way with `on_conflict` as given
