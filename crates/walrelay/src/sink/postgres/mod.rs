@@ -81,7 +81,7 @@ impl PostgresSink {
             additive: context.ddl_additive,
             copies_name: Some(progress_name.clone()),
         };
-        let main = connect_session(&info, config, &progress_name, &ddl)
+        let mut main = connect_session(&info, config, &progress_name, &ddl)
             .await
             .map_err(err)?;
         let progress_err = |source| SinkError::Progress {
@@ -95,7 +95,6 @@ impl PostgresSink {
             .await
             .map_err(progress_err)?;
         progress.attach(&main).await.map_err(err)?;
-        let mut main = main;
         if context.two_writers {
             let two = conflict::prepare(
                 &main,
