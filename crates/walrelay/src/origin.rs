@@ -3,10 +3,11 @@
 //!
 //! Each transaction walrelay writes to a target (applied changes, a copy's rows) begins
 //! with a transactional logical message under [`APPLIED_PREFIX`]. A replication origin
-//! marks the same transactions, but PostgreSQL 15 tells a streamed transaction's origin
-//! only at its commit, after its changes went out; the message is the transaction's first
-//! change, so a relay with `source.origin = "none"` knows before anything of it is passed
-//! on. It costs one small WAL record per target transaction.
+//! marks the transactions of a sink that holds one; the message marks them all, also where
+//! the sink's role may not use origins, and the copy's (which holds none). It is the
+//! transaction's first change, so a relay with `source.origin = "none"` knows before
+//! anything of it is passed on, streamed or not. It costs one small WAL record per target
+//! transaction.
 
 use crate::pg::quote;
 

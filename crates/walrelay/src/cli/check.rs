@@ -248,31 +248,20 @@ async fn check_two_writers(
             }
         };
         let Some(row) = row else { continue };
-        let (track, origin): (bool, bool) = (row.get(0), row.get(1));
-        let mut missing = Vec::new();
-        if !track {
-            missing.push("track_commit_timestamp = on (a restart)");
-        }
-        if !origin {
-            missing.push("a replication origin (a superuser role, or EXECUTE on the pg_replication_origin_* functions)");
-        }
-        if missing.is_empty() {
-            r.ok(format!(
+        let lacking = crate::sink::postgres::conflict::lacking_for_newer(row.get(0), row.get(1));
+        match lacking {
+            None => r.ok(format!(
                 "sink {}: conflicts with writes on the target are found (commit timestamps and a replication origin)",
                 p.name
-            ));
-        } else if p.uses_last_writer_wins() {
-            r.problem(format!(
-                "sink {}: on_conflict = \"last_writer_wins\" needs on the target: {}",
-                p.name,
-                missing.join(", ")
-            ));
-        } else {
-            r.note(format!(
-                "sink {}: rows changed on the target after an incoming change are not found as conflicts without {}",
-                p.name,
-                missing.join(" and ")
-            ));
+            )),
+            Some(missing) if p.uses_last_writer_wins() => r.problem(format!(
+                "sink {}: on_conflict = \"last_writer_wins\" needs on the target: {missing}",
+                p.name
+            )),
+            Some(missing) => r.note(format!(
+                "sink {}: rows changed on the target after an incoming change are not found as conflicts without {missing}",
+                p.name
+            )),
         }
     }
     let oids: Vec<u32> = tables.iter().map(|t| t.oid).collect();

@@ -115,12 +115,7 @@ pub async fn prepare(
             .map_err(|e| target_err("recording the nodes", e))?;
     }
     let detect_newer = holds_origin && track;
-    if !detect_newer {
-        let missing = match (holds_origin, track) {
-            (false, false) => "track_commit_timestamp = on and a replication origin for the sink (a superuser role, or EXECUTE on the pg_replication_origin_* functions)",
-            (false, true) => "a replication origin for the sink (a superuser role, or EXECUTE on the pg_replication_origin_* functions)",
-            _ => "track_commit_timestamp = on (a restart of the target)",
-        };
+    if let Some(missing) = lacking_for_newer(track, holds_origin) {
         if config.uses_last_writer_wins() {
             return Err(ApplyError::Target {
                 target: config.name.clone(),
@@ -135,6 +130,19 @@ pub async fn prepare(
         detect_newer,
         remote_time: String::new(),
     })
+}
+
+/// What a target lacks for rows changed there after an incoming change to be found (for
+/// `walrelay check` and the sink's start alike), if anything.
+pub fn lacking_for_newer(track_commit_timestamp: bool, origin: bool) -> Option<String> {
+    let mut missing = Vec::new();
+    if !track_commit_timestamp {
+        missing.push("track_commit_timestamp = on (a restart)");
+    }
+    if !origin {
+        missing.push("a replication origin for the sink (a superuser role, or EXECUTE on the pg_replication_origin_* functions)");
+    }
+    (!missing.is_empty()).then(|| missing.join(" and "))
 }
 
 async fn node_name(client: &tokio_postgres::Client) -> Result<String, String> {

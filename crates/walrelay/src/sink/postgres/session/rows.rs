@@ -105,16 +105,12 @@ impl ApplySession {
         at: ChangeAt,
     ) -> Result<(), ApplyError> {
         self.check_relation(rel).await?;
-        let mut params = values(new.0.iter())?;
+        let params = values(new.0.iter())?;
         let what = format!("insert of {}", key_text(rel, new));
         let policy = self.policy(rel);
         if self.two_writers.is_some() && rel.key_columns().next().is_some() {
-            params.extend(self.conflict_params(rel, new, &what, at));
-            let check = Check::Conflicts {
-                stop: policy == OnConflict::Error,
-            };
             return self
-                .queue(rel, Shape::Insert, params, check, what, at)
+                .queue_resolving(rel, Shape::Insert, params, new, what, at)
                 .await;
         }
         let check = match policy {
@@ -168,12 +164,10 @@ impl ApplySession {
         };
         params.extend(match_params);
         if self.two_writers.is_some() && matches!(how, RowMatch::Key(_)) {
-            params.extend(self.conflict_params(rel, new, &what, at));
-            let check = Check::Conflicts {
-                stop: policy == OnConflict::Error,
-            };
             let shape = Shape::Update { set, how, complete };
-            return self.queue(rel, shape, params, check, what, at).await;
+            return self
+                .queue_resolving(rel, shape, params, new, what, at)
+                .await;
         }
         let check = match policy {
             OnConflict::Error => Check::ExactlyOne,
@@ -208,20 +202,14 @@ impl ApplySession {
         at: ChangeAt,
     ) -> Result<(), ApplyError> {
         self.check_relation(rel).await?;
-        let (how, mut params, what) = row_match(rel, Some(old), None, "delete", &self.target)?;
-        let policy = self.policy(rel);
+        let (how, params, what) = row_match(rel, Some(old), None, "delete", &self.target)?;
         if let (Some(_), RowMatch::Key(_), OldRow::Key(key)) = (&self.two_writers, &how, old) {
             // The incoming "row" of a delete is its key.
-            let row = Row(key.0.clone());
-            params.extend(self.conflict_params(rel, &row, &what, at));
-            let check = Check::Conflicts {
-                stop: policy == OnConflict::Error,
-            };
             return self
-                .queue(rel, Shape::Delete(how), params, check, what, at)
+                .queue_resolving(rel, Shape::Delete(how), params, key, what, at)
                 .await;
         }
-        let check = match policy {
+        let check = match self.policy(rel) {
             OnConflict::Error => Check::ExactlyOne,
             OnConflict::Skip | OnConflict::Apply | OnConflict::LastWriterWins => {
                 Check::ResolvedAt {
@@ -426,8 +414,27 @@ impl ApplySession {
 }
 
 impl ApplySession {
+    /// Queue the statement of two writable nodes (`conflict`) for a change whose own
+    /// parameters are `params` and whose incoming row (or key) is `incoming`.
+    async fn queue_resolving(
+        &mut self,
+        rel: &Arc<Relation>,
+        shape: Shape,
+        mut params: Vec<TextParam>,
+        incoming: &Row,
+        what: String,
+        at: ChangeAt,
+    ) -> Result<(), ApplyError> {
+        params.extend(self.conflict_params(rel, incoming, &what, at));
+        let check = Check::Conflicts {
+            stop: self.policy(rel) == OnConflict::Error,
+        };
+        self.queue(rel, shape, params, check, what, at).await
+    }
+
     /// The parameters a statement of two writers takes after the change's own
-    /// (`conflict::EXTRA_PARAMS`, the source's commit time first).
+    /// (`conflict::EXTRA_PARAMS`, the source's commit time first). `row` is a whole row,
+    /// or the key's values.
     fn conflict_params(
         &self,
         rel: &Relation,
@@ -436,26 +443,26 @@ impl ApplySession {
         at: ChangeAt,
     ) -> Vec<TextParam> {
         let two = self.two_writers.as_ref().expect("two writers");
-        let columns: &[walrelay_model::Column] = if row.0.len() == rel.columns.len() {
-            &rel.columns
+        let names: Vec<&str> = if row.0.len() == rel.columns.len() {
+            rel.columns.iter().map(|c| c.name.as_str()).collect()
         } else {
-            &[]
+            rel.key_columns().map(|(_, c)| c.name.as_str()).collect()
         };
-        let mut incoming = serde_json::Map::new();
-        let keys: Vec<&walrelay_model::Column> = if columns.is_empty() {
-            rel.key_columns().map(|(_, c)| c).collect()
-        } else {
-            columns.iter().collect()
-        };
-        for (c, v) in keys.into_iter().zip(&row.0) {
-            let value = match v {
-                Value::Null => serde_json::Value::Null,
-                Value::UnchangedToast => serde_json::Value::String("(unchanged)".into()),
-                Value::Text(t) => serde_json::Value::String(t.clone()),
-                Value::Binary(b) => serde_json::Value::String(String::from_utf8_lossy(b).into()),
-            };
-            incoming.insert(c.name.clone(), value);
-        }
+        let incoming: serde_json::Map<String, serde_json::Value> = names
+            .into_iter()
+            .zip(&row.0)
+            .map(|(name, v)| {
+                let value = match v {
+                    Value::Null => serde_json::Value::Null,
+                    Value::UnchangedToast => serde_json::Value::String("(unchanged)".into()),
+                    Value::Text(t) => serde_json::Value::String(t.clone()),
+                    Value::Binary(b) => {
+                        serde_json::Value::String(String::from_utf8_lossy(b).into())
+                    }
+                };
+                (name.to_string(), value)
+            })
+            .collect();
         vec![
             TextParam(Some(two.remote_time.clone())),
             TextParam(Some(two.remote_node.clone())),

@@ -389,8 +389,8 @@ fn transactions_with_an_origin_are_left_out_when_asked() {
 }
 
 /// walrelay's mark (`crate::origin`) leaves out a transaction, whole or streamed, as an
-/// origin does: PostgreSQL 15 sends a streamed transaction's origin only at its commit.
-/// Without `origin = "none"` the mark only goes unseen by the sinks.
+/// origin does, also one written without an origin. Without `origin = "none"` the mark
+/// only goes unseen by the sinks.
 #[test]
 fn transactions_marked_as_applied_by_walrelay_are_left_out_when_asked() {
     let mark = |xid| PgOutputMessage::Message {
