@@ -157,6 +157,16 @@ struct TwoNodes {
 
 impl TwoNodes {
     async fn start(schema: &str, tables: &[&str], on_conflict: &str) -> (TwoNodes, Relay, Relay) {
+        Self::start_with(schema, tables, on_conflict, false).await
+    }
+
+    /// As `start`; with `key_ranges`, A is node 1 of 2 and B node 2 (`source.key_ranges`).
+    async fn start_with(
+        schema: &str,
+        tables: &[&str],
+        on_conflict: &str,
+        key_ranges: bool,
+    ) -> (TwoNodes, Relay, Relay) {
         let node = || {
             TestPg::builder()
                 .setting("track_commit_timestamp", "on")
@@ -172,12 +182,19 @@ impl TwoNodes {
                 "[snapshot]\nenabled = {copy}\n\n[[sink]]\ntype = \"postgres\"\nurl = \"{url}\"\n{on_conflict}\n"
             )
         };
-        let source = "origin = \"none\"\nstatus_interval = \"200ms\"";
+        let source = |node: u32| {
+            let ranges = if key_ranges {
+                format!("\nkey_ranges = {{ node = {node}, nodes = 2 }}")
+            } else {
+                String::new()
+            };
+            format!("origin = \"none\"\nstatus_interval = \"200ms\"{ranges}")
+        };
         let ab = relay_config_file(
             dir_ab.path(),
             &a_pg.url("app"),
             tables,
-            source,
+            &source(1),
             &sink(b_pg.url("app"), true),
         );
         let mut a_to_b = Relay::start(&ab);
@@ -191,7 +208,7 @@ impl TwoNodes {
             dir_ba.path(),
             &b_pg.url("app"),
             tables,
-            source,
+            &source(2),
             &sink(a_pg.url("app"), false),
         );
         let mut b_to_a = Relay::start(&ba);
@@ -403,15 +420,111 @@ async fn check_says_what_two_writable_nodes_need() {
         out.contains("NOTE     track_commit_timestamp is off on the source"),
         "{out}"
     );
+
+    // With source.key_ranges, the step is set at start: a note for the owner, a problem
+    // for a role that does not own the sequence.
+    a.batch_execute(
+        "CREATE ROLE keeper LOGIN REPLICATION PASSWORD 'k33per-pass';
+         GRANT SELECT ON s TO keeper; GRANT CREATE ON DATABASE app TO keeper",
+    )
+    .await
+    .unwrap();
+    let ranges = "origin = \"none\"\nkey_ranges = { node = 1, nodes = 2 }";
+    let sink = format!(
+        "[[sink]]\ntype = \"postgres\"\nurl = \"{}\"\n",
+        b_pg.url("app")
+    );
+    for (url, expected) in [
+        (
+            a_pg.url("app"),
+            "NOTE     sequence s_id_seq steps by 1: at start source.key_ranges makes it step by 2 and hand out node 1's values",
+        ),
+        (
+            format!(
+                "postgresql://keeper:k33per-pass@127.0.0.1:{}/app",
+                a_pg.port()
+            ),
+            "PROBLEM  sequence s_id_seq: source.key_ranges sets its step at start, which needs its owner",
+        ),
+    ] {
+        let config = relay_config_file(dir.path(), &url, &["public.s"], ranges, &sink);
+        let o = std::process::Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains(expected), "{out}");
+        assert!(!out.contains("k33per-pass"), "{out}");
+    }
+}
+
+/// `source.key_ranges` is refused with a clear error when the relay's role does not own a
+/// sequence it would change, before anything is copied or streamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_ranges_need_the_sequences_owner() {
+    let (a_pg, b_pg) = (TestPg::start(), TestPg::start());
+    let a = a_pg.create_db("app").await;
+    a.batch_execute(
+        "CREATE TABLE s (id serial PRIMARY KEY, v text);
+         CREATE ROLE keeper LOGIN REPLICATION PASSWORD 'k33per-pass';
+         GRANT SELECT ON s TO keeper; GRANT CREATE ON DATABASE app TO keeper;
+         CREATE PUBLICATION walrelay FOR TABLE s",
+    )
+    .await
+    .unwrap();
+    let b = b_pg.create_db("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "postgresql://keeper:k33per-pass@127.0.0.1:{}/app",
+        a_pg.port()
+    );
+    let config = relay_config_file(
+        dir.path(),
+        &url,
+        &["public.s"],
+        "origin = \"none\"\nkey_ranges = { node = 1, nodes = 2 }",
+        &format!(
+            "[[sink]]\ntype = \"postgres\"\nurl = \"{}\"\n",
+            b_pg.url("app")
+        ),
+    );
+    let o = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("s_id_seq needs its owner") && err.contains("source.key_ranges"),
+        "{err}"
+    );
+    assert!(!err.contains("k33per-pass"), "{err}");
+    let step: i64 = a
+        .query_one(
+            "SELECT increment_by FROM pg_sequences WHERE sequencename = 's_id_seq'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(step, 1, "the sequence is unchanged");
+    let copied: Option<String> = b
+        .query_one("SELECT to_regclass('public.s')::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(copied, None, "nothing copied");
 }
 
 /// pgbench's script for one node: move money on its own accounts, and log the move under
-/// a key from its own sequence (odd on A, even on B).
+/// a key its sequence hands out (odd on A, even on B: `source.key_ranges`).
 fn two_way_script(node: &str, accounts: (i32, i32)) -> String {
     format!(
         "\\set aid random({}, {})\n\\set delta random(-5000, 5000)\nBEGIN;\n\
          UPDATE acct SET balance = balance + :delta WHERE id = :aid;\n\
-         INSERT INTO hist (id, node, acct, delta) VALUES (nextval('hist_id'), '{node}', :aid, :delta);\n\
+         INSERT INTO hist (node, acct, delta) VALUES ('{node}', :aid, :delta);\n\
          END;\n",
         accounts.0, accounts.1
     )
@@ -456,19 +569,29 @@ async fn assert_balanced(client: &tokio_postgres::Client, node: &str) {
 /// write back on A.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_way_load_with_kills_ends_equal_and_loop_free() {
-    let (nodes, a_to_b, b_to_a) = TwoNodes::start(
+    let (nodes, a_to_b, b_to_a) = TwoNodes::start_with(
         "CREATE TABLE acct (id int PRIMARY KEY, balance bigint NOT NULL DEFAULT 0);
-         CREATE TABLE hist (id bigint PRIMARY KEY, node text NOT NULL, acct int NOT NULL, delta int NOT NULL);
+         CREATE TABLE hist (id bigserial PRIMARY KEY, node text NOT NULL, acct int NOT NULL, delta int NOT NULL);
          INSERT INTO acct (id) SELECT generate_series(1, 200);
-         CREATE SEQUENCE hist_id INCREMENT 2 START 1",
+         INSERT INTO hist (node, acct, delta) VALUES ('A', 1, 0)",
         &["public.acct", "public.hist"],
         "",
+        true,
     )
     .await;
     let (a, b) = (&nodes.a, &nodes.b);
-    b.batch_execute("CREATE SEQUENCE hist_id INCREMENT 2 START 2")
-        .await
-        .unwrap();
+    // source.key_ranges: A's hist keys odd, B's even, from the next one on.
+    for (client, node, next) in [(a, "A", 3), (b, "B", 4)] {
+        let (step, value): (i64, i64) = client
+            .query_one(
+                "SELECT increment_by, nextval('hist_id_seq') FROM pg_sequences WHERE sequencename = 'hist_id_seq'",
+                &[],
+            )
+            .await
+            .map(|r| (r.get(0), r.get(1)))
+            .unwrap();
+        assert_eq!((step, value), (2, next), "hist's sequence on {node}");
+    }
     let dir = tempfile::tempdir().unwrap();
     let (script_a, script_b) = (dir.path().join("a.sql"), dir.path().join("b.sql"));
     std::fs::write(&script_a, two_way_script("A", (1, 100))).unwrap();
@@ -527,6 +650,15 @@ async fn two_way_load_with_kills_ends_equal_and_loop_free() {
         );
         assert!(by_node.iter().all(|(_, n)| *n > 100), "{by_node:?}");
         assert!(conflicts(client).await.is_empty(), "no conflict on {node}");
+        let off_range: i64 = client
+            .query_one(
+                "SELECT count(*) FROM hist WHERE (node = 'A') <> (id % 2 = 1)",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(off_range, 0, "keys outside their node's range on {node}");
     }
 
     a.batch_execute("INSERT INTO hist VALUES (-1, 'A', 1, 0)")

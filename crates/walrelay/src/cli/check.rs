@@ -265,23 +265,37 @@ async fn check_two_writers(
         }
     }
     let oids: Vec<u32> = tables.iter().map(|t| t.oid).collect();
-    let stepping = source
+    let sequences = source
         .query(
-            "SELECT DISTINCT s.seqrelid::regclass::text, s.seqincrement
+            "SELECT DISTINCT s.seqrelid::regclass::text, s.seqincrement,
+                    pg_has_role(c.relowner, 'USAGE')
                FROM pg_depend d JOIN pg_sequence s ON s.seqrelid = d.objid
+               JOIN pg_class c ON c.oid = s.seqrelid
               WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
                 AND d.refobjid = ANY ($1) AND d.deptype IN ('a', 'i')
-                AND abs(s.seqincrement) = 1
               ORDER BY 1",
             &[&oids],
         )
         .await;
-    if let Ok(rows) = stepping {
-        for row in rows {
-            let name: String = row.get(0);
-            r.note(format!(
-                "sequence {name} steps by 1: both nodes hand out the same keys, and each insert of one is a conflict; give each node its own, e.g. ALTER SEQUENCE {name} INCREMENT BY 2 RESTART WITH <its next odd value> here and the even one on the other node (docs/operations.md, Two writable nodes)"
-            ));
+    let Ok(sequences) = sequences else { return };
+    for row in sequences {
+        let (name, increment, owned): (String, i64, bool) = (row.get(0), row.get(1), row.get(2));
+        match config.source.key_ranges {
+            Some(_) if !owned => r.problem(format!(
+                "sequence {name}: source.key_ranges sets its step at start, which needs its owner; run as the owner, or set it by hand and remove key_ranges"
+            )),
+            Some(k) if increment == i64::from(k.nodes) => r.ok(format!(
+                "sequence {name} steps by {increment} (source.key_ranges: node {} of {})",
+                k.node, k.nodes
+            )),
+            Some(k) => r.note(format!(
+                "sequence {name} steps by {increment}: at start source.key_ranges makes it step by {} and hand out node {}'s values",
+                k.nodes, k.node
+            )),
+            None if increment.abs() == 1 => r.note(format!(
+                "sequence {name} steps by 1: both nodes hand out the same keys, and each insert of one is a conflict; give each node its own with source.key_ranges = {{ node = 1, nodes = 2 }} here and node = 2 in the other relay (docs/operations.md, Two writable nodes)"
+            )),
+            None => {}
         }
     }
 }

@@ -251,6 +251,7 @@ fn demo_config(source_url: &str, target_url: &str, spill: &Path) -> Config {
             spill_dir: Some(spill.to_path_buf()),
             messages: true,
             origin: Default::default(),
+            key_ranges: None,
         },
         snapshot: SnapshotConfig::default(),
         sets: Vec::new(),

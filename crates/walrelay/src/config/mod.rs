@@ -138,6 +138,22 @@ pub struct SourceConfig {
     /// source itself (not applied there by a replication: two-way setups).
     #[serde(default)]
     pub origin: OriginFilter,
+    /// Disjoint keys for writable nodes: at start, every sequence the relay carries steps
+    /// by `nodes` on this source and hands out only this node's values (two-way setups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_ranges: Option<KeyRanges>,
+}
+
+/// `source.key_ranges`: this node's place among the writable nodes. Its sequences hand
+/// out the values `v` with `v mod nodes == node mod nodes` (node 1 of 2: 1, 3, 5, …;
+/// node 2 of 2: 2, 4, 6, …), as MySQL's `auto_increment_offset`/`_increment` do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRanges {
+    /// This node's number, 1 to `nodes`; a different one on each node.
+    pub node: u32,
+    /// How many nodes write; the same on every node.
+    pub nodes: u32,
 }
 
 /// `source.origin`: as the `origin` option of PostgreSQL 16's subscriptions.
@@ -623,6 +639,20 @@ impl Config {
                 "source.status_interval".into(),
                 "must be at least 10ms".into(),
             ));
+        }
+        if let Some(k) = s.key_ranges {
+            if k.nodes < 2 || k.node < 1 || k.node > k.nodes {
+                return Err((
+                    "source.key_ranges".into(),
+                    format!("node must be 1 to nodes, and nodes at least 2 (found node = {}, nodes = {})", k.node, k.nodes),
+                ));
+            }
+            if s.origin != OriginFilter::None {
+                return Err((
+                    "source.key_ranges".into(),
+                    "is for writable nodes with a relay each way: set origin = \"none\" too".into(),
+                ));
+            }
         }
         if self.snapshot.parallel == 0 {
             return Err(("snapshot.parallel".into(), "must be at least 1".into()));

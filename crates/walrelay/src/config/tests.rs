@@ -62,6 +62,37 @@ fn invalid_values_are_named() {
 }
 
 #[test]
+fn key_ranges_need_a_node_among_the_nodes_and_origin_none() {
+    let with = |ranges: &str| {
+        MINIMAL.replace(
+            "[source]",
+            &format!("[source]\norigin = \"none\"\nkey_ranges = {ranges}"),
+        )
+    };
+    let config = parse(&with("{ node = 2, nodes = 2 }")).unwrap();
+    assert_eq!(
+        config.source.key_ranges,
+        Some(KeyRanges { node: 2, nodes: 2 })
+    );
+    for bad in [
+        "{ node = 0, nodes = 2 }",
+        "{ node = 3, nodes = 2 }",
+        "{ node = 1, nodes = 1 }",
+    ] {
+        let e = error(&with(bad));
+        assert!(
+            e.contains("source.key_ranges") && e.contains("1 to nodes"),
+            "{bad}: {e}"
+        );
+    }
+    let e = error(&with("{ node = 1, nodes = 2 }").replace("origin = \"none\"\n", ""));
+    assert!(
+        e.contains("source.key_ranges") && e.contains("origin"),
+        "{e}"
+    );
+}
+
+#[test]
 fn set_errors_name_the_key_and_the_fix() {
     let set = |body: &str| format!("{MINIMAL}\n[[set]]\nname = \"s\"\n{body}\n");
     for (text, key, said) in [
@@ -130,6 +161,7 @@ fn password_is_hidden_in_debug() {
 fn all_key_paths() -> Vec<String> {
     let mut config = parse(MINIMAL).unwrap();
     config.source.spill_dir = Some("/var/lib/walrelay/spill".into());
+    config.source.key_ranges = Some(KeyRanges { node: 1, nodes: 2 });
     let postgres = format!("{MINIMAL}\n[[sink]]\ntype = \"postgres\"\nurl = \"host=replica\"\non_conflict_tables = {{ \"public.a\" = \"keep_local\" }}\n");
     config
         .sinks

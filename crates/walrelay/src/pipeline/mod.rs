@@ -156,6 +156,20 @@ async fn run_once(
         p = pgoutput::prepare(&config.source, &sets, &config.ddl) => p?,
         _ = cancel.cancelled() => return Ok(RunEnd::Stopped),
     };
+    if let Some(ranges) = config.source.key_ranges {
+        let mut sequences: Vec<String> = prepared
+            .plan
+            .sequences_of(None)
+            .into_iter()
+            .map(|pair| pair.source)
+            .collect();
+        sequences.sort();
+        sequences.dedup();
+        let client = crate::pg::sql::connect(&prepared.info)
+            .await
+            .map_err(SourceError::from)?;
+        crate::source::key_ranges::apply(&client, &sequences, ranges).await?;
+    }
     let start = prepared.confirmed;
     // Existing rows first: the copy uses the new slot's snapshot, or a later one for tables
     // still missing a copy (then streamed transactions go whole until past it).

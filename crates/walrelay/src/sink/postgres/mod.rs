@@ -116,6 +116,14 @@ impl PostgresSink {
             .await
             .map_err(err)?;
         let sequences = match context.source {
+            // Each writable node hands out its own keys (`source.key_ranges`): raising the
+            // target's sequences to this node's values would give it this node's keys.
+            Some(_) if context.two_writers => {
+                if !context.sequences.is_empty() {
+                    tracing::info!(sink = %config.name, "sequences are not kept in step with two writable nodes: each node hands out its own values (source.key_ranges)");
+                }
+                None
+            }
             Some(source) => sequences::SequenceSync::open(source, main.client(), context.sequences)
                 .await
                 .map_err(err)?,
