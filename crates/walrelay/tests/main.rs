@@ -18,4 +18,5 @@ mod sets;
 mod shutdown;
 mod support;
 mod tls;
+mod trigger;
 mod values;

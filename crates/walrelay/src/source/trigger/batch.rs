@@ -1,0 +1,382 @@
+//! Ticks and batches: a tick records a snapshot of committed transactions; the changes of
+//! the transactions that committed between two ticks are one batch, a consistent cut of
+//! the source (as Slony-I's SYNC events and PgQ's ticks), read in the order they were
+//! logged. A batch's position is its closing tick's WAL position, so the sinks record and
+//! compare it like a commit LSN.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use tokio_postgres::Client;
+use walrelay_model::{Change, Column, Lsn, OldRow, Relation, ReplicaIdentity, Row, Value};
+
+use super::install::Captured;
+use super::record;
+use crate::pg::PgError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error("trigger capture: log row {seq}: {what}")]
+    Log { seq: i64, what: String },
+}
+
+fn pg(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> BatchError {
+    move |e| BatchError::Pg(PgError::from_sql(format!("trigger capture: {what}"), e))
+}
+
+/// A recorded tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tick {
+    pub id: i64,
+    pub lsn: Lsn,
+}
+
+/// Record a tick now: the snapshot of what has committed, and the WAL insert position,
+/// which grows with every tick (each writes a row).
+pub async fn tick(client: &Client) -> Result<Tick, BatchError> {
+    let row = client
+        .query_one(
+            "INSERT INTO walrelay_capture.ticks (snapshot, lsn)
+             VALUES (pg_current_snapshot(), pg_current_wal_insert_lsn())
+             RETURNING id, lsn::text",
+            &[],
+        )
+        .await
+        .map_err(pg("recording a tick"))?;
+    Ok(Tick {
+        id: row.get(0),
+        lsn: parse_lsn(row.get(1))?,
+    })
+}
+
+fn parse_lsn(text: &str) -> Result<Lsn, BatchError> {
+    text.parse().map_err(|_| BatchError::Log {
+        seq: 0,
+        what: format!("a tick's position {text:?} is not an LSN"),
+    })
+}
+
+/// The ticks after `after`, in order.
+pub async fn ticks_after(client: &Client, after: i64) -> Result<Vec<Tick>, BatchError> {
+    let rows = client
+        .query(
+            "SELECT id, lsn::text FROM walrelay_capture.ticks WHERE id > $1 ORDER BY id",
+            &[&after],
+        )
+        .await
+        .map_err(pg("reading ticks"))?;
+    rows.iter()
+        .map(|r| {
+            Ok(Tick {
+                id: r.get(0),
+                lsn: parse_lsn(r.get(1))?,
+            })
+        })
+        .collect()
+}
+
+/// The relations of the captured tables, by their number in the log, described as
+/// pgoutput would (type names, key columns; all columns are the key of a table without
+/// one, whose old rows are logged whole).
+pub async fn relations(
+    client: &Client,
+    captured: &[Captured],
+) -> Result<HashMap<i32, Arc<Relation>>, BatchError> {
+    let mut out = HashMap::new();
+    for c in captured {
+        let rows = client
+            .query(
+                "SELECT n.nspname::text, c.relname::text, a.attname::text, a.atttypid, a.atttypmod,
+                        CASE WHEN tn.nspname = 'pg_catalog' THEN t.typname::text
+                             ELSE tn.nspname || '.' || t.typname END
+                   FROM pg_class c
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                   JOIN unnest($2::text[]) WITH ORDINALITY AS u(col, i) ON true
+                   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = u.col
+                   JOIN pg_type t ON t.oid = a.atttypid
+                   JOIN pg_namespace tn ON tn.oid = t.typnamespace
+                  WHERE c.oid = $1
+                  ORDER BY u.i",
+                &[&c.oid, &c.columns],
+            )
+            .await
+            .map_err(pg("describing a captured table"))?;
+        let Some(first) = rows.first() else { continue };
+        let keyed = !c.key.is_empty();
+        let columns = rows
+            .iter()
+            .map(|r| {
+                let name: String = r.get(2);
+                Column {
+                    is_key: !keyed || c.key.contains(&name),
+                    name,
+                    type_oid: r.get(3),
+                    type_modifier: r.get(4),
+                    type_name: r.get(5),
+                }
+            })
+            .collect();
+        out.insert(
+            c.id,
+            Arc::new(Relation {
+                oid: c.oid,
+                schema: first.get(0),
+                name: first.get(1),
+                replica_identity: if keyed {
+                    ReplicaIdentity::Default
+                } else {
+                    ReplicaIdentity::Full
+                },
+                columns,
+            }),
+        );
+    }
+    Ok(out)
+}
+
+/// The changes of the transactions that committed after tick `from` and by tick `to`, in
+/// the order they were logged. Changes of tables not in `relations` (no longer captured)
+/// are left out.
+pub async fn read(
+    client: &Client,
+    from: i64,
+    to: i64,
+    relations: &HashMap<i32, Arc<Relation>>,
+) -> Result<Vec<Change>, BatchError> {
+    // A transaction is in the batch when `to`'s snapshot sees it and `from`'s does not;
+    // the txid bounds let the index on txid narrow the scan.
+    let one_log = |n: u8| {
+        format!(
+            "SELECT seq, tbl, op::text, new_row, old_row FROM walrelay_capture.log_{n}, b, a
+              WHERE txid >= pg_snapshot_xmin(a.snapshot) AND txid < pg_snapshot_xmax(b.snapshot)
+                AND pg_visible_in_snapshot(txid, b.snapshot)
+                AND NOT pg_visible_in_snapshot(txid, a.snapshot)"
+        )
+    };
+    let sql = format!(
+        "WITH a AS (SELECT snapshot FROM walrelay_capture.ticks WHERE id = $1),
+              b AS (SELECT snapshot FROM walrelay_capture.ticks WHERE id = $2)
+         {} UNION ALL {} ORDER BY seq",
+        one_log(1),
+        one_log(2)
+    );
+    let rows = client
+        .query(&sql, &[&from, &to])
+        .await
+        .map_err(pg("reading a batch of the log"))?;
+    let mut changes = Vec::with_capacity(rows.len());
+    let mut pairing = KeyChanges::default();
+    for r in rows {
+        let seq: i64 = r.get(0);
+        let tbl: i32 = r.get(1);
+        let Some(relation) = relations.get(&tbl) else {
+            continue;
+        };
+        let op: String = r.get(2);
+        let new_row: Option<String> = r.get(3);
+        let old_row: Option<String> = r.get(4);
+        if let Some(change) = to_change(
+            seq,
+            relation,
+            &op,
+            new_row.as_deref(),
+            old_row.as_deref(),
+            &mut pairing,
+        )? {
+            changes.push(change);
+        }
+    }
+    Ok(changes)
+}
+
+/// The new keys of updates that changed their key, logged by the row trigger, whose
+/// statement trigger logs the same rows again right after: those second entries are left
+/// out.
+#[derive(Default)]
+pub struct KeyChanges {
+    pending: HashSet<(i32, Vec<Value>)>,
+}
+
+fn fields(seq: i64, text: &str, expected: usize) -> Result<Vec<Value>, BatchError> {
+    let fields = record::parse(text).map_err(|e| BatchError::Log {
+        seq,
+        what: e.to_string(),
+    })?;
+    if fields.len() != expected {
+        return Err(BatchError::Log {
+            seq,
+            what: format!(
+                "{} values where the table has {expected} columns (was the table altered? restart walrelay)",
+                fields.len()
+            ),
+        });
+    }
+    Ok(fields.into_iter().map(record::value).collect())
+}
+
+/// One log row as a change; `None` for the statement trigger's copy of a key change.
+pub fn to_change(
+    seq: i64,
+    relation: &Arc<Relation>,
+    op: &str,
+    new_row: Option<&str>,
+    old_row: Option<&str>,
+    pairing: &mut KeyChanges,
+) -> Result<Option<Change>, BatchError> {
+    let width = relation.columns.len();
+    let key_width = relation.key_columns().count();
+    let missing = |what: &str| BatchError::Log {
+        seq,
+        what: format!("{op} without its {what}"),
+    };
+    let key_of = |row: &[Value]| -> Vec<Value> {
+        relation
+            .key_columns()
+            .map(|(i, _)| row[i].clone())
+            .collect()
+    };
+    let keyed = relation.replica_identity != ReplicaIdentity::Full;
+    let tbl = relation.oid as i32;
+    Ok(Some(match op {
+        "I" => Change::Insert {
+            relation: relation.clone(),
+            new: Row(fields(seq, new_row.ok_or_else(|| missing("row"))?, width)?),
+        },
+        "U" => {
+            let new = fields(seq, new_row.ok_or_else(|| missing("row"))?, width)?;
+            match old_row {
+                // A table without a key: the row trigger logged the whole old row.
+                Some(old) => Change::Update {
+                    relation: relation.clone(),
+                    old: Some(OldRow::Full(Row(fields(seq, old, width)?))),
+                    new: Row(new),
+                },
+                None => {
+                    if keyed && pairing.pending.remove(&(tbl, key_of(&new))) {
+                        return Ok(None);
+                    }
+                    Change::Update {
+                        relation: relation.clone(),
+                        old: None,
+                        new: Row(new),
+                    }
+                }
+            }
+        }
+        "K" => {
+            let new = fields(seq, new_row.ok_or_else(|| missing("row"))?, width)?;
+            let old = fields(seq, old_row.ok_or_else(|| missing("old key"))?, key_width)?;
+            pairing.pending.insert((tbl, key_of(&new)));
+            Change::Update {
+                relation: relation.clone(),
+                old: Some(OldRow::Key(Row(old))),
+                new: Row(new),
+            }
+        }
+        "D" => {
+            let old = old_row.ok_or_else(|| missing("old row"))?;
+            if keyed {
+                Change::Delete {
+                    relation: relation.clone(),
+                    old: OldRow::Key(Row(fields(seq, old, key_width)?)),
+                }
+            } else {
+                Change::Delete {
+                    relation: relation.clone(),
+                    old: OldRow::Full(Row(fields(seq, old, width)?)),
+                }
+            }
+        }
+        "T" => Change::Truncate {
+            relations: vec![relation.clone()],
+            cascade: false,
+            restart_identity: false,
+        },
+        other => {
+            return Err(BatchError::Log {
+                seq,
+                what: format!("unknown operation {other:?}"),
+            })
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relation(keyed: bool) -> Arc<Relation> {
+        let col = |name: &str, is_key| Column {
+            name: name.into(),
+            type_oid: 23,
+            type_modifier: -1,
+            type_name: "int4".into(),
+            is_key,
+        };
+        Arc::new(Relation {
+            oid: 5,
+            schema: "public".into(),
+            name: "t".into(),
+            replica_identity: if keyed {
+                ReplicaIdentity::Default
+            } else {
+                ReplicaIdentity::Full
+            },
+            columns: vec![col("id", true), col("v", !keyed)],
+        })
+    }
+
+    fn text(v: &str) -> Value {
+        Value::Text(v.into())
+    }
+
+    #[test]
+    fn a_key_change_is_one_update_with_the_old_key() {
+        let rel = relation(true);
+        let mut pairing = KeyChanges::default();
+        let k = to_change(1, &rel, "K", Some("(2,x)"), Some("(1)"), &mut pairing).unwrap();
+        assert_eq!(
+            k,
+            Some(Change::Update {
+                relation: rel.clone(),
+                old: Some(OldRow::Key(Row(vec![text("1")]))),
+                new: Row(vec![text("2"), text("x")]),
+            })
+        );
+        // The statement trigger's entry for the same row is left out, once.
+        assert_eq!(
+            to_change(2, &rel, "U", Some("(2,x)"), None, &mut pairing).unwrap(),
+            None
+        );
+        assert!(matches!(
+            to_change(3, &rel, "U", Some("(2,y)"), None, &mut pairing).unwrap(),
+            Some(Change::Update { old: None, .. })
+        ));
+    }
+
+    #[test]
+    fn deletes_carry_the_key_or_the_whole_row() {
+        let mut pairing = KeyChanges::default();
+        let keyed = relation(true);
+        assert!(matches!(
+            to_change(1, &keyed, "D", None, Some("(7)"), &mut pairing).unwrap(),
+            Some(Change::Delete { old: OldRow::Key(Row(v)), .. }) if v == vec![text("7")]
+        ));
+        let whole = relation(false);
+        assert!(matches!(
+            to_change(1, &whole, "D", None, Some("(7,)"), &mut pairing).unwrap(),
+            Some(Change::Delete { old: OldRow::Full(Row(v)), .. }) if v == vec![text("7"), Value::Null]
+        ));
+    }
+
+    #[test]
+    fn a_row_of_another_width_is_an_error_naming_the_log_row() {
+        let mut pairing = KeyChanges::default();
+        let e = to_change(9, &relation(true), "I", Some("(1,2,3)"), None, &mut pairing)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("log row 9") && e.contains("3 values"), "{e}");
+    }
+}

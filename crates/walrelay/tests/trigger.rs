@@ -1,0 +1,297 @@
+//! Trigger capture (issue 12, in progress): the log on a source without logical decoding,
+//! installed by the tables' owner, written by another role, cut into batches by ticks, and
+//! removed without a trace.
+
+use walrelay::pg::conninfo::{resolve, ProcessEnv};
+use walrelay::pg::sql;
+use walrelay::source::pgoutput::setup::select_tables;
+use walrelay::source::trigger::{batch, install};
+use walrelay_model::{Change, OldRow, Row, Value};
+use walrelay_testkit::TestPg;
+
+const ODD_SCHEMA: &str = "Odd Schema";
+const ODD_TABLE: &str = "a\"; drop table x; --";
+
+async fn connect(url: &str) -> tokio_postgres::Client {
+    sql::connect(&resolve(url, &ProcessEnv).unwrap())
+        .await
+        .unwrap()
+}
+
+fn text(v: &str) -> Value {
+    Value::Text(v.into())
+}
+
+/// What a batch holds, as (table, operation, new row, old row) for easy comparison.
+fn summary(changes: &[Change]) -> Vec<(String, &'static str, Vec<Value>, Vec<Value>)> {
+    changes
+        .iter()
+        .map(|c| match c {
+            Change::Insert { relation, new } => {
+                (relation.name.clone(), "insert", new.0.clone(), vec![])
+            }
+            Change::Update { relation, old, new } => (
+                relation.name.clone(),
+                "update",
+                new.0.clone(),
+                old.as_ref().map(|o| o.row().0.clone()).unwrap_or_default(),
+            ),
+            Change::Delete { relation, old } => {
+                (relation.name.clone(), "delete", vec![], old.row().0.clone())
+            }
+            Change::Truncate { relations, .. } => {
+                (relations[0].name.clone(), "truncate", vec![], vec![])
+            }
+            other => panic!("unexpected change {other:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_without_logical_decoding_logs_committed_changes_in_batches() {
+    let pg = TestPg::builder().setting("wal_level", "replica").start();
+    let admin = pg.create_db("app").await;
+    let wal_level: String = admin.query_one("SHOW wal_level", &[]).await.unwrap().get(0);
+    assert_eq!(wal_level, "replica");
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE owner_role LOGIN PASSWORD 'Own3r pass';
+             CREATE ROLE clerk LOGIN PASSWORD 'cl3rk';
+             GRANT CREATE ON DATABASE app TO owner_role;
+             GRANT CREATE ON SCHEMA public TO owner_role;
+             SET ROLE owner_role;
+             CREATE TABLE orders (id int PRIMARY KEY, code text, amount numeric(10,2),
+                                  day date, at timestamptz, tags text[], doc jsonb);
+             CREATE SCHEMA {schema};
+             CREATE TABLE {schema}.{table} (\"Id\" int PRIMARY KEY, \"v al\" text);
+             CREATE TABLE nokey (a int, b text);
+             GRANT USAGE ON SCHEMA {schema} TO clerk;
+             GRANT INSERT, UPDATE, DELETE, SELECT, TRUNCATE ON orders, nokey, {schema}.{table} TO clerk;
+             RESET ROLE;",
+            schema = walrelay::pg::quote::ident(ODD_SCHEMA),
+            table = walrelay::pg::quote::ident(ODD_TABLE),
+        ))
+        .await
+        .unwrap();
+    let port = pg.port();
+    let mut owner = connect(&format!(
+        "postgresql://owner_role:Own3r%20pass@127.0.0.1:{port}/app"
+    ))
+    .await;
+    let patterns = [
+        walrelay::config::TablePattern::parse("public.orders").unwrap(),
+        walrelay::config::TablePattern::parse("public.nokey").unwrap(),
+        walrelay::config::TablePattern::parse(&format!(
+            "{}.{}",
+            walrelay::pg::quote::ident(ODD_SCHEMA),
+            walrelay::pg::quote::ident(ODD_TABLE)
+        ))
+        .unwrap(),
+    ];
+    let tables = select_tables(&owner, &patterns).await.unwrap();
+    assert_eq!(tables.len(), 3);
+    let captured = install::install(&mut owner, &tables).await.unwrap();
+    // Installing again changes nothing and keeps the numbers.
+    assert_eq!(
+        install::install(&mut owner, &tables).await.unwrap(),
+        captured
+    );
+    let relations = batch::relations(&owner, &captured).await.unwrap();
+
+    let clerk = connect(&format!("postgresql://clerk:cl3rk@127.0.0.1:{port}/app")).await;
+    // The writer's own output settings do not change what the log says.
+    clerk
+        .batch_execute("SET DateStyle = 'SQL, DMY'; SET TimeZone = 'Asia/Tokyo'")
+        .await
+        .unwrap();
+    let first = batch::tick(&owner).await.unwrap();
+    clerk
+        .batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO orders VALUES
+               (1, 'a', 1.5, '2026-11-24', '2026-11-24 10:00:00+00', '{{x,\"y z\"}}', '{{\"k\": [1, 2]}}'),
+               (2, 'b, \"quoted\" (x)', NULL, NULL, NULL, NULL, NULL);
+             INSERT INTO {schema}.{table} VALUES (1, 'odd');
+             COMMIT;
+             BEGIN; INSERT INTO orders VALUES (3, 'rolled back'); ROLLBACK;
+             BEGIN;
+             UPDATE orders SET id = 10 WHERE id = 1;
+             UPDATE orders SET code = 'c' WHERE id = 2;
+             INSERT INTO nokey VALUES (1, 'one'), (1, 'one'), (2, NULL);
+             UPDATE nokey SET b = 'two' WHERE a = 2;
+             DELETE FROM orders WHERE id = 10;
+             COMMIT;",
+            schema = walrelay::pg::quote::ident(ODD_SCHEMA),
+            table = walrelay::pg::quote::ident(ODD_TABLE),
+        ))
+        .await
+        .unwrap();
+    // A transaction still open at the second tick belongs to the batch after it.
+    clerk
+        .batch_execute("BEGIN; DELETE FROM nokey WHERE b IS NOT DISTINCT FROM 'two'")
+        .await
+        .unwrap();
+    let second = batch::tick(&owner).await.unwrap();
+    clerk.batch_execute("COMMIT").await.unwrap();
+    clerk.batch_execute("TRUNCATE nokey").await.unwrap();
+    let third = batch::tick(&owner).await.unwrap();
+    assert!(first.lsn < second.lsn && second.lsn < third.lsn);
+
+    let changes = batch::read(&owner, first.id, second.id, &relations)
+        .await
+        .unwrap();
+    let n = Value::Null;
+    assert_eq!(
+        summary(&changes),
+        vec![
+            (
+                "orders".to_string(),
+                "insert",
+                vec![
+                    text("1"),
+                    text("a"),
+                    text("1.50"),
+                    text("2026-11-24"),
+                    text("2026-11-24 10:00:00+00"),
+                    text("{x,\"y z\"}"),
+                    text("{\"k\": [1, 2]}")
+                ],
+                vec![]
+            ),
+            (
+                "orders".to_string(),
+                "insert",
+                vec![
+                    text("2"),
+                    text("b, \"quoted\" (x)"),
+                    n.clone(),
+                    n.clone(),
+                    n.clone(),
+                    n.clone(),
+                    n.clone()
+                ],
+                vec![]
+            ),
+            (
+                ODD_TABLE.to_string(),
+                "insert",
+                vec![text("1"), text("odd")],
+                vec![]
+            ),
+            (
+                "orders".to_string(),
+                "update",
+                vec![
+                    text("10"),
+                    text("a"),
+                    text("1.50"),
+                    text("2026-11-24"),
+                    text("2026-11-24 10:00:00+00"),
+                    text("{x,\"y z\"}"),
+                    text("{\"k\": [1, 2]}")
+                ],
+                vec![text("1")]
+            ),
+            (
+                "orders".to_string(),
+                "update",
+                vec![
+                    text("2"),
+                    text("c"),
+                    n.clone(),
+                    n.clone(),
+                    n.clone(),
+                    n.clone(),
+                    n.clone()
+                ],
+                vec![]
+            ),
+            (
+                "nokey".to_string(),
+                "insert",
+                vec![text("1"), text("one")],
+                vec![]
+            ),
+            (
+                "nokey".to_string(),
+                "insert",
+                vec![text("1"), text("one")],
+                vec![]
+            ),
+            (
+                "nokey".to_string(),
+                "insert",
+                vec![text("2"), n.clone()],
+                vec![]
+            ),
+            (
+                "nokey".to_string(),
+                "update",
+                vec![text("2"), text("two")],
+                vec![text("2"), n.clone()]
+            ),
+            ("orders".to_string(), "delete", vec![], vec![text("10")]),
+        ]
+    );
+    assert!(changes.iter().all(|c| match c {
+        Change::Update {
+            relation,
+            old: Some(old),
+            ..
+        } => matches!(old, OldRow::Full(_)) == (relation.name == "nokey"),
+        _ => true,
+    }));
+
+    let later = batch::read(&owner, second.id, third.id, &relations)
+        .await
+        .unwrap();
+    assert_eq!(
+        summary(&later),
+        vec![
+            (
+                "nokey".to_string(),
+                "delete",
+                vec![],
+                vec![text("2"), text("two")]
+            ),
+            ("nokey".to_string(), "truncate", vec![], vec![]),
+        ]
+    );
+    assert!(matches!(
+        &later[0],
+        Change::Delete {
+            old: OldRow::Full(Row(_)),
+            ..
+        }
+    ));
+
+    // Uninstalled: no trigger, function, table or schema of the capture is left.
+    assert_eq!(install::uninstall(&mut owner).await.unwrap(), 3);
+    let left: i64 = admin
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'walrelay%')
+                  + (SELECT count(*) FROM pg_proc WHERE proname LIKE 'capture%')
+                  + (SELECT count(*) FROM pg_class WHERE relname LIKE 'log\\_%' OR relname IN ('ticks', 'consumers'))
+                  + (SELECT count(*) FROM pg_namespace WHERE nspname = 'walrelay_capture')
+                  + (SELECT count(*) FROM pg_depend d JOIN pg_proc p ON d.refobjid = p.oid
+                      WHERE d.refclassid = 'pg_proc'::regclass AND p.proname LIKE 'capture%')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "objects of the capture left after uninstall");
+    // The tables and their rows are untouched, and writes go on without the triggers.
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM orders", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1);
+    clerk
+        .batch_execute("INSERT INTO orders VALUES (4, 'after')")
+        .await
+        .unwrap();
+    // A second uninstall has nothing to do.
+    assert_eq!(install::uninstall(&mut owner).await.unwrap(), 0);
+}
