@@ -2,12 +2,16 @@
 //! installed by the tables' owner, written by another role, cut into batches by ticks, and
 //! removed without a trace.
 
+use std::time::Duration;
+
 use walrelay::pg::conninfo::{resolve, ProcessEnv};
 use walrelay::pg::sql;
 use walrelay::source::pgoutput::setup::select_tables;
 use walrelay::source::trigger::{batch, install};
 use walrelay_model::{Change, OldRow, Row, Value};
 use walrelay_testkit::TestPg;
+
+use crate::support::{relay_config_file, wait_until_equal, Relay};
 
 const ODD_SCHEMA: &str = "Odd Schema";
 const ODD_TABLE: &str = "a\"; drop table x; --";
@@ -47,37 +51,68 @@ fn summary(changes: &[Change]) -> Vec<(String, &'static str, Vec<Value>, Vec<Val
         .collect()
 }
 
+/// A source without logical decoding: `wal_level = replica`, the tables owned by a role
+/// that is not a superuser (and may create schemas), written by another role.
+struct Source {
+    pg: TestPg,
+    admin: tokio_postgres::Client,
+    clerk: tokio_postgres::Client,
+}
+
+impl Source {
+    async fn start() -> Source {
+        let pg = TestPg::builder().setting("wal_level", "replica").start();
+        let admin = pg.create_db("app").await;
+        let wal_level: String = admin.query_one("SHOW wal_level", &[]).await.unwrap().get(0);
+        assert_eq!(wal_level, "replica");
+        admin
+            .batch_execute(&format!(
+                "CREATE ROLE owner_role LOGIN PASSWORD 'Own3r pass';
+                 CREATE ROLE clerk LOGIN PASSWORD 'cl3rk';
+                 GRANT CREATE ON DATABASE app TO owner_role;
+                 GRANT CREATE ON SCHEMA public TO owner_role;
+                 SET ROLE owner_role;
+                 CREATE TABLE orders (id int PRIMARY KEY, code text, amount numeric(10,2),
+                                      day date, at timestamptz, tags text[], doc jsonb);
+                 CREATE SCHEMA {schema};
+                 CREATE TABLE {odd} (\"Id\" int PRIMARY KEY, \"v al\" text);
+                 CREATE TABLE nokey (a int, b text);
+                 CREATE TABLE counter (id int PRIMARY KEY, n int8 NOT NULL);
+                 CREATE TABLE load (id int PRIMARY KEY, v text);
+                 GRANT USAGE ON SCHEMA {schema} TO clerk;
+                 GRANT INSERT, UPDATE, DELETE, SELECT, TRUNCATE
+                    ON orders, nokey, counter, load, {odd} TO clerk;
+                 RESET ROLE;",
+                schema = walrelay::pg::quote::ident(ODD_SCHEMA),
+                odd = odd_table(),
+            ))
+            .await
+            .unwrap();
+        let clerk = connect(&format!(
+            "postgresql://clerk:cl3rk@127.0.0.1:{}/app",
+            pg.port()
+        ))
+        .await;
+        Source { pg, admin, clerk }
+    }
+
+    fn owner_url(&self) -> String {
+        format!(
+            "postgresql://owner_role:Own3r%20pass@127.0.0.1:{}/app",
+            self.pg.port()
+        )
+    }
+}
+
+fn odd_table() -> String {
+    walrelay::pg::quote::qualified(ODD_SCHEMA, ODD_TABLE)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_without_logical_decoding_logs_committed_changes_in_batches() {
-    let pg = TestPg::builder().setting("wal_level", "replica").start();
-    let admin = pg.create_db("app").await;
-    let wal_level: String = admin.query_one("SHOW wal_level", &[]).await.unwrap().get(0);
-    assert_eq!(wal_level, "replica");
-    admin
-        .batch_execute(&format!(
-            "CREATE ROLE owner_role LOGIN PASSWORD 'Own3r pass';
-             CREATE ROLE clerk LOGIN PASSWORD 'cl3rk';
-             GRANT CREATE ON DATABASE app TO owner_role;
-             GRANT CREATE ON SCHEMA public TO owner_role;
-             SET ROLE owner_role;
-             CREATE TABLE orders (id int PRIMARY KEY, code text, amount numeric(10,2),
-                                  day date, at timestamptz, tags text[], doc jsonb);
-             CREATE SCHEMA {schema};
-             CREATE TABLE {schema}.{table} (\"Id\" int PRIMARY KEY, \"v al\" text);
-             CREATE TABLE nokey (a int, b text);
-             GRANT USAGE ON SCHEMA {schema} TO clerk;
-             GRANT INSERT, UPDATE, DELETE, SELECT, TRUNCATE ON orders, nokey, {schema}.{table} TO clerk;
-             RESET ROLE;",
-            schema = walrelay::pg::quote::ident(ODD_SCHEMA),
-            table = walrelay::pg::quote::ident(ODD_TABLE),
-        ))
-        .await
-        .unwrap();
-    let port = pg.port();
-    let mut owner = connect(&format!(
-        "postgresql://owner_role:Own3r%20pass@127.0.0.1:{port}/app"
-    ))
-    .await;
+    let source = Source::start().await;
+    let (admin, clerk) = (&source.admin, &source.clerk);
+    let mut owner = connect(&source.owner_url()).await;
     let patterns = [
         walrelay::config::TablePattern::parse("public.orders").unwrap(),
         walrelay::config::TablePattern::parse("public.nokey").unwrap(),
@@ -98,13 +133,12 @@ async fn a_source_without_logical_decoding_logs_committed_changes_in_batches() {
     );
     let relations = batch::relations(&owner, &captured).await.unwrap();
 
-    let clerk = connect(&format!("postgresql://clerk:cl3rk@127.0.0.1:{port}/app")).await;
     // The writer's own output settings do not change what the log says.
     clerk
         .batch_execute("SET DateStyle = 'SQL, DMY'; SET TimeZone = 'Asia/Tokyo'")
         .await
         .unwrap();
-    let first = batch::tick(&owner).await.unwrap();
+    let first = batch::tick(&owner, "test", None).await.unwrap();
     clerk
         .batch_execute(&format!(
             "BEGIN;
@@ -131,10 +165,10 @@ async fn a_source_without_logical_decoding_logs_committed_changes_in_batches() {
         .batch_execute("BEGIN; DELETE FROM nokey WHERE b IS NOT DISTINCT FROM 'two'")
         .await
         .unwrap();
-    let second = batch::tick(&owner).await.unwrap();
+    let second = batch::tick(&owner, "test", None).await.unwrap();
     clerk.batch_execute("COMMIT").await.unwrap();
     clerk.batch_execute("TRUNCATE nokey").await.unwrap();
-    let third = batch::tick(&owner).await.unwrap();
+    let third = batch::tick(&owner, "test", None).await.unwrap();
     assert!(first.lsn < second.lsn && second.lsn < third.lsn);
 
     let changes = batch::read(&owner, first.id, second.id, &relations)
@@ -294,4 +328,141 @@ async fn a_source_without_logical_decoding_logs_committed_changes_in_batches() {
         .unwrap();
     // A second uninstall has nothing to do.
     assert_eq!(install::uninstall(&mut owner).await.unwrap(), 0);
+}
+
+/// `capture = "trigger"` end to end: the existing rows are copied, then every kind of
+/// change reaches a `postgres` target; a load of counted transactions runs while the relay
+/// is killed with -9 ten times and started again (once after a pause under writes): the
+/// target ends equal, nothing lost or applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trigger_capture_replicates_to_postgres_through_kills() {
+    let source = Source::start().await;
+    let (admin, clerk) = (&source.admin, &source.clerk);
+    clerk
+        .batch_execute(&format!(
+            "INSERT INTO orders SELECT g, 'copied ' || g, g / 10.0, '2026-01-01'::date + g,
+                    '2026-01-01 00:00:00+00'::timestamptz + g * interval '1 hour',
+                    ARRAY['a', 'b c'], jsonb_build_object('n', g)
+               FROM generate_series(1, 500) g;
+             INSERT INTO {odd} VALUES (1, 'copied');
+             INSERT INTO nokey VALUES (1, 'copied'), (1, 'copied');
+             INSERT INTO counter VALUES (1, 0);",
+            odd = odd_table()
+        ))
+        .await
+        .unwrap();
+    let target_pg = TestPg::start();
+    let target = target_pg.create_db("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let tables = [
+        "public.orders",
+        "public.nokey",
+        "public.counter",
+        "public.load",
+        "\"Odd Schema\".\"a\"\"; drop table x; --\"",
+    ];
+    let config = relay_config_file(
+        dir.path(),
+        &source.owner_url(),
+        &tables,
+        "capture = \"trigger\"\nstatus_interval = \"200ms\"",
+        &format!(
+            "[[sink]]\ntype = \"postgres\"\nurl = \"{}\"\n",
+            target_pg.url("app")
+        ),
+    );
+    let all = ["orders", "nokey", "counter", "load", &odd_table()];
+    let mut relay = Relay::start(&config);
+    wait_until_created(&target, &all, &mut relay).await;
+    wait_until_equal(admin, &target, &all, &mut relay).await;
+
+    clerk
+        .batch_execute(&format!(
+            "BEGIN;
+             UPDATE orders SET id = id + 1000 WHERE id <= 10;
+             UPDATE orders SET code = 'it''s \"quoted\", (x)', tags = NULL WHERE id BETWEEN 11 AND 20;
+             DELETE FROM orders WHERE id BETWEEN 21 AND 30;
+             INSERT INTO {odd} VALUES (2, NULL), (3, '');
+             UPDATE nokey SET b = 'changed' WHERE a = 1;
+             COMMIT;
+             TRUNCATE nokey;
+             INSERT INTO nokey VALUES (2, 'after truncate');",
+            odd = odd_table()
+        ))
+        .await
+        .unwrap();
+    wait_until_equal(admin, &target, &all, &mut relay).await;
+
+    // The counted load: each transaction inserts a row and bumps the counter.
+    let load_url = format!(
+        "postgresql://clerk:cl3rk@127.0.0.1:{}/app",
+        source.pg.port()
+    );
+    let load = walrelay::task::spawn_named("counted-load", async move {
+        let client = connect(&load_url).await;
+        for i in 1..=1500 {
+            client
+                .batch_execute(&format!(
+                    "BEGIN; INSERT INTO load VALUES ({i}, 'row {i}');
+                     UPDATE counter SET n = n + 1 WHERE id = 1;
+                     UPDATE orders SET amount = amount + 1 WHERE id = {};
+                     COMMIT;",
+                    100 + i % 50
+                ))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(8)).await;
+        }
+    });
+    let mut rng = 0x2545_f491_u64;
+    for kill in 0..10 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        tokio::time::sleep(Duration::from_millis(300 + rng % 1200)).await;
+        relay.kill9().await;
+        if kill == 5 {
+            // Stopped for a while under writes: the log keeps everything.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        relay = Relay::start(&config);
+    }
+    load.await.unwrap();
+    wait_until_equal(admin, &target, &all, &mut relay).await;
+    let (rows, n): (i64, i64) = target
+        .query_one(
+            "SELECT (SELECT count(*) FROM load), (SELECT n FROM counter WHERE id = 1)",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!((rows, n), (1500, 1500), "every counted transaction once");
+    relay.stop().await;
+}
+
+/// Wait until the copy has created every table on the target.
+async fn wait_until_created(target: &tokio_postgres::Client, tables: &[&str], relay: &mut Relay) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        relay.assert_running();
+        let mut all = true;
+        for t in tables {
+            let found: bool = target
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[t])
+                .await
+                .unwrap()
+                .get(0);
+            all &= found;
+        }
+        if all {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tables never created on the target: {}",
+            relay.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -243,6 +243,7 @@ fn demo_config(source_url: &str, target_url: &str, spill: &Path) -> Config {
         ddl: Default::default(),
         source: SourceConfig {
             kind: Default::default(),
+            capture: Default::default(),
             url: ConnString(source_url.to_string()),
             slot: "walrelay_demo".into(),
             publication: "walrelay_demo".into(),

@@ -110,11 +110,24 @@ pub enum SourceType {
     Pgoutput,
 }
 
+/// `source.capture`: how changes are captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureMethod {
+    /// Logical decoding (pgoutput) through a replication slot.
+    #[default]
+    Logical,
+    /// Triggers write each change to a log table (no logical decoding needed).
+    Trigger,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     #[serde(default, rename = "type")]
     pub kind: SourceType,
+    #[serde(default)]
+    pub capture: CaptureMethod,
     /// libpq connection string (URI or key=value).
     pub url: ConnString,
     #[serde(default = "default_name")]
@@ -639,6 +652,25 @@ impl Config {
                 "source.status_interval".into(),
                 "must be at least 10ms".into(),
             ));
+        }
+        if s.capture == CaptureMethod::Trigger {
+            if let Some((set, table)) = self.sets().iter().find_map(|set| {
+                set.options
+                    .iter()
+                    .find(|t| t.filter.is_some())
+                    .map(|t| (set.name.clone(), t.name.to_string()))
+            }) {
+                return Err((
+                    "source.capture".into(),
+                    format!("row filters (where) are not taken by trigger capture yet: set {set:?}, table {table}; use capture = \"logical\" or filter on the target"),
+                ));
+            }
+            if matches!(self.ddl.mode, DdlMode::Statements | DdlMode::Additive) {
+                return Err((
+                    "ddl.mode".into(),
+                    "schema changes are captured from the logical stream: with capture = \"trigger\" set mode = \"off\" (or leave it at auto) and change the targets by hand first".into(),
+                ));
+            }
         }
         if let Some(k) = s.key_ranges {
             if k.nodes < 2 || k.node < 1 || k.node > k.nodes {

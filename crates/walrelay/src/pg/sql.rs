@@ -10,6 +10,22 @@ use crate::task::spawn_named;
 
 /// Open a SQL session. The connection task ends when the client is dropped.
 pub async fn connect(info: &ConnInfo) -> Result<Client, PgError> {
+    connect_with(info, None).await
+}
+
+/// Open a SQL session that passes on the payload of each notification it receives
+/// (`LISTEN`); the receiver ends when the connection does.
+pub async fn connect_listening(
+    info: &ConnInfo,
+) -> Result<(Client, tokio::sync::mpsc::UnboundedReceiver<String>), PgError> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    Ok((connect_with(info, Some(tx)).await?, rx))
+}
+
+async fn connect_with(
+    info: &ConnInfo,
+    notifications: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+) -> Result<Client, PgError> {
     let stream = transport::connect(info).await?;
     let mut config = tokio_postgres::Config::new();
     config
@@ -36,11 +52,35 @@ pub async fn connect(info: &ConnInfo) -> Result<Client, PgError> {
             }))
         }
     };
-    spawn_named("pg-sql-connection", async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "SQL connection ended");
+    match notifications {
+        None => {
+            spawn_named("pg-sql-connection", async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "SQL connection ended");
+                }
+            });
         }
-    });
+        Some(tx) => {
+            let mut connection = connection;
+            spawn_named("pg-sql-listening-connection", async move {
+                let mut messages =
+                    futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                use futures_util::StreamExt;
+                while let Some(message) = messages.next().await {
+                    match message {
+                        Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                            let _ = tx.send(n.payload().to_string());
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::debug!(error = %e, "SQL connection ended");
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    }
     Ok(client)
 }
 

@@ -45,6 +45,21 @@ pub fn whole_until(
     highest.max(start)
 }
 
+/// Wait until one of the sinks' durable positions moves (never, without sinks).
+pub async fn durable_moved(watches: &mut [tokio::sync::watch::Receiver<Lsn>]) {
+    if watches.is_empty() {
+        return std::future::pending().await;
+    }
+    let changes = watches.iter_mut().map(|w| {
+        Box::pin(async move {
+            if w.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        })
+    });
+    futures_util::future::select_all(changes).await;
+}
+
 /// The sinks of one pipeline run, as the source sees them.
 pub struct Fanout {
     sinks: Vec<SinkHandle>,
@@ -149,6 +164,9 @@ async fn run_once(
     cancel: &CancellationToken,
     streamed_once: &mut bool,
 ) -> Result<RunEnd, RelayError> {
+    if config.source.capture == crate::config::CaptureMethod::Trigger {
+        return run_once_trigger(config, cancel, streamed_once).await;
+    }
     // Until the stream runs, a signal drops whatever is under way (checks, waits for the
     // slot, the copy's catalog reads): nothing of it needs finishing.
     let sets = config.sets();
@@ -192,25 +210,24 @@ async fn run_once(
         }
         other => other?,
     };
-    let mut handles = Vec::new();
-    for sink_config in &config.sinks {
-        let tables = prepared.plan.targets_of(sink_config.sets());
-        let sequences = prepared.plan.sequences_of(sink_config.sets());
-        let context = sink::SinkContext {
-            start,
-            slot: &config.source.slot,
-            database: &prepared.info.dbname,
-            tables: &tables,
-            source: Some(&prepared.info),
-            sequences: &sequences,
-            ddl_on_unsafe: config.ddl.on_unsafe,
-            ddl_additive: prepared.ddl_mode == crate::config::DdlMode::Additive,
-            two_writers: config.source.origin == crate::config::OriginFilter::None,
-        };
-        handles.push(sink::start(sink_config, &context).await?);
-    }
-    let fanout = Fanout { sinks: handles };
-    if let Err(e) = send_snapshot_reads(config, &prepared, &fanout).await {
+    let fanout = open_sinks(
+        config,
+        &prepared.plan,
+        &prepared.info,
+        start,
+        prepared.ddl_mode == crate::config::DdlMode::Additive,
+    )
+    .await?;
+    if let Err(e) = send_snapshot_reads(
+        config,
+        &prepared.info,
+        &prepared.plan,
+        prepared.snapshot.as_ref(),
+        prepared.snapshot.is_some(),
+        &fanout,
+    )
+    .await
+    {
         let _ = fanout.close().await;
         return Err(e.into());
     }
@@ -243,19 +260,125 @@ async fn run_once(
     }
 }
 
+/// Open every sink at `start`.
+async fn open_sinks(
+    config: &Config,
+    plan: &crate::sets::Plan,
+    source: &crate::pg::conninfo::ConnInfo,
+    start: Lsn,
+    ddl_additive: bool,
+) -> Result<Fanout, RelayError> {
+    let mut handles = Vec::new();
+    for sink_config in &config.sinks {
+        let tables = plan.targets_of(sink_config.sets());
+        let sequences = plan.sequences_of(sink_config.sets());
+        let context = sink::SinkContext {
+            start,
+            slot: &config.source.slot,
+            database: &source.dbname,
+            tables: &tables,
+            source: Some(source),
+            sequences: &sequences,
+            ddl_on_unsafe: config.ddl.on_unsafe,
+            ddl_additive,
+            two_writers: config.source.origin == crate::config::OriginFilter::None,
+        };
+        match sink::start(sink_config, &context).await {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                let _ = Fanout { sinks: handles }.close().await;
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(Fanout { sinks: handles })
+}
+
+/// One run with trigger capture: the same copy, sinks and acknowledgement rule as with
+/// logical decoding; the source is the log.
+async fn run_once_trigger(
+    config: &Config,
+    cancel: &CancellationToken,
+    streamed_once: &mut bool,
+) -> Result<RunEnd, RelayError> {
+    use crate::source::trigger::stream::{self, TriggerSource};
+    let sets = config.sets();
+    let prepared = tokio::select! {
+        p = stream::prepare(&config.source, &sets) => p?,
+        _ = cancel.cancelled() => return Ok(RunEnd::Stopped),
+    };
+    let start = prepared.confirmed;
+    let copy = crate::snapshot::copy_for_sinks(
+        config,
+        &prepared.info,
+        &prepared.plan,
+        prepared.snapshot.as_ref(),
+        cancel,
+    );
+    let copied = tokio::select! {
+        r = copy => r,
+        _ = cancel.cancelled() => Err(crate::snapshot::SnapshotError::Stopped),
+    };
+    match copied {
+        Err(crate::snapshot::SnapshotError::Stopped) if cancel.is_cancelled() => {
+            tracing::info!("copy stopped; the tables not finished are copied at the next start");
+            return Ok(RunEnd::Stopped);
+        }
+        other => other?,
+    };
+    let fanout = open_sinks(config, &prepared.plan, &prepared.info, start, false).await?;
+    if let Err(e) = send_snapshot_reads(
+        config,
+        &prepared.info,
+        &prepared.plan,
+        prepared.snapshot.as_ref(),
+        prepared.created,
+        &fanout,
+    )
+    .await
+    {
+        let _ = fanout.close().await;
+        return Err(e.into());
+    }
+    let mut source = match TriggerSource::start(prepared, &fanout).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = fanout.close().await;
+            return Err(e.into());
+        }
+    };
+    *streamed_once = true;
+    let streamed = source.run(&fanout, cancel).await;
+    let (durable, sinks_result) = fanout.close().await;
+    match (streamed, sinks_result) {
+        (Ok(()), Ok(())) => {
+            let confirmed = source.finish(&durable).await?;
+            tracing::info!(confirmed = %confirmed, "stopped cleanly");
+            Ok(RunEnd::Stopped)
+        }
+        (_, Err(sink_err)) => Err(sink_err.into()),
+        (Err(source_err), Ok(())) => {
+            let _ = source.finish(&durable).await;
+            Err(source_err.into())
+        }
+    }
+}
+
 /// The snapshot's rows, as read events, to the sinks that take them: at the new slot's
 /// snapshot, or — for a sink that has none yet or whose read was cut short, when the slot
 /// exists — at a temporary slot's. Such a sink skips what the stream sends of transactions
 /// that committed before the snapshot (`sink::jsonl`).
 async fn send_snapshot_reads(
     config: &Config,
-    prepared: &pgoutput::Prepared,
+    info: &crate::pg::conninfo::ConnInfo,
+    plan: &crate::sets::Plan,
+    snapshot: Option<&crate::snapshot::SnapshotPoint>,
+    new_slot: bool,
     fanout: &Fanout,
 ) -> Result<(), crate::snapshot::SnapshotError> {
     if !config.snapshot.enabled {
         return Ok(());
     }
-    let new_slot = prepared.snapshot.is_some();
     let readers: Vec<&SinkHandle> = fanout
         .sinks
         .iter()
@@ -277,24 +400,23 @@ async fn send_snapshot_reads(
             .and_then(|c| c.sets())
             .is_none_or(|sets| sets.contains(set))
     };
-    let tables: Vec<_> = prepared
-        .plan
+    let tables: Vec<_> = plan
         .tables()
         .iter()
         .filter(|t| readers.iter().any(|r| takes(r, &t.set)))
         .cloned()
         .collect();
     let mut _temporary = None;
-    let point = match &prepared.snapshot {
+    let point = match snapshot {
         Some(p) => p.clone(),
         None => {
             let (conn, point) =
-                crate::snapshot::temporary_snapshot(&prepared.info, &config.source.slot).await?;
+                crate::snapshot::temporary_snapshot(info, &config.source.slot).await?;
             _temporary = Some(conn);
             point
         }
     };
-    let rows = crate::snapshot::read::send_reads(&prepared.info, &tables, &point, &readers).await?;
+    let rows = crate::snapshot::read::send_reads(info, &tables, &point, &readers).await?;
     tracing::info!(rows, snapshot_lsn = %point.lsn, sinks = readers.len(), "snapshot rows sent");
     Ok(())
 }

@@ -25,7 +25,7 @@ use crate::config::{DdlMode, SourceConfig};
 use crate::pg::conninfo::ConnInfo;
 use crate::pg::replication::{ReplicationConnection, ReplicationMessage};
 use crate::pg::{sql, PgError};
-use crate::pipeline::{ack_position, Fanout};
+use crate::pipeline::{ack_position, durable_moved, Fanout};
 use crate::sink::queue::batch_bytes;
 use assemble::{AssembleError, Assembler, StreamNeeds};
 use decode::DecodeError;
@@ -33,20 +33,6 @@ use spill::SpillError;
 
 /// Resolves when any sink's durable position changes. A sink that ended never resolves
 /// here; the pipeline notices it when delivering.
-async fn durable_moved(watches: &mut [tokio::sync::watch::Receiver<Lsn>]) {
-    if watches.is_empty() {
-        return std::future::pending().await;
-    }
-    let changes = watches.iter_mut().map(|w| {
-        Box::pin(async move {
-            if w.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        })
-    });
-    futures_util::future::select_all(changes).await;
-}
-
 /// Which sinks a batch is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Audience {

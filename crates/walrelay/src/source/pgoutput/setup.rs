@@ -547,7 +547,7 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
 
 /// How long a slot may stay held by a previous consumer before that is an error: after a
 /// crash, the server notices the dead connection and frees the slot within moments.
-const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(10);
+pub const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(10);
 
 /// Wait for the slot to be free. Another live consumer holding it is an error.
 pub async fn wait_until_released(

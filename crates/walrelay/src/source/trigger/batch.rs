@@ -8,7 +8,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tokio_postgres::Client;
-use walrelay_model::{Change, Column, Lsn, OldRow, Relation, ReplicaIdentity, Row, Value};
+use walrelay_model::{
+    Change, Column, Lsn, OldRow, PgTimestamp, Relation, ReplicaIdentity, Row, Value,
+};
 
 use super::install::Captured;
 use super::record;
@@ -31,24 +33,48 @@ fn pg(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> BatchError {
 pub struct Tick {
     pub id: i64,
     pub lsn: Lsn,
+    pub at: PgTimestamp,
 }
 
-/// Record a tick now: the snapshot of what has committed, and the WAL insert position,
-/// which grows with every tick (each writes a row).
-pub async fn tick(client: &Client) -> Result<Tick, BatchError> {
-    let row = client
-        .query_one(
-            "INSERT INTO walrelay_capture.ticks (snapshot, lsn)
-             VALUES (pg_current_snapshot(), pg_current_wal_insert_lsn())
-             RETURNING id, lsn::text",
-            &[],
-        )
-        .await
-        .map_err(pg("recording a tick"))?;
+impl Tick {
+    /// The position a sink reports once it holds this tick's batch: just past the
+    /// batch's own (`lsn`), as a commit's end is past its commit record, and below the
+    /// next tick's (each tick writes WAL).
+    pub fn end(&self) -> Lsn {
+        Lsn(self.lsn.0 + 1)
+    }
+}
+
+const TICK_COLUMNS: &str = "id, lsn::text, (extract(epoch FROM at) * 1000000)::int8";
+
+fn tick_of(row: &tokio_postgres::Row) -> Result<Tick, BatchError> {
     Ok(Tick {
         id: row.get(0),
         lsn: parse_lsn(row.get(1))?,
+        at: PgTimestamp::from_unix_micros(row.get(2)),
     })
+}
+
+/// Record a tick for `consumer` now: the snapshot of what has committed (`snapshot`, or
+/// the current one), and the WAL insert position, which grows with every tick (each
+/// writes a row).
+pub async fn tick(
+    client: &Client,
+    consumer: &str,
+    snapshot: Option<&str>,
+) -> Result<Tick, BatchError> {
+    let row = client
+        .query_one(
+            &format!(
+                "INSERT INTO walrelay_capture.ticks (consumer, snapshot, lsn)
+                 VALUES ($1, coalesce($2::text::pg_snapshot, pg_current_snapshot()), pg_current_wal_insert_lsn())
+                 RETURNING {TICK_COLUMNS}"
+            ),
+            &[&consumer, &snapshot],
+        )
+        .await
+        .map_err(pg("recording a tick"))?;
+    tick_of(&row)
 }
 
 fn parse_lsn(text: &str) -> Result<Lsn, BatchError> {
@@ -58,23 +84,35 @@ fn parse_lsn(text: &str) -> Result<Lsn, BatchError> {
     })
 }
 
-/// The ticks after `after`, in order.
-pub async fn ticks_after(client: &Client, after: i64) -> Result<Vec<Tick>, BatchError> {
+/// The tick `id`.
+pub async fn tick_by_id(client: &Client, id: i64) -> Result<Tick, BatchError> {
+    let row = client
+        .query_one(
+            &format!("SELECT {TICK_COLUMNS} FROM walrelay_capture.ticks WHERE id = $1"),
+            &[&id],
+        )
+        .await
+        .map_err(pg("reading a tick"))?;
+    tick_of(&row)
+}
+
+/// The ticks of `consumer` after `after`, in order.
+pub async fn ticks_after(
+    client: &Client,
+    consumer: &str,
+    after: i64,
+) -> Result<Vec<Tick>, BatchError> {
     let rows = client
         .query(
-            "SELECT id, lsn::text FROM walrelay_capture.ticks WHERE id > $1 ORDER BY id",
-            &[&after],
+            &format!(
+                "SELECT {TICK_COLUMNS} FROM walrelay_capture.ticks
+                  WHERE consumer = $1 AND id > $2 ORDER BY id"
+            ),
+            &[&consumer, &after],
         )
         .await
         .map_err(pg("reading ticks"))?;
-    rows.iter()
-        .map(|r| {
-            Ok(Tick {
-                id: r.get(0),
-                lsn: parse_lsn(r.get(1))?,
-            })
-        })
-        .collect()
+    rows.iter().map(tick_of).collect()
 }
 
 /// The relations of the captured tables, by their number in the log, described as
@@ -137,56 +175,89 @@ pub async fn relations(
 }
 
 /// The changes of the transactions that committed after tick `from` and by tick `to`, in
-/// the order they were logged. Changes of tables not in `relations` (no longer captured)
-/// are left out.
+/// the order they were logged, read as they arrive (a batch may be millions of rows).
+/// Changes of tables not in `relations` (no longer captured) are left out.
+pub struct BatchReader<'r> {
+    rows: std::pin::Pin<Box<tokio_postgres::RowStream>>,
+    relations: &'r HashMap<i32, Arc<Relation>>,
+    pairing: KeyChanges,
+}
+
+impl<'r> BatchReader<'r> {
+    pub async fn open(
+        client: &Client,
+        from: i64,
+        to: i64,
+        relations: &'r HashMap<i32, Arc<Relation>>,
+    ) -> Result<Self, BatchError> {
+        // A transaction is in the batch when `to`'s snapshot sees it and `from`'s does
+        // not; the txid bounds let the index on txid narrow the scan.
+        let one_log = |n: u8| {
+            format!(
+                "SELECT seq, tbl, op::text, new_row, old_row FROM walrelay_capture.log_{n}, b, a
+                  WHERE txid >= pg_snapshot_xmin(a.snapshot) AND txid < pg_snapshot_xmax(b.snapshot)
+                    AND pg_visible_in_snapshot(txid, b.snapshot)
+                    AND NOT pg_visible_in_snapshot(txid, a.snapshot)"
+            )
+        };
+        let sql = format!(
+            "WITH a AS (SELECT snapshot FROM walrelay_capture.ticks WHERE id = $1),
+                  b AS (SELECT snapshot FROM walrelay_capture.ticks WHERE id = $2)
+             {} UNION ALL {} ORDER BY seq",
+            one_log(1),
+            one_log(2)
+        );
+        let rows = client
+            .query_raw(
+                &sql,
+                [&from as &(dyn tokio_postgres::types::ToSql + Sync), &to],
+            )
+            .await
+            .map_err(pg("reading a batch of the log"))?;
+        Ok(BatchReader {
+            rows: Box::pin(rows),
+            relations,
+            pairing: KeyChanges::default(),
+        })
+    }
+
+    /// The next change, or `None` at the batch's end.
+    pub async fn next(&mut self) -> Result<Option<Change>, BatchError> {
+        use futures_util::TryStreamExt;
+        while let Some(r) = self
+            .rows
+            .try_next()
+            .await
+            .map_err(pg("reading a batch of the log"))?
+        {
+            let seq: i64 = r.get(0);
+            let tbl: i32 = r.get(1);
+            let Some(relation) = self.relations.get(&tbl) else {
+                continue;
+            };
+            let op: &str = r.get(2);
+            let new_row: Option<&str> = r.get(3);
+            let old_row: Option<&str> = r.get(4);
+            if let Some(change) = to_change(seq, relation, op, new_row, old_row, &mut self.pairing)?
+            {
+                return Ok(Some(change));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// A whole batch in memory (small batches, tests).
 pub async fn read(
     client: &Client,
     from: i64,
     to: i64,
     relations: &HashMap<i32, Arc<Relation>>,
 ) -> Result<Vec<Change>, BatchError> {
-    // A transaction is in the batch when `to`'s snapshot sees it and `from`'s does not;
-    // the txid bounds let the index on txid narrow the scan.
-    let one_log = |n: u8| {
-        format!(
-            "SELECT seq, tbl, op::text, new_row, old_row FROM walrelay_capture.log_{n}, b, a
-              WHERE txid >= pg_snapshot_xmin(a.snapshot) AND txid < pg_snapshot_xmax(b.snapshot)
-                AND pg_visible_in_snapshot(txid, b.snapshot)
-                AND NOT pg_visible_in_snapshot(txid, a.snapshot)"
-        )
-    };
-    let sql = format!(
-        "WITH a AS (SELECT snapshot FROM walrelay_capture.ticks WHERE id = $1),
-              b AS (SELECT snapshot FROM walrelay_capture.ticks WHERE id = $2)
-         {} UNION ALL {} ORDER BY seq",
-        one_log(1),
-        one_log(2)
-    );
-    let rows = client
-        .query(&sql, &[&from, &to])
-        .await
-        .map_err(pg("reading a batch of the log"))?;
-    let mut changes = Vec::with_capacity(rows.len());
-    let mut pairing = KeyChanges::default();
-    for r in rows {
-        let seq: i64 = r.get(0);
-        let tbl: i32 = r.get(1);
-        let Some(relation) = relations.get(&tbl) else {
-            continue;
-        };
-        let op: String = r.get(2);
-        let new_row: Option<String> = r.get(3);
-        let old_row: Option<String> = r.get(4);
-        if let Some(change) = to_change(
-            seq,
-            relation,
-            &op,
-            new_row.as_deref(),
-            old_row.as_deref(),
-            &mut pairing,
-        )? {
-            changes.push(change);
-        }
+    let mut reader = BatchReader::open(client, from, to, relations).await?;
+    let mut changes = Vec::new();
+    while let Some(change) = reader.next().await? {
+        changes.push(change);
     }
     Ok(changes)
 }

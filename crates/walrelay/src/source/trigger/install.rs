@@ -34,11 +34,14 @@ const INSTALL_LOCK: i64 = 0x7761_6c72_6361_7074; // "walrcapt"
 const SCHEMA_SQL: &str = r#"
 CREATE SCHEMA IF NOT EXISTS walrelay_capture;
 REVOKE ALL ON SCHEMA walrelay_capture FROM PUBLIC;
+-- The log the triggers write to now. A sequence, not a row: its value is read the same
+-- by every transaction whatever its snapshot, so once it is switched no transaction that
+-- has not yet read it writes to the old log.
+CREATE SEQUENCE IF NOT EXISTS walrelay_capture.current_log MINVALUE 1 MAXVALUE 2 START 1;
 CREATE TABLE IF NOT EXISTS walrelay_capture.state (
     only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
-    current_log int NOT NULL DEFAULT 1 CHECK (current_log IN (1, 2)),
-    -- The snapshot of the last switch: the other log may be emptied once every
-    -- transaction running then is behind every consumer.
+    -- A snapshot taken just after the last switch: every writer of the other log is
+    -- below its xmax.
     switched_at pg_snapshot
 );
 INSERT INTO walrelay_capture.state DEFAULT VALUES ON CONFLICT DO NOTHING;
@@ -58,10 +61,14 @@ CREATE TABLE IF NOT EXISTS walrelay_capture.tables (
     id serial PRIMARY KEY,
     relid oid NOT NULL UNIQUE,
     columns text[] NOT NULL,
-    key text[] NOT NULL
+    key text[] NOT NULL,
+    -- The version of the generated functions: a newer walrelay makes them again.
+    format int NOT NULL
 );
 CREATE TABLE IF NOT EXISTS walrelay_capture.ticks (
     id bigserial PRIMARY KEY,
+    -- Each consumer ticks for itself, so its ticks' snapshots only grow.
+    consumer text NOT NULL,
     snapshot pg_snapshot NOT NULL,
     lsn pg_lsn NOT NULL,
     at timestamptz NOT NULL DEFAULT clock_timestamp()
@@ -102,9 +109,21 @@ pub async fn install(
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&INSTALL_LOCK])
         .await
         .map_err(err("waiting for another installation"))?;
-    tx.batch_execute(SCHEMA_SQL).await.map_err(err(
-        "creating the schema walrelay_capture (needs CREATE on the database)",
-    ))?;
+    // Only what is missing: a restart under writes must not take locks on the log or
+    // the tables (CREATE INDEX IF NOT EXISTS locks its table even when the index exists).
+    let installed: bool = tx
+        .query_one(
+            "SELECT to_regclass('walrelay_capture.tables') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(err("looking for the schema walrelay_capture"))?
+        .get(0);
+    if !installed {
+        tx.batch_execute(SCHEMA_SQL).await.map_err(err(
+            "creating the schema walrelay_capture (needs CREATE on the database)",
+        ))?;
+    }
     let mut out = Vec::new();
     for t in tables {
         // Keyed by the primary key (or the replica identity index); without one, by the
@@ -114,12 +133,41 @@ pub async fn install(
         } else {
             t.primary_key.clone()
         };
+        let found = tx
+            .query_opt(
+                "SELECT r.id, r.columns = $2 AND r.key = $3 AND r.format = $4
+                        AND (SELECT count(*) FROM pg_trigger g
+                              WHERE g.tgrelid = r.relid AND g.tgname::text = ANY ($5)) = $6
+                   FROM walrelay_capture.tables r WHERE r.relid = $1",
+                &[
+                    &t.oid,
+                    &t.columns,
+                    &key,
+                    &FORMAT,
+                    &TRIGGERS.as_slice(),
+                    &expected_triggers(!key.is_empty()),
+                ],
+            )
+            .await
+            .map_err(err("reading the table registry"))?;
+        if let Some(row) = &found {
+            if row.get::<_, bool>(1) {
+                out.push(Captured {
+                    id: row.get(0),
+                    oid: t.oid,
+                    columns: t.columns.clone(),
+                    key,
+                });
+                continue;
+            }
+        }
         let row = tx
             .query_one(
-                "INSERT INTO walrelay_capture.tables (relid, columns, key) VALUES ($1, $2, $3)
-                 ON CONFLICT (relid) DO UPDATE SET columns = EXCLUDED.columns, key = EXCLUDED.key
+                "INSERT INTO walrelay_capture.tables (relid, columns, key, format) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (relid) DO UPDATE
+                    SET columns = EXCLUDED.columns, key = EXCLUDED.key, format = EXCLUDED.format
                  RETURNING id",
-                &[&t.oid, &t.columns, &key],
+                &[&t.oid, &t.columns, &key, &FORMAT],
             )
             .await
             .map_err(err("registering a table"))?;
@@ -160,6 +208,21 @@ const TRIGGERS: [&str; 5] = [
     "walrelay_capture_truncate",
     "walrelay_capture_row",
 ];
+
+/// The version of the generated functions and triggers; raise it when `table_sql` changes
+/// what it makes, so that a new walrelay makes them again.
+const FORMAT: i32 = 1;
+
+/// How many of `TRIGGERS` a table has: statement triggers for insert, update, delete and
+/// truncate and the key-change row trigger; without a key, the update and delete
+/// statement triggers are replaced by the row trigger.
+fn expected_triggers(keyed: bool) -> i64 {
+    if keyed {
+        5
+    } else {
+        3
+    }
+}
 
 fn function_name(id: i32) -> String {
     format!("{SCHEMA}.capture_{id}")
@@ -204,7 +267,7 @@ pub fn table_sql(table: &str, c: &Captured) -> Vec<String> {
     let statement_body = format!(
         "DECLARE log int;
 BEGIN
-  SELECT current_log INTO log FROM {SCHEMA}.state;
+  SELECT last_value INTO log FROM {SCHEMA}.current_log;
   IF TG_OP = 'INSERT' THEN
     {insert}
   ELSIF TG_OP = 'UPDATE' THEN
@@ -228,7 +291,7 @@ END",
     let row_body = format!(
         "DECLARE log int;
 BEGIN
-  SELECT current_log INTO log FROM {SCHEMA}.state;
+  SELECT last_value INTO log FROM {SCHEMA}.current_log;
   IF TG_OP = 'UPDATE' THEN
     {update}
   ELSE
@@ -383,7 +446,7 @@ pub async fn uninstall(client: &mut Client) -> Result<usize, SourceError> {
     tx.batch_execute(
         "DROP TABLE walrelay_capture.log_1, walrelay_capture.log_2, walrelay_capture.tables,
                     walrelay_capture.ticks, walrelay_capture.consumers, walrelay_capture.state;
-         DROP SEQUENCE walrelay_capture.log_seq;
+         DROP SEQUENCE walrelay_capture.log_seq, walrelay_capture.current_log;
          DROP SCHEMA walrelay_capture",
     )
     .await

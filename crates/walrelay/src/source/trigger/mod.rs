@@ -3,10 +3,11 @@
 //! transaction (durable, nothing lost while the relay is down); ticks cut the log into
 //! batches of committed transactions; a batch is one transaction for the sinks.
 //!
-//! Built so far: the objects on the source (`install`), the log's row format (`record`),
-//! ticks and batches (`batch`). Not yet: the source task that feeds the pipeline, the
-//! copy's hand-over tick, rotation of the two logs, `walrelay uninstall`.
+//! `install` makes the objects on the source, `record` reads the log's row format,
+//! `batch` cuts the log into batches at ticks, `stream` is the source task the pipeline
+//! runs. Not yet: rotation of the two logs, `walrelay uninstall`.
 
 pub mod batch;
 pub mod install;
 pub mod record;
+pub mod stream;

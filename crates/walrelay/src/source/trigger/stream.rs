@@ -1,0 +1,474 @@
+//! The trigger capture's source task: prepares the source (installs the capture, records
+//! the copy's tick), then ticks when the triggers notify, hands each batch to the sinks as
+//! one transaction, and records in `walrelay_capture.consumers` the last tick every sink
+//! holds durably (as a slot's confirmed position).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use walrelay_model::{Change, Event, Lsn, Position, Relation, TxnBegin, TxnCommit};
+
+use super::batch::{self, BatchError, BatchReader, Tick};
+use super::install::{self, CHANNEL};
+use crate::config::{SetConfig, SourceConfig};
+use crate::pg::conninfo::ConnInfo;
+use crate::pg::{sql, PgError};
+use crate::pipeline::{ack_position, durable_moved, Fanout};
+use crate::sets::shape::ShapedRelation;
+use crate::sets::Plan;
+use crate::snapshot::SnapshotPoint;
+use crate::source::pgoutput::SourceError;
+
+/// Events handed to the sinks at once, at most (a batch may hold millions of changes).
+const CHUNK_BYTES: usize = 4 << 20;
+
+impl From<BatchError> for SourceError {
+    fn from(e: BatchError) -> Self {
+        match e {
+            BatchError::Pg(e) => SourceError::Pg(e),
+            other => SourceError::Setup(other.to_string()),
+        }
+    }
+}
+
+fn pg(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
+    move |e| SourceError::Pg(PgError::from_sql(format!("trigger capture: {what}"), e))
+}
+
+/// What `prepare` found and made ready.
+pub struct Prepared {
+    pub info: ConnInfo,
+    pub plan: Arc<Plan>,
+    /// Everything before it was acknowledged earlier (or is in the copy).
+    pub confirmed: Lsn,
+    /// The snapshot for the copy, and the tick recorded at it; valid until `start`.
+    pub snapshot: Option<SnapshotPoint>,
+    /// The consumer is new: nothing was captured for it before this snapshot.
+    pub created: bool,
+    holder: Client,
+    client: Client,
+    relations: HashMap<i32, Arc<Relation>>,
+    consumer: String,
+    resume: Tick,
+    status_interval: Duration,
+}
+
+/// Install the capture for the sets' tables, take this consumer's lock, and record a tick
+/// at a snapshot exported for the copy.
+pub async fn prepare(cfg: &SourceConfig, sets: &[SetConfig]) -> Result<Prepared, SourceError> {
+    let info = cfg
+        .url
+        .resolve()
+        .map_err(|e| SourceError::Setup(format!("source.url: {e}")))?;
+    let mut client = sql::connect(&info).await?;
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(pg("reading the server version"))?
+        .get(0);
+    if version < 130000 {
+        return Err(SourceError::Setup(
+            "trigger capture needs PostgreSQL 13 or later (xid8 and pg_snapshot)".into(),
+        ));
+    }
+    let consumer = cfg.slot.clone();
+    take_consumer_lock(&client, &consumer).await?;
+    let (plan, tables) = Plan::resolve(&client, sets).await?;
+    if tables.is_empty() {
+        return Err(SourceError::Setup(
+            "the sets select no table on the source: nothing to capture".into(),
+        ));
+    }
+    let captured = install::install(&mut client, &tables).await?;
+    let relations = batch::relations(&client, &captured).await?;
+
+    // The copy's snapshot, and a tick at exactly that snapshot: its batch holds what the
+    // copy holds, the next ones what it does not.
+    let holder = sql::connect(&info).await?;
+    let exported = holder
+        .simple_query(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;
+             SELECT pg_export_snapshot(), pg_current_snapshot()::text",
+        )
+        .await
+        .map_err(pg("exporting a snapshot for the copy"))?;
+    let (name, current) = exported
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some((
+                r.get(0).unwrap_or_default().to_string(),
+                r.get(1).unwrap_or_default().to_string(),
+            )),
+            _ => None,
+        })
+        .ok_or_else(|| SourceError::Setup("exporting a snapshot returned no row".into()))?;
+    let at_copy = batch::tick(&client, &consumer, Some(&current)).await?;
+    client
+        .execute(
+            "INSERT INTO walrelay_capture.consumers (name, tick) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+            &[&consumer, &at_copy.id],
+        )
+        .await
+        .map_err(pg("registering the consumer"))?;
+    let resume_id: i64 = client
+        .query_one(
+            "SELECT tick FROM walrelay_capture.consumers WHERE name = $1",
+            &[&consumer],
+        )
+        .await
+        .map_err(pg("reading the consumer"))?
+        .get(0);
+    let resume = batch::tick_by_id(&client, resume_id).await?;
+    tracing::info!(
+        server = %info.describe(),
+        consumer = %consumer,
+        tables = captured.len(),
+        resume_tick = resume.id,
+        "trigger capture ready"
+    );
+    Ok(Prepared {
+        info,
+        plan: Arc::new(plan),
+        confirmed: resume.end(),
+        created: resume.id == at_copy.id,
+        snapshot: Some(SnapshotPoint {
+            name,
+            lsn: at_copy.end(),
+        }),
+        holder,
+        client,
+        relations,
+        consumer,
+        resume,
+        status_interval: cfg.status_interval,
+    })
+}
+
+/// The consumer's lock, held by this session for the run: one relay per consumer. A
+/// relay killed a moment ago may leave a server session that still holds it until the
+/// server notices; wait for that as for a slot's previous consumer.
+async fn take_consumer_lock(client: &Client, consumer: &str) -> Result<(), SourceError> {
+    let deadline = tokio::time::Instant::now() + crate::source::pgoutput::setup::SLOT_RELEASE_WAIT;
+    let mut logged = false;
+    loop {
+        let row = client
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtext('walrelay_capture'), hashtext($1)),
+                        (SELECT string_agg(l.pid::text, ', ') FROM pg_locks l
+                          WHERE l.locktype = 'advisory' AND l.granted
+                            AND l.classid::int = hashtext('walrelay_capture')
+                            AND l.objid::int = hashtext($1))",
+                &[&consumer],
+            )
+            .await
+            .map_err(pg("taking the consumer's lock"))?;
+        if row.get::<_, bool>(0) {
+            return Ok(());
+        }
+        let holder: Option<String> = row.get(1);
+        let holder = holder.unwrap_or_default();
+        if tokio::time::Instant::now() > deadline {
+            return Err(SourceError::Setup(format!(
+                "another walrelay is capturing from this database as {consumer:?} (source.slot; server process {holder}): stop it, or give this one another slot name"
+            )));
+        }
+        if !logged {
+            tracing::info!(consumer, pid = %holder, "waiting for the consumer's previous session to let go");
+            logged = true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub struct TriggerSource {
+    client: Client,
+    /// The triggers' notifications (`LISTEN`), on a connection of their own.
+    notified: UnboundedReceiver<String>,
+    _listener: Client,
+    relations: HashMap<i32, Arc<Relation>>,
+    shaped: HashMap<walrelay_model::Oid, Arc<ShapedRelation>>,
+    consumer: String,
+    /// The last tick whose batch went to the sinks.
+    sent: Tick,
+    /// Ticks sent and not yet confirmed, in order.
+    unconfirmed: Vec<Tick>,
+    confirmed: Tick,
+    start: Lsn,
+    /// `walrelay_capture.log_seq` at the last tick: no tick while it stays.
+    logged_at_tick: i64,
+    interval: tokio::time::Interval,
+    durable_watches: Vec<tokio::sync::watch::Receiver<Lsn>>,
+}
+
+impl TriggerSource {
+    /// Listen for the triggers, end the copy's snapshot, and shape the relations as the
+    /// sets say.
+    pub async fn start(prepared: Prepared, fanout: &Fanout) -> Result<Self, SourceError> {
+        let Prepared {
+            info,
+            plan,
+            confirmed,
+            holder,
+            client,
+            relations,
+            consumer,
+            resume,
+            status_interval,
+            ..
+        } = prepared;
+        drop(holder);
+        let (listener, notified) = sql::connect_listening(&info).await?;
+        listener
+            .batch_execute(&format!("LISTEN {}", crate::pg::quote::ident(CHANNEL)))
+            .await
+            .map_err(pg("listening for the triggers"))?;
+        let mut shaped = HashMap::new();
+        for relation in relations.values() {
+            if let Some(shape) = plan.shape_by_oid(relation.oid) {
+                let s = shape
+                    .relation(relation.clone())
+                    .map_err(|e| SourceError::Setup(e.to_string()))?;
+                shaped.insert(relation.oid, Arc::new(s));
+            }
+        }
+        let mut interval = tokio::time::interval(status_interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ok(TriggerSource {
+            client,
+            notified,
+            _listener: listener,
+            relations,
+            shaped,
+            consumer,
+            sent: resume,
+            unconfirmed: Vec::new(),
+            confirmed: resume,
+            start: confirmed,
+            // Tick once at start whatever the log holds.
+            logged_at_tick: -1,
+            interval,
+            durable_watches: fanout.sinks().iter().map(|s| s.durable.clone()).collect(),
+        })
+    }
+
+    /// Until `cancel`: tick when the triggers notify (or the log moved at an interval),
+    /// send the batches, confirm what every sink holds.
+    pub async fn run(
+        &mut self,
+        fanout: &Fanout,
+        cancel: &CancellationToken,
+    ) -> Result<(), SourceError> {
+        self.tick_if_logged().await?;
+        loop {
+            self.send_new_batches(fanout, cancel).await?;
+            self.confirm(&fanout.durable()).await?;
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Ok(()),
+                n = self.notified.recv() => {
+                    if n.is_none() {
+                        return Err(SourceError::StreamEnded);
+                    }
+                    // Many commits notify at once: one tick for all of them.
+                    while self.notified.try_recv().is_ok() {}
+                    self.tick().await?;
+                }
+                _ = self.interval.tick() => self.tick_if_logged().await?,
+                _ = durable_moved(&mut self.durable_watches) => {}
+            }
+        }
+    }
+
+    async fn logged(&self) -> Result<i64, SourceError> {
+        Ok(self
+            .client
+            .query_one("SELECT last_value FROM walrelay_capture.log_seq", &[])
+            .await
+            .map_err(pg("reading the log's sequence"))?
+            .get(0))
+    }
+
+    async fn tick(&mut self) -> Result<(), SourceError> {
+        self.logged_at_tick = self.logged().await?;
+        batch::tick(&self.client, &self.consumer, None).await?;
+        Ok(())
+    }
+
+    /// A tick when something was logged since the last. A transaction that logged
+    /// before the last tick and commits after it notifies at its commit, which ticks.
+    async fn tick_if_logged(&mut self) -> Result<(), SourceError> {
+        if self.logged().await? != self.logged_at_tick {
+            self.tick().await?;
+        }
+        Ok(())
+    }
+
+    async fn send_new_batches(
+        &mut self,
+        fanout: &Fanout,
+        cancel: &CancellationToken,
+    ) -> Result<(), SourceError> {
+        for tick in batch::ticks_after(&self.client, &self.consumer, self.sent.id).await? {
+            self.send_batch(tick, fanout, cancel).await?;
+            self.sent = tick;
+            self.unconfirmed.push(tick);
+        }
+        Ok(())
+    }
+
+    /// One batch as one transaction: its changes at the tick's position, or a keepalive
+    /// when it is empty (the sinks' positions move on all the same).
+    async fn send_batch(
+        &mut self,
+        tick: Tick,
+        fanout: &Fanout,
+        cancel: &CancellationToken,
+    ) -> Result<(), SourceError> {
+        let mut reader =
+            BatchReader::open(&self.client, self.sent.id, tick.id, &self.relations).await?;
+        let begin = TxnBegin {
+            xid: 0,
+            commit_lsn: tick.lsn,
+            commit_time: tick.at,
+            origin: None,
+        };
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        let mut seq = 0u64;
+        while let Some(change) = reader.next().await? {
+            let Some(change) = self.shape(change) else {
+                continue;
+            };
+            if seq == 0 {
+                chunk.push(Event::Begin(begin.clone()));
+            }
+            seq += 1;
+            let event = Event::Change {
+                position: Position::new(tick.lsn, seq),
+                change,
+            };
+            bytes += event.approx_bytes();
+            chunk.push(event);
+            if bytes >= CHUNK_BYTES {
+                deliver(std::mem::take(&mut chunk), fanout, cancel).await?;
+                bytes = 0;
+            }
+        }
+        chunk.push(if seq == 0 {
+            Event::Keepalive(tick.end())
+        } else {
+            Event::Commit(TxnCommit {
+                xid: 0,
+                commit_lsn: tick.lsn,
+                end_lsn: tick.end(),
+                commit_time: tick.at,
+                seq: seq + 1,
+            })
+        });
+        deliver(chunk, fanout, cancel).await
+    }
+
+    /// A change as its set shapes it; `None` for a table no set takes any more.
+    fn shape(&self, change: Change) -> Option<Change> {
+        let shaped = |oid| self.shaped.get(&oid);
+        Some(match change {
+            Change::Insert { relation, new } => {
+                let s = shaped(relation.oid)?;
+                Change::Insert {
+                    relation: s.relation.clone(),
+                    new: s.row(new),
+                }
+            }
+            Change::Update { relation, old, new } => {
+                let s = shaped(relation.oid)?;
+                Change::Update {
+                    relation: s.relation.clone(),
+                    old: old.map(|o| s.old(o)),
+                    new: s.row(new),
+                }
+            }
+            Change::Delete { relation, old } => {
+                let s = shaped(relation.oid)?;
+                Change::Delete {
+                    relation: s.relation.clone(),
+                    old: s.old(old),
+                }
+            }
+            Change::Truncate {
+                relations,
+                cascade,
+                restart_identity,
+            } => Change::Truncate {
+                relations: relations
+                    .iter()
+                    .filter_map(|r| shaped(r.oid).map(|s| s.relation.clone()))
+                    .collect(),
+                cascade,
+                restart_identity,
+            },
+            other => other,
+        })
+    }
+
+    /// Record as the consumer's position the last tick every sink holds, and drop the
+    /// ticks before it.
+    async fn confirm(&mut self, durable: &[Lsn]) -> Result<(), SourceError> {
+        let held = ack_position(self.start, durable, self.confirmed.end());
+        let Some(i) = self.unconfirmed.iter().rposition(|t| t.end() <= held) else {
+            return Ok(());
+        };
+        let tick = self.unconfirmed[i];
+        self.unconfirmed.drain(..=i);
+        self.client
+            .execute(
+                "UPDATE walrelay_capture.consumers SET tick = $2 WHERE name = $1",
+                &[&self.consumer, &tick.id],
+            )
+            .await
+            .map_err(pg("recording the consumer's position"))?;
+        self.client
+            .execute(
+                "DELETE FROM walrelay_capture.ticks WHERE consumer = $1 AND id < $2",
+                &[&self.consumer, &tick.id],
+            )
+            .await
+            .map_err(pg("removing old ticks"))?;
+        self.confirmed = tick;
+        Ok(())
+    }
+
+    /// Confirm what the sinks hold at the end of a run.
+    pub async fn finish(mut self, durable: &[Lsn]) -> Result<Lsn, SourceError> {
+        self.confirm(durable).await?;
+        Ok(self.confirmed.end())
+    }
+}
+
+/// Hand `events` to every sink (as its sets route them), waiting for room.
+async fn deliver(
+    events: Vec<Event>,
+    fanout: &Fanout,
+    cancel: &CancellationToken,
+) -> Result<(), SourceError> {
+    let bytes = crate::sink::queue::batch_bytes(&events);
+    let batch = Arc::new(events);
+    for sink in fanout.sinks() {
+        let Some((batch, bytes)) = sink.routed(&batch, bytes) else {
+            continue;
+        };
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(SourceError::Stopped),
+            sent = sink.input.send(batch, bytes) => {
+                if sent.is_err() {
+                    return Err(SourceError::SinkClosed(sink.name.clone()));
+                }
+            }
+        }
+    }
+    Ok(())
+}
