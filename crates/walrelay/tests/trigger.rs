@@ -365,7 +365,7 @@ async fn trigger_capture_replicates_to_postgres_through_kills() {
         dir.path(),
         &source.owner_url(),
         &tables,
-        "capture = \"trigger\"\nstatus_interval = \"200ms\"",
+        "capture = \"trigger\"\nstatus_interval = \"200ms\"\nlog_rotation = \"1s\"",
         &format!(
             "[[sink]]\ntype = \"postgres\"\nurl = \"{}\"\n",
             target_pg.url("app")
@@ -438,6 +438,16 @@ async fn trigger_capture_replicates_to_postgres_through_kills() {
         .map(|r| (r.get(0), r.get(1)))
         .unwrap();
     assert_eq!((rows, n), (1500, 1500), "every counted transaction once");
+    // The load logged 4,500 rows; rotation emptied the log tables behind the relay.
+    let logged: i64 = admin
+        .query_one(
+            "SELECT (SELECT count(*) FROM walrelay_capture.log_1) + (SELECT count(*) FROM walrelay_capture.log_2)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(logged < 1500, "{logged} rows still in the log");
     relay.stop().await;
 }
 

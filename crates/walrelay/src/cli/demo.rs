@@ -244,6 +244,7 @@ fn demo_config(source_url: &str, target_url: &str, spill: &Path) -> Config {
         source: SourceConfig {
             kind: Default::default(),
             capture: Default::default(),
+            log_rotation: Duration::from_secs(10),
             url: ConnString(source_url.to_string()),
             slot: "walrelay_demo".into(),
             publication: "walrelay_demo".into(),

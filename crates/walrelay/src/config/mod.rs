@@ -98,6 +98,10 @@ fn default_range_bytes() -> u64 {
     64 << 20
 }
 
+fn default_log_rotation() -> Duration {
+    Duration::from_secs(10)
+}
+
 fn default_parallel() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
@@ -128,6 +132,10 @@ pub struct SourceConfig {
     pub kind: SourceType,
     #[serde(default)]
     pub capture: CaptureMethod,
+    /// Trigger capture: how often the log switches to its other table; the one left is
+    /// emptied (TRUNCATE) once every consumer is past it.
+    #[serde(default = "default_log_rotation", with = "humantime_serde")]
+    pub log_rotation: Duration,
     /// libpq connection string (URI or key=value).
     pub url: ConnString,
     #[serde(default = "default_name")]

@@ -55,6 +55,7 @@ pub struct Prepared {
     consumer: String,
     resume: Tick,
     status_interval: Duration,
+    log_rotation: Duration,
 }
 
 /// Install the capture for the sets' tables, take this consumer's lock, and record a tick
@@ -145,6 +146,7 @@ pub async fn prepare(cfg: &SourceConfig, sets: &[SetConfig]) -> Result<Prepared,
         consumer,
         resume,
         status_interval: cfg.status_interval,
+        log_rotation: cfg.log_rotation,
     })
 }
 
@@ -202,6 +204,9 @@ pub struct TriggerSource {
     logged_at_tick: i64,
     interval: tokio::time::Interval,
     durable_watches: Vec<tokio::sync::watch::Receiver<Lsn>>,
+    log_rotation: Duration,
+    /// When the log last switched (or this run started).
+    switched: tokio::time::Instant,
 }
 
 impl TriggerSource {
@@ -218,6 +223,7 @@ impl TriggerSource {
             consumer,
             resume,
             status_interval,
+            log_rotation,
             ..
         } = prepared;
         drop(holder);
@@ -252,6 +258,8 @@ impl TriggerSource {
             logged_at_tick: -1,
             interval,
             durable_watches: fanout.sinks().iter().map(|s| s.durable.clone()).collect(),
+            log_rotation,
+            switched: tokio::time::Instant::now(),
         })
     }
 
@@ -438,6 +446,74 @@ impl TriggerSource {
             .await
             .map_err(pg("removing old ticks"))?;
         self.confirmed = tick;
+        self.rotate_logs().await
+    }
+
+    /// Keep the log small without bloat: switch the triggers to the other table every
+    /// `log_rotation`, and empty the table left (TRUNCATE) once every consumer's confirmed
+    /// tick sees every transaction that wrote to it finished. The writers of the table
+    /// left all took their transaction id before the switch (a row is changed before its
+    /// statement's trigger reads the current table), so they are below the `xmax` of a
+    /// snapshot taken after it.
+    async fn rotate_logs(&mut self) -> Result<(), SourceError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT c.last_value::int,
+                        s.switched_at IS NOT NULL,
+                        coalesce((SELECT bool_and(pg_snapshot_xmin(t.snapshot) >= pg_snapshot_xmax(s.switched_at))
+                                    FROM walrelay_capture.consumers k
+                                    JOIN walrelay_capture.ticks t ON t.id = k.tick), false),
+                        EXISTS (SELECT 1 FROM walrelay_capture.log_1),
+                        EXISTS (SELECT 1 FROM walrelay_capture.log_2)
+                   FROM walrelay_capture.current_log c, walrelay_capture.state s",
+                &[],
+            )
+            .await
+            .map_err(pg("reading the log's state"))?;
+        let (current, switched, all_past): (i32, bool, bool) = (row.get(0), row.get(1), row.get(2));
+        let has_rows = [row.get::<_, bool>(3), row.get::<_, bool>(4)];
+        let other = 3 - current;
+        if has_rows[(other - 1) as usize] {
+            if !switched {
+                // A switch whose snapshot was not recorded (a crash between the two): a
+                // snapshot now is later still, so just as safe.
+                self.client
+                    .batch_execute(
+                        "UPDATE walrelay_capture.state SET switched_at = pg_current_snapshot()",
+                    )
+                    .await
+                    .map_err(pg("recording the log's switch"))?;
+            } else if all_past {
+                // Never wait on a reader of that table: try again at the next confirm.
+                let emptied = self
+                    .client
+                    .batch_execute(&format!(
+                        "BEGIN; SET LOCAL lock_timeout = '1s';
+                         TRUNCATE walrelay_capture.log_{other};
+                         UPDATE walrelay_capture.state SET switched_at = NULL;
+                         COMMIT"
+                    ))
+                    .await;
+                match emptied {
+                    Ok(()) => tracing::debug!(log = other, "trigger log emptied"),
+                    Err(e) => {
+                        let _ = self.client.batch_execute("ROLLBACK").await;
+                        tracing::debug!(error = %e, "the trigger log was busy; emptied later");
+                    }
+                }
+            }
+        } else if has_rows[(current - 1) as usize] && self.switched.elapsed() >= self.log_rotation {
+            self.client
+                .batch_execute(&format!(
+                    "SELECT setval('walrelay_capture.current_log', {other});
+                     UPDATE walrelay_capture.state SET switched_at = pg_current_snapshot();"
+                ))
+                .await
+                .map_err(pg("switching the log"))?;
+            self.switched = tokio::time::Instant::now();
+            tracing::debug!(log = other, "trigger log switched");
+        }
         Ok(())
     }
 
