@@ -11,7 +11,7 @@ use walrelay::source::trigger::{batch, install};
 use walrelay_model::{Change, OldRow, Row, Value};
 use walrelay_testkit::TestPg;
 
-use crate::support::{relay_config_file, wait_until_equal, Relay};
+use crate::support::{relay_config_file, wait_until_equal, Relay, BIN};
 
 const ODD_SCHEMA: &str = "Odd Schema";
 const ODD_TABLE: &str = "a\"; drop table x; --";
@@ -300,20 +300,11 @@ async fn a_source_without_logical_decoding_logs_committed_changes_in_batches() {
     ));
 
     // Uninstalled: no trigger, function, table or schema of the capture is left.
-    assert_eq!(install::uninstall(&mut owner).await.unwrap(), 3);
-    let left: i64 = admin
-        .query_one(
-            "SELECT (SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'walrelay%')
-                  + (SELECT count(*) FROM pg_proc WHERE proname LIKE 'capture%')
-                  + (SELECT count(*) FROM pg_class WHERE relname LIKE 'log\\_%' OR relname IN ('ticks', 'consumers'))
-                  + (SELECT count(*) FROM pg_namespace WHERE nspname = 'walrelay_capture')
-                  + (SELECT count(*) FROM pg_depend d JOIN pg_proc p ON d.refobjid = p.oid
-                      WHERE d.refclassid = 'pg_proc'::regclass AND p.proname LIKE 'capture%')",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    assert_eq!(
+        install::uninstall(&mut owner).await.unwrap(),
+        install::Removed::Tables(3)
+    );
+    let left = capture_objects(admin).await;
     assert_eq!(left, 0, "objects of the capture left after uninstall");
     // The tables and their rows are untouched, and writes go on without the triggers.
     let rows: i64 = admin
@@ -327,7 +318,10 @@ async fn a_source_without_logical_decoding_logs_committed_changes_in_batches() {
         .await
         .unwrap();
     // A second uninstall has nothing to do.
-    assert_eq!(install::uninstall(&mut owner).await.unwrap(), 0);
+    assert_eq!(
+        install::uninstall(&mut owner).await.unwrap(),
+        install::Removed::Nothing
+    );
 }
 
 /// `capture = "trigger"` end to end: the existing rows are copied, then every kind of
@@ -448,7 +442,40 @@ async fn trigger_capture_replicates_to_postgres_through_kills() {
         .unwrap()
         .get(0);
     assert!(logged < 1500, "{logged} rows still in the log");
+
+    // Not while a relay captures; then every object of the capture goes, and nothing else.
+    let uninstall = || {
+        std::process::Command::new(BIN)
+            .args(["uninstall", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let refused = uninstall();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(err.contains("stop it before uninstalling"), "{err}");
     relay.stop().await;
+    let removed = uninstall();
+    let out = String::from_utf8_lossy(&removed.stdout);
+    assert!(
+        removed.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&removed.stderr)
+    );
+    assert!(out.contains("the triggers of 5 table(s)"), "{out}");
+    assert!(!out.contains("Own3r"), "{out}");
+    assert_eq!(
+        capture_objects(admin).await,
+        0,
+        "objects of the capture left"
+    );
+    let orders: i64 = admin
+        .query_one("SELECT count(*) FROM orders", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(orders, 490, "the tables keep their rows");
 }
 
 /// Wait until the copy has created every table on the target.
@@ -475,4 +502,22 @@ async fn wait_until_created(target: &tokio_postgres::Client, tables: &[&str], re
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Objects of the capture in the database: triggers, functions, tables, the schema, and
+/// anything depending on the functions.
+async fn capture_objects(admin: &tokio_postgres::Client) -> i64 {
+    admin
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'walrelay%')
+                  + (SELECT count(*) FROM pg_proc WHERE proname LIKE 'capture%')
+                  + (SELECT count(*) FROM pg_class WHERE relname LIKE 'log\\_%' OR relname IN ('ticks', 'consumers', 'current_log'))
+                  + (SELECT count(*) FROM pg_namespace WHERE nspname = 'walrelay_capture')
+                  + (SELECT count(*) FROM pg_depend d JOIN pg_proc p ON d.refobjid = p.oid
+                      WHERE d.refclassid = 'pg_proc'::regclass AND p.proname LIKE 'capture%')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }

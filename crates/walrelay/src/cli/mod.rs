@@ -6,6 +6,7 @@ mod demo;
 mod ha;
 mod run;
 mod status;
+mod uninstall;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +44,12 @@ pub enum Command {
     },
     /// Show where the slot and each sink stand, and their lag in bytes and seconds.
     Status {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Remove from the source what trigger capture installed there (triggers, functions,
+    /// the schema walrelay_capture and its log), and nothing else.
+    Uninstall {
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -120,5 +127,6 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Status { config } => status::status(&Config::load(&config)?).await,
+        Command::Uninstall { config } => uninstall::uninstall(&Config::load(&config)?).await,
     }
 }

@@ -370,11 +370,19 @@ END",
     out
 }
 
+/// What `uninstall` removed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Removed {
+    Nothing,
+    /// The triggers of this many tables, and the schema.
+    Tables(usize),
+}
+
 /// Remove every object the capture created: the triggers on the registered tables that
 /// still exist, then the schema's own objects and the schema. Something a user put in the
-/// schema stops it with an error rather than being dropped. Returns how many tables had
-/// triggers.
-pub async fn uninstall(client: &mut Client) -> Result<usize, SourceError> {
+/// schema stops it with an error rather than being dropped; so does a relay capturing
+/// now (it holds its consumer's lock).
+pub async fn uninstall(client: &mut Client) -> Result<Removed, SourceError> {
     let err = |what: &'static str| {
         move |e| {
             SourceError::Pg(PgError::from_sql(
@@ -411,7 +419,25 @@ pub async fn uninstall(client: &mut Client) -> Result<usize, SourceError> {
                 .map_err(err("dropping the schema walrelay_capture"))?;
         }
         tx.commit().await.map_err(err("committing"))?;
-        return Ok(0);
+        return Ok(if schema_left {
+            Removed::Tables(0)
+        } else {
+            Removed::Nothing
+        });
+    }
+    let capturing: Option<String> = tx
+        .query_one(
+            "SELECT string_agg(pid::text, ', ') FROM pg_locks
+              WHERE locktype = 'advisory' AND granted AND classid::int = hashtext('walrelay_capture')",
+            &[],
+        )
+        .await
+        .map_err(err("looking for a running relay"))?
+        .get(0);
+    if let Some(pids) = capturing {
+        return Err(SourceError::Setup(format!(
+            "a walrelay is capturing from this database (server process {pids}): stop it before uninstalling"
+        )));
     }
     let tables = tx
         .query(
@@ -454,7 +480,7 @@ pub async fn uninstall(client: &mut Client) -> Result<usize, SourceError> {
         "dropping the schema walrelay_capture (an object someone else created there stops it: move or drop it)",
     ))?;
     tx.commit().await.map_err(err("committing"))?;
-    Ok(with_triggers)
+    Ok(Removed::Tables(with_triggers))
 }
 
 #[cfg(test)]
