@@ -521,3 +521,55 @@ async fn capture_objects(admin: &tokio_postgres::Client) -> i64 {
         .unwrap()
         .get(0)
 }
+
+/// `walrelay check` with `capture = "trigger"`: the owner of the tables is ready without
+/// superuser or REPLICATION on a `wal_level = replica` server; a role that may neither
+/// create the schema nor the triggers is told what to grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_says_what_trigger_capture_needs() {
+    let source = Source::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let run_check = |url: &str| {
+        let config = relay_config_file(
+            dir.path(),
+            url,
+            &["public.orders", "public.nokey"],
+            "capture = \"trigger\"",
+            "[[sink]]\ntype = \"jsonl\"\npath = \"-\"\n",
+        );
+        let o = std::process::Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    let (code, out) = run_check(&source.owner_url());
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(
+            "wal_level = replica: trigger capture needs neither logical decoding nor REPLICATION"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("2 table(s) selected; this role may create their triggers"),
+        "{out}"
+    );
+    assert!(
+        out.contains("NOTE     table public.nokey has no primary key"),
+        "{out}"
+    );
+
+    let (code, out) = run_check(&format!(
+        "postgresql://clerk:cl3rk@127.0.0.1:{}/app",
+        source.pg.port()
+    ));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("PROBLEM  role clerk may not create the schema walrelay_capture: GRANT CREATE ON DATABASE \"app\" TO \"clerk\""), "{out}");
+    assert!(out.contains("PROBLEM  table public.orders: creating its triggers needs its owner or the TRIGGER privilege: GRANT TRIGGER ON \"public\".\"orders\" TO \"clerk\""), "{out}");
+    assert!(!out.contains("cl3rk"), "{out}");
+}

@@ -71,6 +71,10 @@ pub async fn inspect(config: &Config) -> Report {
             return r;
         }
     };
+    if cfg.capture == crate::config::CaptureMethod::Trigger {
+        inspect_trigger_capture(config, &client, &mut r).await;
+        return r;
+    }
     let facts = match setup::server_facts(&client).await {
         Ok(f) => f,
         Err(e) => {
@@ -215,6 +219,99 @@ pub async fn inspect(config: &Config) -> Report {
         }
     }
     r
+}
+
+/// Trigger capture: what installing the log and the tables' triggers needs (no
+/// superuser, no REPLICATION, any `wal_level`).
+async fn inspect_trigger_capture(config: &Config, client: &tokio_postgres::Client, r: &mut Report) {
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int, current_user::text,
+                    current_setting('wal_level'),
+                    to_regnamespace('walrelay_capture') IS NOT NULL,
+                    has_database_privilege(current_database(), 'CREATE'),
+                    current_database()::text",
+            &[],
+        )
+        .await;
+    let row = match row {
+        Ok(row) => row,
+        Err(e) => {
+            r.problem(format!("reading the server's settings: {e}"));
+            return;
+        }
+    };
+    let (version, user, wal_level, installed, may_create): (i32, String, String, bool, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    let database: String = row.get(5);
+    if version < 130000 {
+        r.problem("trigger capture needs PostgreSQL 13 or later (xid8 and pg_snapshot)");
+    } else {
+        r.ok(format!(
+            "PostgreSQL {}.{}, wal_level = {wal_level}: trigger capture needs neither logical decoding nor REPLICATION",
+            version / 10000,
+            version % 100
+        ));
+    }
+    if installed {
+        r.ok("the schema walrelay_capture is installed");
+    } else if may_create {
+        r.ok(format!(
+            "role {user} may create the schema walrelay_capture (created at start)"
+        ));
+    } else {
+        r.problem(format!(
+            "role {user} may not create the schema walrelay_capture: GRANT CREATE ON DATABASE {} TO {}",
+            crate::pg::quote::ident(&database),
+            crate::pg::quote::ident(&user)
+        ));
+    }
+    let (_, tables) = match crate::sets::Plan::resolve(client, &config.sets()).await {
+        Ok(resolved) => resolved,
+        Err(e) => {
+            r.problem(e.to_string());
+            return;
+        }
+    };
+    let oids: Vec<u32> = tables.iter().map(|t| t.oid).collect();
+    let allowed = client
+        .query(
+            "SELECT c.oid, pg_has_role(c.relowner, 'USAGE') OR has_table_privilege(c.oid, 'TRIGGER')
+               FROM pg_class c WHERE c.oid = ANY ($1)",
+            &[&oids],
+        )
+        .await;
+    let allowed: std::collections::HashMap<u32, bool> = match allowed {
+        Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+        Err(e) => {
+            r.problem(format!("reading the tables' privileges: {e}"));
+            return;
+        }
+    };
+    let mut ready = 0;
+    for t in &tables {
+        let table = crate::pg::quote::qualified(&t.schema, &t.name);
+        if !allowed.get(&t.oid).copied().unwrap_or(false) {
+            r.problem(format!(
+                "table {}: creating its triggers needs its owner or the TRIGGER privilege: GRANT TRIGGER ON {table} TO {}",
+                t.qualified_name(),
+                crate::pg::quote::ident(&user)
+            ));
+            continue;
+        }
+        ready += 1;
+        if t.primary_key.is_empty() && t.key.is_empty() {
+            r.note(format!(
+                "table {} has no primary key: its updates and deletes are logged by row triggers with the whole row, and matched on the targets by every column",
+                t.qualified_name()
+            ));
+        }
+    }
+    if ready > 0 {
+        r.ok(format!(
+            "{ready} table(s) selected; this role may create their triggers"
+        ));
+    }
 }
 
 /// Two writable nodes (`source.origin = "none"`): what finding conflicts needs on each node,
