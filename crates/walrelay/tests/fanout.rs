@@ -786,3 +786,94 @@ async fn a_crash_after_publish_before_confirm_loses_and_repeats_nothing() {
     println!("{transactions} transactions through a crash before a confirm");
     delete_queues(&[&queue]).await;
 }
+
+/// Trigger capture through RabbitMQ: a source without logical decoding, an `amqp` sink,
+/// `walrelay consume` into a replica; the relay killed once under writes. The replica ends
+/// equal to the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trigger_capture_through_amqp_reaches_a_replica() {
+    let source = crate::trigger::Source::start().await;
+    let (admin, clerk) = (&source.admin, &source.clerk);
+    clerk
+        .batch_execute(
+            "INSERT INTO orders SELECT g, 'copied ' || g, g / 10.0, '2026-01-01'::date + g,
+                    '2026-01-01 00:00:00+00'::timestamptz + g * interval '1 hour',
+                    ARRAY['a', 'b c'], jsonb_build_object('n', g)
+               FROM generate_series(1, 200) g;
+             INSERT INTO nokey VALUES (1, 'copied');
+             INSERT INTO counter VALUES (1, 0);",
+        )
+        .await
+        .unwrap();
+    let replica_pg = TestPg::start();
+    let replica = replica_pg.create_db("r").await;
+    replica
+        .batch_execute(crate::trigger::TABLES_DDL)
+        .await
+        .unwrap();
+    let (queue, exchange) = (unique("trigger-q"), unique("trigger-x"));
+    let dir = tempfile::tempdir().unwrap();
+    let tables = [
+        "public.orders",
+        "public.nokey",
+        "public.counter",
+        "public.load",
+    ];
+    let cfg = relay_config_file(
+        dir.path(),
+        &source.owner_url(),
+        &tables,
+        "capture = \"trigger\"\nstatus_interval = \"200ms\"",
+        &format!(
+            "[[sink]]\ntype = \"amqp\"\nurl = \"{BROKER}\"\nexchange = \"{exchange}\"\nqueues = [{{ name = \"{queue}\" }}]\n"
+        ),
+    );
+    let consume_cfg = consume_config(dir.path(), "c", &queue, &replica_pg.url("r"), "");
+    let mut relay = Relay::start(&cfg);
+    // The relay declares the queue when its sink opens.
+    wait_for(
+        "the relay to declare its queue",
+        Duration::from_secs(60),
+        || async {
+            let (_c, ch) = channel().await;
+            ch.queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .ok()
+            .map(|_| ())
+        },
+    )
+    .await;
+    let mut consumer = Relay::start_consume(&consume_cfg);
+    for i in 1..=300 {
+        clerk
+            .batch_execute(&format!(
+                "BEGIN; INSERT INTO load VALUES ({i}, 'row {i}');
+                 UPDATE counter SET n = n + 1 WHERE id = 1;
+                 UPDATE orders SET id = id + 1000, amount = amount + 1 WHERE id = {i} % 200 + 1;
+                 COMMIT;"
+            ))
+            .await
+            .unwrap();
+        if i == 150 {
+            relay.kill9().await;
+            relay = Relay::start(&cfg);
+        }
+    }
+    clerk
+        .batch_execute("UPDATE nokey SET b = 'changed'; INSERT INTO nokey VALUES (2, NULL); DELETE FROM orders WHERE id > 1100")
+        .await
+        .unwrap();
+    let all = ["orders", "nokey", "counter", "load"];
+    wait_until_equal(admin, &replica, &all, &mut consumer).await;
+    relay.assert_running();
+    relay.stop().await;
+    consumer.stop().await;
+    delete_queues(&[&queue]).await;
+}

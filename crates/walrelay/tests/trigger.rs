@@ -53,14 +53,22 @@ fn summary(changes: &[Change]) -> Vec<(String, &'static str, Vec<Value>, Vec<Val
 
 /// A source without logical decoding: `wal_level = replica`, the tables owned by a role
 /// that is not a superuser (and may create schemas), written by another role.
-struct Source {
-    pg: TestPg,
-    admin: tokio_postgres::Client,
-    clerk: tokio_postgres::Client,
+pub struct Source {
+    pub pg: TestPg,
+    pub admin: tokio_postgres::Client,
+    pub clerk: tokio_postgres::Client,
 }
 
+/// The tables of `Source`, for a replica that `walrelay consume` fills.
+pub const TABLES_DDL: &str =
+    "CREATE TABLE orders (id int PRIMARY KEY, code text, amount numeric(10,2),
+                                  day date, at timestamptz, tags text[], doc jsonb);
+                              CREATE TABLE nokey (a int, b text);
+                              CREATE TABLE counter (id int PRIMARY KEY, n int8 NOT NULL);
+                              CREATE TABLE load (id int PRIMARY KEY, v text);";
+
 impl Source {
-    async fn start() -> Source {
+    pub async fn start() -> Source {
         let pg = TestPg::builder().setting("wal_level", "replica").start();
         let admin = pg.create_db("app").await;
         let wal_level: String = admin.query_one("SHOW wal_level", &[]).await.unwrap().get(0);
@@ -96,7 +104,7 @@ impl Source {
         Source { pg, admin, clerk }
     }
 
-    fn owner_url(&self) -> String {
+    pub fn owner_url(&self) -> String {
         format!(
             "postgresql://owner_role:Own3r%20pass@127.0.0.1:{}/app",
             self.pg.port()
@@ -104,7 +112,7 @@ impl Source {
     }
 }
 
-fn odd_table() -> String {
+pub fn odd_table() -> String {
     walrelay::pg::quote::qualified(ODD_SCHEMA, ODD_TABLE)
 }
 
