@@ -11,7 +11,7 @@ use walrelay::source::trigger::{batch, install};
 use walrelay_model::{Change, OldRow, Row, Value};
 use walrelay_testkit::TestPg;
 
-use crate::support::{relay_config_file, wait_until_equal, Relay, BIN};
+use crate::support::{relay_config_file, wait_for_line, wait_until_equal, Relay, BIN};
 
 const ODD_SCHEMA: &str = "Odd Schema";
 const ODD_TABLE: &str = "a\"; drop table x; --";
@@ -580,4 +580,58 @@ async fn check_says_what_trigger_capture_needs() {
     assert!(out.contains("PROBLEM  role clerk may not create the schema walrelay_capture: GRANT CREATE ON DATABASE \"app\" TO \"clerk\""), "{out}");
     assert!(out.contains("PROBLEM  table public.orders: creating its triggers needs its owner or the TRIGGER privilege: GRANT TRIGGER ON \"public\".\"orders\" TO \"clerk\""), "{out}");
     assert!(!out.contains("cl3rk"), "{out}");
+}
+
+/// Every type of the matrix, written by a session with other output settings (day-first
+/// dates, Tokyo time, SQL-standard intervals, short floats, escaped bytea), comes out of
+/// the log exactly as the server prints it in walrelay's settings, and the `postgres`
+/// target ends equal to the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_type_comes_out_of_the_log_exactly() {
+    let source = Source::start().await;
+    let (admin, clerk) = (&source.admin, &source.clerk);
+    admin
+        .batch_execute(&format!(
+            "SET ROLE owner_role; {}; GRANT INSERT, SELECT ON v TO clerk; RESET ROLE",
+            crate::values::type_schema()
+        ))
+        .await
+        .unwrap();
+    let target_pg = TestPg::start();
+    let target = target_pg.create_db("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("events.jsonl");
+    let config = relay_config_file(
+        dir.path(),
+        &source.owner_url(),
+        &["public.v"],
+        "capture = \"trigger\"\nstatus_interval = \"200ms\"",
+        &format!(
+            "[[sink]]\ntype = \"postgres\"\nurl = \"{}\"\n\n[[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
+            target_pg.url("app"),
+            out.display()
+        ),
+    );
+    let mut relay = Relay::start(&config);
+    wait_until_created(&target, &["v"], &mut relay).await;
+    clerk
+        .batch_execute(
+            "SET DateStyle = 'SQL, DMY'; SET TimeZone = 'Asia/Tokyo';
+             SET IntervalStyle = 'sql_standard'; SET extra_float_digits = 0;
+             SET bytea_output = 'escape'",
+        )
+        .await
+        .unwrap();
+    clerk.batch_execute(crate::values::TYPE_ROWS).await.unwrap();
+    let lines = wait_for_line(&mut relay, &out, "the three inserts", |l| {
+        l["kind"] == "insert" && l["new"]["id"] == 3
+    })
+    .await;
+    let inserts: Vec<&serde_json::Value> = lines.iter().filter(|l| l["kind"] == "insert").collect();
+    crate::values::assert_as_the_server_prints(admin, &inserts).await;
+    assert_eq!(inserts[0]["new"]["tstz"], "2026-11-21 10:34:56.789012+00");
+    assert_eq!(inserts[0]["new"]["b"], "\\x00ff10");
+    assert_eq!(inserts[0]["types"]["m"], "public.mood");
+    wait_until_equal(admin, &target, &["v"], &mut relay).await;
+    relay.stop().await;
 }

@@ -56,6 +56,37 @@ pub const TYPE_ROWS: &str = r#"INSERT INTO v VALUES
          '2000-02-29', '12:00:00.5', 'infinity', '-infinity', '0', 'ffffffff-ffff-ffff-ffff-ffffffffffff',
          '"x"', '{"nested": {"k": [true, false, null]}}', '{{1,2},{3,4}}', '{NULL}', 'happy', NULL)"#;
 
+/// Each insert line of table `v` carries every value as the server itself prints it, in
+/// the settings walrelay's sessions use (UTC, ISO dates, `postgres` intervals, exact
+/// floats).
+pub async fn assert_as_the_server_prints(db: &tokio_postgres::Client, inserts: &[&J]) {
+    db.batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 3")
+        .await
+        .unwrap();
+    let select: Vec<String> = COLUMNS.iter().map(|(n, _)| format!("{n}::text")).collect();
+    let rows = db
+        .query(
+            &format!("SELECT {} FROM v ORDER BY id", select.join(", ")),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), inserts.len());
+    for (row, line) in rows.iter().zip(inserts) {
+        for (i, (name, ty)) in COLUMNS.iter().enumerate() {
+            let text: Option<String> = row.get(i);
+            let got = &line["new"][name];
+            let want = match (text, *ty) {
+                (None, _) => J::Null,
+                (Some(t), "int2" | "int4" | "int8") => serde_json::from_str(&t).unwrap(),
+                (Some(t), "bool") => J::Bool(t == "true"),
+                (Some(t), _) => J::String(t),
+            };
+            assert_eq!(got, &want, "row {} column {name} ({ty})", line["new"]["id"]);
+        }
+    }
+}
+
 #[tokio::test]
 async fn every_type_comes_out_exactly() {
     let pg = TestPg::start();
@@ -81,31 +112,7 @@ async fn every_type_comes_out_exactly() {
     let inserts: Vec<&J> = lines.iter().filter(|l| l["kind"] == "insert").collect();
     assert_eq!(inserts.len(), 3);
 
-    // What the server itself prints for each value, in the settings walrelay's session uses.
-    db.batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 3")
-        .await
-        .unwrap();
-    let select: Vec<String> = COLUMNS.iter().map(|(n, _)| format!("{n}::text")).collect();
-    let rows = db
-        .query(
-            &format!("SELECT {} FROM v ORDER BY id", select.join(", ")),
-            &[],
-        )
-        .await
-        .unwrap();
-    for (row, line) in rows.iter().zip(&inserts) {
-        for (i, (name, ty)) in COLUMNS.iter().enumerate() {
-            let text: Option<String> = row.get(i);
-            let got = &line["new"][name];
-            let want = match (text, *ty) {
-                (None, _) => J::Null,
-                (Some(t), "int2" | "int4" | "int8") => serde_json::from_str(&t).unwrap(),
-                (Some(t), "bool") => J::Bool(t == "true"),
-                (Some(t), _) => J::String(t),
-            };
-            assert_eq!(got, &want, "row {} column {name} ({ty})", line["new"]["id"]);
-        }
-    }
+    assert_as_the_server_prints(&db, &inserts).await;
     // A few values spelled out, so that a change in the server's output cannot hide a bug.
     let first = &inserts[0]["new"];
     assert_eq!(first["i8"], json!(9223372036854775807i64));
