@@ -673,6 +673,12 @@ impl Config {
                     format!("row filters (where) are not taken by trigger capture yet: set {set:?}, table {table}; use capture = \"logical\" or filter on the target"),
                 ));
             }
+            if s.origin == OriginFilter::None {
+                return Err((
+                    "source.origin".into(),
+                    "trigger capture does not leave out what walrelay applied yet: origin = \"none\" (two writable nodes) needs capture = \"logical\"".into(),
+                ));
+            }
             if matches!(self.ddl.mode, DdlMode::Statements | DdlMode::Additive) {
                 return Err((
                     "ddl.mode".into(),

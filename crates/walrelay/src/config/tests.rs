@@ -443,3 +443,23 @@ fn conflict_policies_have_their_two_writer_names_per_sink_and_per_table() {
     ));
     assert!(e.contains("newest"), "{e}");
 }
+
+#[test]
+fn trigger_capture_refuses_what_it_does_not_take_yet() {
+    let trigger = MINIMAL.replace("[source]", "[source]\ncapture = \"trigger\"");
+    assert_eq!(
+        parse(&trigger).unwrap().source.capture,
+        CaptureMethod::Trigger
+    );
+    let e = error(&trigger.replace("capture =", "origin = \"none\"\ncapture ="));
+    assert!(
+        e.contains("source.origin") && e.contains("capture = \"logical\""),
+        "{e}"
+    );
+    let e = error(&format!("{trigger}\n[ddl]\nmode = \"statements\"\n"));
+    assert!(e.contains("ddl.mode"), "{e}");
+    let e = error(&format!(
+        "{trigger}\n[[set]]\nname = \"s\"\ntables = []\n[[set.table]]\nname = \"public.b\"\nwhere = \"id > 0\"\n"
+    ));
+    assert!(e.contains("source.capture") && e.contains("where"), "{e}");
+}
