@@ -191,24 +191,16 @@ async fn run_once(
     let start = prepared.confirmed;
     // Existing rows first: the copy uses the new slot's snapshot, or a later one for tables
     // still missing a copy (then streamed transactions go whole until past it).
-    let copy = crate::snapshot::copy_for_sinks(
+    let Some(copied_until) = copy(
         config,
         &prepared.info,
         &prepared.plan,
         prepared.snapshot.as_ref(),
         cancel,
-    );
-    // The copy's workers stop on the same token (a child of `cancel`).
-    let copied_until = tokio::select! {
-        r = copy => r,
-        _ = cancel.cancelled() => Err(crate::snapshot::SnapshotError::Stopped),
-    };
-    let copied_until = match copied_until {
-        Err(crate::snapshot::SnapshotError::Stopped) if cancel.is_cancelled() => {
-            tracing::info!("copy stopped; the tables not finished are copied at the next start");
-            return Ok(RunEnd::Stopped);
-        }
-        other => other?,
+    )
+    .await?
+    else {
+        return Ok(RunEnd::Stopped);
     };
     let fanout = open_sinks(
         config,
@@ -216,23 +208,12 @@ async fn run_once(
         &prepared.info,
         start,
         prepared.ddl_mode == crate::config::DdlMode::Additive,
-    )
-    .await?;
-    if let Err(e) = send_snapshot_reads(
-        config,
-        &prepared.info,
-        &prepared.plan,
         prepared.snapshot.as_ref(),
         prepared.snapshot.is_some(),
-        &fanout,
     )
-    .await
-    {
-        let _ = fanout.close().await;
-        return Err(e.into());
-    }
+    .await?;
     let needs = fanout.stream_needs(start, copied_until);
-    let mut source =
+    let source =
         match PgOutputSource::start(prepared, &config.source, needs, config.spill_dir()).await {
             Ok(s) => s,
             Err(e) => {
@@ -241,8 +222,54 @@ async fn run_once(
             }
         };
     *streamed_once = true;
+    stream(source, fanout, cancel).await
+}
+
+/// The copy for the postgres sinks (`snapshot::copy_for_sinks`): the position it was
+/// consistent at, or `None` when a signal stopped it.
+async fn copy(
+    config: &Config,
+    info: &crate::pg::conninfo::ConnInfo,
+    plan: &crate::sets::Plan,
+    snapshot: Option<&crate::snapshot::SnapshotPoint>,
+    cancel: &CancellationToken,
+) -> Result<Option<Lsn>, RelayError> {
+    // The copy's workers stop on the same token (a child of `cancel`).
+    let copied = tokio::select! {
+        r = crate::snapshot::copy_for_sinks(config, info, plan, snapshot, cancel) => r,
+        _ = cancel.cancelled() => Err(crate::snapshot::SnapshotError::Stopped),
+    };
+    match copied {
+        Err(crate::snapshot::SnapshotError::Stopped) if cancel.is_cancelled() => {
+            tracing::info!("copy stopped; the tables not finished are copied at the next start");
+            Ok(None)
+        }
+        other => Ok(Some(other?)),
+    }
+}
+
+/// A started source, as the pipeline drives it: it sends to the fanout until `cancel`,
+/// then confirms what the sinks hold.
+pub trait RunningSource {
+    fn run(
+        &mut self,
+        fanout: &Fanout,
+        cancel: &CancellationToken,
+    ) -> impl std::future::Future<Output = Result<(), SourceError>> + Send;
+    fn finish(
+        self,
+        durable: &[Lsn],
+    ) -> impl std::future::Future<Output = Result<Lsn, SourceError>> + Send;
+}
+
+/// Run `source` until `cancel` or a failure; whatever happened, let the sinks make durable
+/// what they received, then confirm it.
+async fn stream(
+    mut source: impl RunningSource,
+    fanout: Fanout,
+    cancel: &CancellationToken,
+) -> Result<RunEnd, RelayError> {
     let streamed = source.run(&fanout, cancel).await;
-    // Whatever happened, let the sinks make durable what they received, then confirm it.
     let (durable, sinks_result) = fanout.close().await;
     match (streamed, sinks_result) {
         (Ok(()), Ok(())) => {
@@ -260,13 +287,16 @@ async fn run_once(
     }
 }
 
-/// Open every sink at `start`.
+/// Open every sink at `start`, and send the snapshot's rows to those that take them
+/// (`send_snapshot_reads`).
 async fn open_sinks(
     config: &Config,
     plan: &crate::sets::Plan,
     source: &crate::pg::conninfo::ConnInfo,
     start: Lsn,
     ddl_additive: bool,
+    snapshot: Option<&crate::snapshot::SnapshotPoint>,
+    new_source: bool,
 ) -> Result<Fanout, RelayError> {
     let mut handles = Vec::new();
     for sink_config in &config.sinks {
@@ -291,7 +321,12 @@ async fn open_sinks(
             }
         }
     }
-    Ok(Fanout { sinks: handles })
+    let fanout = Fanout { sinks: handles };
+    if let Err(e) = send_snapshot_reads(config, source, plan, snapshot, new_source, &fanout).await {
+        let _ = fanout.close().await;
+        return Err(e.into());
+    }
+    Ok(fanout)
 }
 
 /// One run with trigger capture: the same copy, sinks and acknowledgement rule as with
@@ -308,39 +343,29 @@ async fn run_once_trigger(
         _ = cancel.cancelled() => return Ok(RunEnd::Stopped),
     };
     let start = prepared.confirmed;
-    let copy = crate::snapshot::copy_for_sinks(
+    if copy(
         config,
         &prepared.info,
         &prepared.plan,
         prepared.snapshot.as_ref(),
         cancel,
-    );
-    let copied = tokio::select! {
-        r = copy => r,
-        _ = cancel.cancelled() => Err(crate::snapshot::SnapshotError::Stopped),
-    };
-    match copied {
-        Err(crate::snapshot::SnapshotError::Stopped) if cancel.is_cancelled() => {
-            tracing::info!("copy stopped; the tables not finished are copied at the next start");
-            return Ok(RunEnd::Stopped);
-        }
-        other => other?,
-    };
-    let fanout = open_sinks(config, &prepared.plan, &prepared.info, start, false).await?;
-    if let Err(e) = send_snapshot_reads(
+    )
+    .await?
+    .is_none()
+    {
+        return Ok(RunEnd::Stopped);
+    }
+    let fanout = open_sinks(
         config,
-        &prepared.info,
         &prepared.plan,
+        &prepared.info,
+        start,
+        false,
         prepared.snapshot.as_ref(),
         prepared.created,
-        &fanout,
     )
-    .await
-    {
-        let _ = fanout.close().await;
-        return Err(e.into());
-    }
-    let mut source = match TriggerSource::start(prepared, &fanout).await {
+    .await?;
+    let source = match TriggerSource::start(prepared, &fanout).await {
         Ok(s) => s,
         Err(e) => {
             let _ = fanout.close().await;
@@ -348,20 +373,7 @@ async fn run_once_trigger(
         }
     };
     *streamed_once = true;
-    let streamed = source.run(&fanout, cancel).await;
-    let (durable, sinks_result) = fanout.close().await;
-    match (streamed, sinks_result) {
-        (Ok(()), Ok(())) => {
-            let confirmed = source.finish(&durable).await?;
-            tracing::info!(confirmed = %confirmed, "stopped cleanly");
-            Ok(RunEnd::Stopped)
-        }
-        (_, Err(sink_err)) => Err(sink_err.into()),
-        (Err(source_err), Ok(())) => {
-            let _ = source.finish(&durable).await;
-            Err(source_err.into())
-        }
-    }
+    stream(source, fanout, cancel).await
 }
 
 /// The snapshot's rows, as read events, to the sinks that take them: at the new slot's

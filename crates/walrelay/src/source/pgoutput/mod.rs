@@ -453,3 +453,17 @@ impl PgOutputSource {
         Ok(acked)
     }
 }
+
+impl crate::pipeline::RunningSource for PgOutputSource {
+    async fn run(
+        &mut self,
+        fanout: &Fanout,
+        cancel: &CancellationToken,
+    ) -> Result<(), SourceError> {
+        PgOutputSource::run(self, fanout, cancel).await
+    }
+
+    async fn finish(self, durable: &[Lsn]) -> Result<Lsn, SourceError> {
+        PgOutputSource::finish(self, durable).await
+    }
+}

@@ -99,26 +99,11 @@ pub async fn install(
     let err = |what: &'static str| {
         move |e| SourceError::Pg(PgError::from_sql(format!("trigger capture: {what}"), e))
     };
-    let tx = client
-        .transaction()
+    let (tx, installed) = begin_locked(client)
         .await
         .map_err(err("starting the installation"))?;
-    tx.batch_execute(OWN_DDL)
-        .await
-        .map_err(err("starting the installation"))?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&INSTALL_LOCK])
-        .await
-        .map_err(err("waiting for another installation"))?;
     // Only what is missing: a restart under writes must not take locks on the log or
     // the tables (CREATE INDEX IF NOT EXISTS locks its table even when the index exists).
-    let installed: bool = tx
-        .query_one(
-            "SELECT to_regclass('walrelay_capture.tables') IS NOT NULL",
-            &[],
-        )
-        .await
-        .map_err(err("looking for the schema walrelay_capture"))?
-        .get(0);
     if !installed {
         tx.batch_execute(SCHEMA_SQL).await.map_err(err(
             "creating the schema walrelay_capture (needs CREATE on the database)",
@@ -197,6 +182,25 @@ pub async fn install(
         .await
         .map_err(err("committing the installation"))?;
     Ok(out)
+}
+
+/// A transaction for installing or removing: not captured as DDL, after any other
+/// installation (an advisory lock), and whether the capture's tables exist.
+async fn begin_locked(
+    client: &mut Client,
+) -> Result<(tokio_postgres::Transaction<'_>, bool), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(OWN_DDL).await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&INSTALL_LOCK])
+        .await?;
+    let installed: bool = tx
+        .query_one(
+            "SELECT to_regclass('walrelay_capture.tables') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok((tx, installed))
 }
 
 /// Trigger names on a captured table (one per event: PostgreSQL takes transition tables only
@@ -391,19 +395,7 @@ pub async fn uninstall(client: &mut Client) -> Result<Removed, SourceError> {
             ))
         }
     };
-    let tx = client.transaction().await.map_err(err("starting"))?;
-    tx.batch_execute(OWN_DDL).await.map_err(err("starting"))?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&INSTALL_LOCK])
-        .await
-        .map_err(err("waiting for another installation"))?;
-    let installed: bool = tx
-        .query_one(
-            "SELECT to_regclass('walrelay_capture.tables') IS NOT NULL",
-            &[],
-        )
-        .await
-        .map_err(err("looking for the schema"))?
-        .get(0);
+    let (tx, installed) = begin_locked(client).await.map_err(err("starting"))?;
     if !installed {
         let schema_left: bool = tx
             .query_one(

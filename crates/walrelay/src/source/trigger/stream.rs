@@ -548,3 +548,17 @@ async fn deliver(
     }
     Ok(())
 }
+
+impl crate::pipeline::RunningSource for TriggerSource {
+    async fn run(
+        &mut self,
+        fanout: &Fanout,
+        cancel: &CancellationToken,
+    ) -> Result<(), SourceError> {
+        TriggerSource::run(self, fanout, cancel).await
+    }
+
+    async fn finish(self, durable: &[Lsn]) -> Result<Lsn, SourceError> {
+        TriggerSource::finish(self, durable).await
+    }
+}
