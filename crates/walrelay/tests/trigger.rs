@@ -59,7 +59,7 @@ pub struct Source {
     pub clerk: tokio_postgres::Client,
 }
 
-/// The tables of `Source`, for a replica that `walrelay consume` fills.
+/// The tables of `Source` (created there by their owner), also for a replica to fill.
 pub const TABLES_DDL: &str =
     "CREATE TABLE orders (id int PRIMARY KEY, code text, amount numeric(10,2),
                                   day date, at timestamptz, tags text[], doc jsonb);
@@ -80,13 +80,9 @@ impl Source {
                  GRANT CREATE ON DATABASE app TO owner_role;
                  GRANT CREATE ON SCHEMA public TO owner_role;
                  SET ROLE owner_role;
-                 CREATE TABLE orders (id int PRIMARY KEY, code text, amount numeric(10,2),
-                                      day date, at timestamptz, tags text[], doc jsonb);
+                 {TABLES_DDL}
                  CREATE SCHEMA {schema};
                  CREATE TABLE {odd} (\"Id\" int PRIMARY KEY, \"v al\" text);
-                 CREATE TABLE nokey (a int, b text);
-                 CREATE TABLE counter (id int PRIMARY KEY, n int8 NOT NULL);
-                 CREATE TABLE load (id int PRIMARY KEY, v text);
                  GRANT USAGE ON SCHEMA {schema} TO clerk;
                  GRANT INSERT, UPDATE, DELETE, SELECT, TRUNCATE
                     ON orders, nokey, counter, load, {odd} TO clerk;

@@ -213,16 +213,8 @@ async fn run_once(
     )
     .await?;
     let needs = fanout.stream_needs(start, copied_until);
-    let source =
-        match PgOutputSource::start(prepared, &config.source, needs, config.spill_dir()).await {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = fanout.close().await;
-                return Err(e.into());
-            }
-        };
-    *streamed_once = true;
-    stream(source, fanout, cancel).await
+    let source = PgOutputSource::start(prepared, &config.source, needs, config.spill_dir()).await;
+    stream(source, fanout, cancel, streamed_once).await
 }
 
 /// The copy for the postgres sinks (`snapshot::copy_for_sinks`): the position it was
@@ -262,13 +254,23 @@ pub trait RunningSource {
     ) -> impl std::future::Future<Output = Result<Lsn, SourceError>> + Send;
 }
 
-/// Run `source` until `cancel` or a failure; whatever happened, let the sinks make durable
-/// what they received, then confirm it.
+/// Run the source just started (or close the sinks if it did not start) until `cancel` or
+/// a failure; whatever happened, let the sinks make durable what they received, then
+/// confirm it.
 async fn stream(
-    mut source: impl RunningSource,
+    started: Result<impl RunningSource, SourceError>,
     fanout: Fanout,
     cancel: &CancellationToken,
+    streamed_once: &mut bool,
 ) -> Result<RunEnd, RelayError> {
+    let mut source = match started {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = fanout.close().await;
+            return Err(e.into());
+        }
+    };
+    *streamed_once = true;
     let streamed = source.run(&fanout, cancel).await;
     let (durable, sinks_result) = fanout.close().await;
     match (streamed, sinks_result) {
@@ -365,15 +367,8 @@ async fn run_once_trigger(
         prepared.created,
     )
     .await?;
-    let source = match TriggerSource::start(prepared, &fanout).await {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = fanout.close().await;
-            return Err(e.into());
-        }
-    };
-    *streamed_once = true;
-    stream(source, fanout, cancel).await
+    let source = TriggerSource::start(prepared, &fanout).await;
+    stream(source, fanout, cancel, streamed_once).await
 }
 
 /// The snapshot's rows, as read events, to the sinks that take them: at the new slot's
