@@ -7,15 +7,6 @@ use walrelay_testkit::TestPg;
 
 use crate::support::*;
 
-/// A row's xmin: it changes when anything writes the row again.
-async fn xmin(client: &tokio_postgres::Client, id: i32) -> String {
-    client
-        .query_one("SELECT xmin::text FROM t WHERE id = $1", &[&id])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// A write on either node reaches the other once, and causes no write back: an insert
 /// would come back as a conflict (the relay would stop), an update as a new xmin. So do
 /// the rows of the first node's copy to the second, while the relay back already runs.

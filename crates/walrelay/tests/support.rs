@@ -511,3 +511,61 @@ pub fn walrelay_check(cfg: &Path) -> (Option<i32>, String) {
         String::from_utf8_lossy(&o.stdout).into_owned(),
     )
 }
+
+/// Wait until `target_table` on `target` holds the rows `expected` selects on `source`.
+pub async fn wait_until_shaped(
+    source: &tokio_postgres::Client,
+    expected: &str,
+    target: &tokio_postgres::Client,
+    target_table: &str,
+    relay: &mut Relay,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        relay.assert_running();
+        let want = checksum(source, expected).await;
+        let got = target
+            .query_one(
+                &format!("SELECT count(*), coalesce(sum(hashtext(t::text)::int8), 0)::int8 FROM {target_table} t"),
+                &[],
+            )
+            .await
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
+            .ok();
+        if got == Some(want) {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!(
+                "{target_table} never matched: want {want:?}, got {got:?}\nexpected rows:\n  {}\ntarget rows:\n  {}\nrelay log:\n{}",
+                some_rows(source, &format!("SELECT t::text FROM {expected} t ORDER BY 1")).await,
+                some_rows(target, &format!("SELECT t::text FROM {target_table} t ORDER BY 1")).await,
+                relay.stderr()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The first rows `sql` returns, one per line, to show in a failure.
+pub async fn some_rows(c: &tokio_postgres::Client, sql: &str) -> String {
+    c.query(sql, &[])
+        .await
+        .map(|rows| {
+            rows.iter()
+                .take(5)
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+                .join("\n  ")
+        })
+        .unwrap_or_else(|e| e.to_string())
+}
+
+/// The xmin of row `id` of table `t`: it changes when anything writes the row again.
+pub async fn xmin(client: &tokio_postgres::Client, id: i32) -> String {
+    client
+        .query_one("SELECT xmin::text FROM t WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0)
+}

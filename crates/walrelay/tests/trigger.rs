@@ -6,12 +6,14 @@ use std::time::Duration;
 
 use walrelay::pg::conninfo::{resolve, ProcessEnv};
 use walrelay::pg::sql;
-use walrelay::source::pgoutput::setup::select_tables;
+use walrelay::source::pgoutput::setup::{select_tables, Published};
 use walrelay::source::trigger::{batch, install};
 use walrelay_model::{Change, OldRow, Row, Value};
 use walrelay_testkit::TestPg;
 
-use crate::support::{relay_config_file, wait_for_line, wait_until_equal, Relay, BIN};
+use crate::support::{
+    relay_config_file, wait_for_line, wait_until_equal, wait_until_shaped, xmin, Relay, BIN,
+};
 
 const ODD_SCHEMA: &str = "Odd Schema";
 const ODD_TABLE: &str = "a\"; drop table x; --";
@@ -129,13 +131,25 @@ async fn a_source_without_logical_decoding_logs_committed_changes_in_batches() {
     ];
     let tables = select_tables(&owner, &patterns).await.unwrap();
     assert_eq!(tables.len(), 3);
-    let captured = install::install(&mut owner, &tables).await.unwrap();
+    let published: Vec<Published> = tables
+        .iter()
+        .map(|table| Published {
+            table,
+            filter: None,
+        })
+        .collect();
+    let captured = install::install(&mut owner, &published, "test")
+        .await
+        .unwrap();
     // Installing again changes nothing and keeps the numbers.
     assert_eq!(
-        install::install(&mut owner, &tables).await.unwrap(),
+        install::install(&mut owner, &published, "test")
+            .await
+            .unwrap(),
         captured
     );
-    let relations = batch::relations(&owner, &captured).await.unwrap();
+    let relids: Vec<u32> = captured.iter().map(|c| c.oid).collect();
+    let relations = batch::relations(&owner, &relids).await.unwrap();
 
     // The writer's own output settings do not change what the log says.
     clerk
@@ -175,7 +189,7 @@ async fn a_source_without_logical_decoding_logs_committed_changes_in_batches() {
     let third = batch::tick(&owner, "test", None).await.unwrap();
     assert!(first.lsn < second.lsn && second.lsn < third.lsn);
 
-    let changes = batch::read(&owner, first.id, second.id, &relations)
+    let changes = batch::read(&owner, first.id, second.id, &relations, false)
         .await
         .unwrap();
     let n = Value::Null;
@@ -280,7 +294,7 @@ async fn a_source_without_logical_decoding_logs_committed_changes_in_batches() {
         _ => true,
     }));
 
-    let later = batch::read(&owner, second.id, third.id, &relations)
+    let later = batch::read(&owner, second.id, third.id, &relations, false)
         .await
         .unwrap();
     assert_eq!(
@@ -349,6 +363,10 @@ async fn trigger_capture_replicates_to_postgres_through_kills() {
         ))
         .await
         .unwrap();
+    admin
+        .batch_execute("SET ROLE owner_role; CREATE SCHEMA later; GRANT USAGE ON SCHEMA later TO clerk; RESET ROLE")
+        .await
+        .unwrap();
     let target_pg = TestPg::start();
     let target = target_pg.create_db("app").await;
     let dir = tempfile::tempdir().unwrap();
@@ -358,6 +376,8 @@ async fn trigger_capture_replicates_to_postgres_through_kills() {
         "public.counter",
         "public.load",
         "\"Odd Schema\".\"a\"\"; drop table x; --\"",
+        // Empty until a table is created there between two runs.
+        "later.*",
     ];
     let config = relay_config_file(
         dir.path(),
@@ -447,6 +467,49 @@ async fn trigger_capture_replicates_to_postgres_through_kills() {
         .get(0);
     assert!(logged < 1500, "{logged} rows still in the log");
 
+    // A table that appears between two runs gets its triggers at the next start and is
+    // copied on its own; its sequence, used on the source, is carried to the target.
+    relay.stop().await;
+    admin
+        .batch_execute(
+            "SET ROLE owner_role;
+             CREATE TABLE later.items (id serial PRIMARY KEY, v text);
+             INSERT INTO later.items (v) SELECT 'before ' || g FROM generate_series(1, 50) g;
+             GRANT INSERT, SELECT, UPDATE ON later.items TO clerk;
+             GRANT USAGE ON SEQUENCE later.items_id_seq TO clerk;
+             RESET ROLE;",
+        )
+        .await
+        .unwrap();
+    relay = Relay::start(&config);
+    clerk
+        .batch_execute(
+            "INSERT INTO later.items (v) SELECT 'after ' || g FROM generate_series(1, 20) g;
+             UPDATE later.items SET v = v || ' changed' WHERE id % 10 = 0;
+             INSERT INTO load VALUES (1501, 'next run');",
+        )
+        .await
+        .unwrap();
+    let with_later = [
+        "orders",
+        "nokey",
+        "counter",
+        "load",
+        "later.items",
+        &odd_table(),
+    ];
+    wait_until_created(&target, &["later.items"], &mut relay).await;
+    wait_until_equal(admin, &target, &with_later, &mut relay).await;
+    let next_id: i32 = target
+        .query_one("SELECT nextval('later.items_id_seq')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        next_id > 70,
+        "the target's sequence hands out {next_id}, used on the source already"
+    );
+
     // Not while a relay captures; then every object of the capture goes, and nothing else.
     let uninstall = || {
         std::process::Command::new(BIN)
@@ -467,7 +530,7 @@ async fn trigger_capture_replicates_to_postgres_through_kills() {
         "{out}{}",
         String::from_utf8_lossy(&removed.stderr)
     );
-    assert!(out.contains("the triggers of 5 table(s)"), "{out}");
+    assert!(out.contains("the triggers of 6 table(s)"), "{out}");
     assert!(!out.contains("Own3r"), "{out}");
     assert_eq!(
         capture_objects(admin).await,
@@ -524,6 +587,357 @@ async fn capture_objects(admin: &tokio_postgres::Client) -> i64 {
         .await
         .unwrap()
         .get(0)
+}
+
+/// A table altered while changes of it wait in the log: at the next start the relay
+/// registers the table again for its new columns, and the rows logged before still read
+/// with the columns they were logged with; the earlier entry is forgotten once the log no
+/// longer holds its rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_logged_before_an_alter_table_read_with_their_columns() {
+    let source = Source::start().await;
+    let (admin, clerk) = (&source.admin, &source.clerk);
+    clerk
+        .batch_execute(
+            "INSERT INTO orders (id, code) SELECT g, 'copied' FROM generate_series(1, 20) g",
+        )
+        .await
+        .unwrap();
+    let target_pg = TestPg::start();
+    let target = target_pg.create_db("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = relay_config_file(
+        dir.path(),
+        &source.owner_url(),
+        &["public.orders"],
+        "capture = \"trigger\"\nstatus_interval = \"200ms\"\nlog_rotation = \"1s\"",
+        &format!(
+            "[[sink]]\ntype = \"postgres\"\nurl = \"{}\"\n",
+            target_pg.url("app")
+        ),
+    );
+    let mut relay = Relay::start(&config);
+    wait_until_created(&target, &["orders"], &mut relay).await;
+    wait_until_equal(admin, &target, &["orders"], &mut relay).await;
+    relay.stop().await;
+
+    // Logged while the relay is stopped, under the table's first entry.
+    clerk
+        .batch_execute(
+            "UPDATE orders SET code = 'before the alter' WHERE id <= 5;
+             INSERT INTO orders (id, code, amount) VALUES (100, 'before', 1.5);
+             DELETE FROM orders WHERE id = 20;",
+        )
+        .await
+        .unwrap();
+    // The targets first, then the source (with its writers paused, as operations.md says).
+    target
+        .batch_execute(
+            "ALTER TABLE orders ADD COLUMN note text, ALTER COLUMN amount TYPE numeric(12,3)",
+        )
+        .await
+        .unwrap();
+    admin
+        .batch_execute(
+            "SET ROLE owner_role;
+             ALTER TABLE orders ADD COLUMN note text, ALTER COLUMN amount TYPE numeric(12,3);
+             RESET ROLE;",
+        )
+        .await
+        .unwrap();
+    let mut relay = Relay::start(&config);
+    // Writers go on once the relay has made the triggers for the new columns.
+    let entries = "SELECT count(*) FROM walrelay_capture.tables WHERE relid = 'orders'::regclass";
+    crate::support::wait_for_count(admin, entries, 2, "the table's two entries").await;
+    clerk
+        .batch_execute(
+            "INSERT INTO orders (id, code, amount, note) VALUES (101, 'after', 2.25, 'with a note');
+             UPDATE orders SET note = 'noted' WHERE id = 100;",
+        )
+        .await
+        .unwrap();
+    wait_until_equal(admin, &target, &["orders"], &mut relay).await;
+    let first_entry_functions = "SELECT count(*) FROM pg_proc p JOIN walrelay_capture.tables t
+          ON p.proname IN ('capture_' || t.id, 'capture_row_' || t.id) WHERE NOT t.current";
+    crate::support::wait_for_count(
+        admin,
+        first_entry_functions,
+        0,
+        "the first entry's functions dropped",
+    )
+    .await;
+
+    // Once rotation has emptied the log of the first entry's rows (it empties a log table
+    // once a tick after the switch is confirmed, so keep writing), the next start
+    // forgets the entry.
+    let first_entry_rows = "SELECT count(*) FROM walrelay_capture.tables t
+          WHERE NOT t.current
+            AND (EXISTS (SELECT FROM walrelay_capture.log_1 l WHERE l.tbl = t.id)
+                 OR EXISTS (SELECT FROM walrelay_capture.log_2 l WHERE l.tbl = t.id))";
+    for i in 0.. {
+        let left: i64 = admin.query_one(first_entry_rows, &[]).await.unwrap().get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            i < 300,
+            "the log kept the first entry's rows: {}",
+            relay.stderr()
+        );
+        relay.assert_running();
+        clerk
+            .batch_execute(&format!(
+                "UPDATE orders SET note = 'tick {i}' WHERE id = 101"
+            ))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_until_equal(admin, &target, &["orders"], &mut relay).await;
+    relay.stop().await;
+    let mut relay = Relay::start(&config);
+    for i in 0.. {
+        let n: i64 = admin.query_one(entries, &[]).await.unwrap().get(0);
+        if n == 1 {
+            break;
+        }
+        assert!(i < 300, "{n} entries for the table: {}", relay.stderr());
+        relay.assert_running();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    relay.stop().await;
+}
+
+/// Row filters (a set's `where`) with trigger capture, decided in the triggers as
+/// PostgreSQL's row filters decide: an update into the filter arrives as an insert, one
+/// out of it as a delete; tables with and without a key; a column named like the
+/// trigger's variable. The copy takes the filter too. A filter the server cannot evaluate
+/// stops the relay at start and leaves the source's writes alone; a second consumer that
+/// asks for another filter on the same table is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_filters_are_decided_in_the_triggers() {
+    let source = Source::start().await;
+    let (admin, clerk) = (&source.admin, &source.clerk);
+    admin
+        .batch_execute(
+            "SET ROLE owner_role;
+             CREATE TABLE regional (id int PRIMARY KEY, log text, region text);
+             GRANT INSERT, UPDATE, DELETE, SELECT ON regional TO clerk;
+             INSERT INTO regional VALUES (1, 'a', 'eu'), (2, 'b', 'us'), (3, NULL, 'eu');
+             INSERT INTO nokey VALUES (1, 'kept'), (-1, 'left out');
+             RESET ROLE;",
+        )
+        .await
+        .unwrap();
+    let target_pg = TestPg::start();
+    let target = target_pg.create_db("app").await;
+    let config_in = |dir: &std::path::Path, extra: &str, filter: &str| {
+        relay_config_file(
+            dir,
+            &source.owner_url(),
+            &["public.counter"],
+            &format!("capture = \"trigger\"\nstatus_interval = \"200ms\"\n{extra}"),
+            &format!(
+                "[[set]]\nname = \"regional\"\n\n[[set.table]]\nname = \"public.regional\"\nwhere = \"{filter}\"\n\n\
+                 [[set.table]]\nname = \"public.nokey\"\nwhere = \"a > 0\"\n\n\
+                 [[sink]]\ntype = \"postgres\"\nurl = \"{}\"\n",
+                target_pg.url("app")
+            ),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_in(dir.path(), "", "region = 'eu' AND log IS NOT NULL");
+    let regional = "(SELECT * FROM regional WHERE region = 'eu' AND log IS NOT NULL)";
+    let nokey = "(SELECT * FROM nokey WHERE a > 0)";
+    let mut relay = Relay::start(&config);
+    wait_until_created(&target, &["regional", "nokey", "counter"], &mut relay).await;
+    wait_until_shaped(admin, regional, &target, "regional", &mut relay).await;
+    wait_until_shaped(admin, nokey, &target, "nokey", &mut relay).await;
+
+    clerk
+        .batch_execute(
+            "INSERT INTO regional VALUES (4, 'c', 'eu'), (5, 'd', 'us');
+             UPDATE regional SET region = 'eu' WHERE id = 2;
+             UPDATE regional SET region = 'us' WHERE id = 1;
+             UPDATE regional SET log = 'now' WHERE id = 3;
+             UPDATE regional SET log = 'x' WHERE id = 5;
+             BEGIN;
+             UPDATE regional SET id = 40 WHERE id = 4;
+             UPDATE regional SET log = 'after the key change' WHERE id = 40;
+             COMMIT;
+             DELETE FROM regional WHERE id = 2;
+             INSERT INTO nokey VALUES (2, 'in'), (-2, 'out');
+             UPDATE nokey SET a = -a WHERE b = 'kept';
+             UPDATE nokey SET a = 3 WHERE a = -2;
+             DELETE FROM nokey WHERE a = 2;
+             INSERT INTO counter VALUES (1, 7);",
+        )
+        .await
+        .unwrap();
+    wait_until_shaped(admin, regional, &target, "regional", &mut relay).await;
+    wait_until_shaped(admin, nokey, &target, "nokey", &mut relay).await;
+    wait_until_equal(admin, &target, &["counter"], &mut relay).await;
+    let regional_rows: Vec<String> = target
+        .query("SELECT id || ':' || log FROM regional ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(regional_rows, ["3:now", "40:after the key change"]);
+    relay.stop().await;
+
+    // A filter the server cannot evaluate: refused at start, the triggers left as they were.
+    let refused = |config: &std::path::Path| {
+        let o = std::process::Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(config)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let bad_dir = tempfile::tempdir().unwrap();
+    let (code, err) = refused(&config_in(bad_dir.path(), "", "no_such_column > 0"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("row filter")
+            && err.contains("no_such_column")
+            && err.contains("public.regional"),
+        "{err}"
+    );
+    assert!(!err.contains("Own3r"), "{err}");
+    clerk
+        .batch_execute("INSERT INTO regional VALUES (6, 'e', 'eu'), (7, 'f', 'us')")
+        .await
+        .unwrap();
+
+    // Another consumer of the log with another filter for the same table.
+    let other_dir = tempfile::tempdir().unwrap();
+    let (code, err) = refused(&config_in(
+        other_dir.path(),
+        "slot = \"other\"",
+        "region = 'us'",
+    ));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("other consumer(s) walrelay") && err.contains("same filter"),
+        "{err}"
+    );
+
+    // The first relay goes on where it stopped, with what was written meanwhile.
+    let mut relay = Relay::start(&config);
+    wait_until_shaped(admin, regional, &target, "regional", &mut relay).await;
+    relay.stop().await;
+}
+
+/// Two writable nodes, neither with logical decoding: a relay each way with trigger
+/// capture and `origin = "none"`. What a relay applies is logged on its target with
+/// `applied_by` and left out by the relay back, so a write on either node reaches the
+/// other once and nothing comes back: not the copy, not an insert, not an update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writable_nodes_with_trigger_capture_do_not_loop() {
+    let node = || {
+        TestPg::builder()
+            .setting("wal_level", "replica")
+            .setting("track_commit_timestamp", "on")
+            .start()
+    };
+    let (a_pg, b_pg) = (node(), node());
+    let a = a_pg.create_db("app").await;
+    a.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, 'copied' FROM generate_series(100, 199) g",
+    )
+    .await
+    .unwrap();
+    let b = b_pg.create_db("app").await;
+    b.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let (dir_ab, dir_ba) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let sink = |url: String, copy: bool| {
+        format!("[snapshot]\nenabled = {copy}\n\n[[sink]]\ntype = \"postgres\"\nurl = \"{url}\"\n")
+    };
+    let source = "capture = \"trigger\"\norigin = \"none\"\nstatus_interval = \"200ms\"";
+    // The way back first: its triggers on B log the copy's rows, marked as applied.
+    let ba = relay_config_file(
+        dir_ba.path(),
+        &b_pg.url("app"),
+        &["public.t"],
+        source,
+        &sink(a_pg.url("app"), false),
+    );
+    let mut b_to_a = Relay::start(&ba);
+    crate::support::wait_for_count(
+        &b,
+        "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'walrelay_capture%'",
+        5,
+        "the relay back's triggers on B",
+    )
+    .await;
+    let ab = relay_config_file(
+        dir_ab.path(),
+        &a_pg.url("app"),
+        &["public.t"],
+        source,
+        &sink(b_pg.url("app"), true),
+    );
+    let mut a_to_b = Relay::start(&ab);
+    wait_until_equal(&a, &b, &["t"], &mut a_to_b).await;
+    let copied_on_a = xmin(&a, 100).await;
+
+    a.batch_execute(
+        "INSERT INTO t VALUES (1, 'from a'); UPDATE t SET v = 'changed on a' WHERE id = 101",
+    )
+    .await
+    .unwrap();
+    b.batch_execute(
+        "INSERT INTO t VALUES (2, 'from b'); UPDATE t SET v = 'changed on b' WHERE id = 102",
+    )
+    .await
+    .unwrap();
+    wait_until_equal(&a, &b, &["t"], &mut a_to_b).await;
+    wait_until_equal(&a, &b, &["t"], &mut b_to_a).await;
+    let written = [
+        (xmin(&a, 1).await, xmin(&a, 101).await),
+        (xmin(&b, 2).await, xmin(&b, 102).await),
+    ];
+    let applied = [
+        (xmin(&b, 1).await, xmin(&b, 101).await),
+        (xmin(&a, 2).await, xmin(&a, 102).await),
+    ];
+    // Long enough for a change to make the round trip many times (ticks every 200 ms).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    a_to_b.assert_running();
+    b_to_a.assert_running();
+    assert_eq!(
+        [
+            (xmin(&a, 1).await, xmin(&a, 101).await),
+            (xmin(&b, 2).await, xmin(&b, 102).await)
+        ],
+        written,
+        "a node's own writes came back to it"
+    );
+    assert_eq!(
+        [
+            (xmin(&b, 1).await, xmin(&b, 101).await),
+            (xmin(&a, 2).await, xmin(&a, 102).await)
+        ],
+        applied,
+        "a change was applied more than once"
+    );
+    assert_eq!(xmin(&a, 100).await, copied_on_a, "the copy came back to A");
+    let rows: i64 = a
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 102);
+    a_to_b.stop().await;
+    b_to_a.stop().await;
 }
 
 /// `walrelay check` with `capture = "trigger"`: the owner of the tables is ready without

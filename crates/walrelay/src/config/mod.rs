@@ -661,30 +661,13 @@ impl Config {
                 "must be at least 10ms".into(),
             ));
         }
-        if s.capture == CaptureMethod::Trigger {
-            if let Some((set, table)) = self.sets().iter().find_map(|set| {
-                set.options
-                    .iter()
-                    .find(|t| t.filter.is_some())
-                    .map(|t| (set.name.clone(), t.name.to_string()))
-            }) {
-                return Err((
-                    "source.capture".into(),
-                    format!("row filters (where) are not taken by trigger capture yet: set {set:?}, table {table}; use capture = \"logical\" or filter on the target"),
-                ));
-            }
-            if s.origin == OriginFilter::None {
-                return Err((
-                    "source.origin".into(),
-                    "trigger capture does not leave out what walrelay applied yet: origin = \"none\" (two writable nodes) needs capture = \"logical\"".into(),
-                ));
-            }
-            if matches!(self.ddl.mode, DdlMode::Statements | DdlMode::Additive) {
-                return Err((
-                    "ddl.mode".into(),
-                    "schema changes are captured from the logical stream: with capture = \"trigger\" set mode = \"off\" (or leave it at auto) and change the targets by hand first".into(),
-                ));
-            }
+        if s.capture == CaptureMethod::Trigger
+            && matches!(self.ddl.mode, DdlMode::Statements | DdlMode::Additive)
+        {
+            return Err((
+                "ddl.mode".into(),
+                "schema changes are captured from the logical stream: with capture = \"trigger\" set mode = \"off\" (or leave it at auto) and change the targets by hand first".into(),
+            ));
         }
         if let Some(k) = s.key_ranges {
             if k.nodes < 2 || k.node < 1 || k.node > k.nodes {

@@ -12,7 +12,6 @@ use walrelay_model::{
     Change, Column, Lsn, OldRow, PgTimestamp, Relation, ReplicaIdentity, Row, Value,
 };
 
-use super::install::Captured;
 use super::record;
 use crate::pg::PgError;
 
@@ -115,53 +114,53 @@ pub async fn ticks_after(
     rows.iter().map(tick_of).collect()
 }
 
-/// The relations of the captured tables, by their number in the log, described as
-/// pgoutput would (type names, key columns; all columns are the key of a table without
-/// one, whose old rows are logged whole).
+/// The relations of the captured tables, by their number in the log (each entry the
+/// registry keeps for them: rows logged before an ALTER TABLE have the columns of their
+/// entry), described as pgoutput would (type names, key columns; all columns are the key
+/// of a table without one, whose old rows are logged whole).
 pub async fn relations(
     client: &Client,
-    captured: &[Captured],
+    relids: &[walrelay_model::Oid],
 ) -> Result<HashMap<i32, Arc<Relation>>, BatchError> {
+    let rows = client
+        .query(
+            "SELECT r.id, r.relid, n.nspname::text, c.relname::text, r.columns, r.types, r.typmods,
+                    r.type_names, r.key
+               FROM walrelay_capture.tables r
+               JOIN pg_class c ON c.oid = r.relid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE r.relid = ANY ($1)",
+            &[&relids],
+        )
+        .await
+        .map_err(pg("reading the table registry"))?;
     let mut out = HashMap::new();
-    for c in captured {
-        let rows = client
-            .query(
-                "SELECT n.nspname::text, c.relname::text, a.attname::text, a.atttypid, a.atttypmod,
-                        CASE WHEN tn.nspname = 'pg_catalog' THEN t.typname::text
-                             ELSE tn.nspname || '.' || t.typname END
-                   FROM pg_class c
-                   JOIN pg_namespace n ON n.oid = c.relnamespace
-                   JOIN unnest($2::text[]) WITH ORDINALITY AS u(col, i) ON true
-                   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = u.col
-                   JOIN pg_type t ON t.oid = a.atttypid
-                   JOIN pg_namespace tn ON tn.oid = t.typnamespace
-                  WHERE c.oid = $1
-                  ORDER BY u.i",
-                &[&c.oid, &c.columns],
-            )
-            .await
-            .map_err(pg("describing a captured table"))?;
-        let Some(first) = rows.first() else { continue };
-        let keyed = !c.key.is_empty();
-        let columns = rows
-            .iter()
-            .map(|r| {
-                let name: String = r.get(2);
-                Column {
-                    is_key: !keyed || c.key.contains(&name),
-                    name,
-                    type_oid: r.get(3),
-                    type_modifier: r.get(4),
-                    type_name: r.get(5),
-                }
+    for r in &rows {
+        let names: Vec<String> = r.get(4);
+        let types: Vec<walrelay_model::Oid> = r.get(5);
+        let typmods: Vec<i32> = r.get(6);
+        let type_names: Vec<String> = r.get(7);
+        let key: Vec<String> = r.get(8);
+        let keyed = !key.is_empty();
+        let columns = names
+            .into_iter()
+            .zip(types)
+            .zip(typmods)
+            .zip(type_names)
+            .map(|(((name, type_oid), type_modifier), type_name)| Column {
+                is_key: !keyed || key.contains(&name),
+                name,
+                type_oid,
+                type_modifier,
+                type_name,
             })
             .collect();
         out.insert(
-            c.id,
+            r.get::<_, i32>(0),
             Arc::new(Relation {
-                oid: c.oid,
-                schema: first.get(0),
-                name: first.get(1),
+                oid: r.get(1),
+                schema: r.get(2),
+                name: r.get(3),
                 replica_identity: if keyed {
                     ReplicaIdentity::Default
                 } else {
@@ -174,6 +173,20 @@ pub async fn relations(
     Ok(out)
 }
 
+/// The newest entry of the table registry: a relay that installs for another consumer
+/// may register a table again (after an ALTER TABLE), and rows logged under the new entry
+/// need its relation.
+pub async fn newest_entry(client: &Client) -> Result<i32, BatchError> {
+    Ok(client
+        .query_one(
+            "SELECT coalesce(max(id), 0) FROM walrelay_capture.tables",
+            &[],
+        )
+        .await
+        .map_err(pg("reading the table registry"))?
+        .get(0))
+}
+
 /// The changes of the transactions that committed after tick `from` and by tick `to`, in
 /// the order they were logged, read as they arrive (a batch may be millions of rows).
 /// Changes of tables not in `relations` (no longer captured) are left out.
@@ -184,20 +197,28 @@ pub struct BatchReader<'r> {
 }
 
 impl<'r> BatchReader<'r> {
+    /// The batch between ticks `from` and `to`; without what a walrelay apply wrote when
+    /// `leave_out_applied` (`source.origin = "none"`).
     pub async fn open(
         client: &Client,
         from: i64,
         to: i64,
         relations: &'r HashMap<i32, Arc<Relation>>,
+        leave_out_applied: bool,
     ) -> Result<Self, BatchError> {
         // A transaction is in the batch when `to`'s snapshot sees it and `from`'s does
         // not; the txid bounds let the index on txid narrow the scan.
+        let applied = if leave_out_applied {
+            " AND applied_by IS NULL"
+        } else {
+            ""
+        };
         let one_log = |n: u8| {
             format!(
                 "SELECT seq, tbl, op::text, new_row, old_row FROM walrelay_capture.log_{n}, b, a
                   WHERE txid >= pg_snapshot_xmin(a.snapshot) AND txid < pg_snapshot_xmax(b.snapshot)
                     AND pg_visible_in_snapshot(txid, b.snapshot)
-                    AND NOT pg_visible_in_snapshot(txid, a.snapshot)"
+                    AND NOT pg_visible_in_snapshot(txid, a.snapshot){applied}"
             )
         };
         let sql = format!(
@@ -253,8 +274,9 @@ pub async fn read(
     from: i64,
     to: i64,
     relations: &HashMap<i32, Arc<Relation>>,
+    leave_out_applied: bool,
 ) -> Result<Vec<Change>, BatchError> {
-    let mut reader = BatchReader::open(client, from, to, relations).await?;
+    let mut reader = BatchReader::open(client, from, to, relations, leave_out_applied).await?;
     let mut changes = Vec::new();
     while let Some(change) = reader.next().await? {
         changes.push(change);
@@ -319,11 +341,22 @@ pub fn to_change(
             let new = fields(seq, new_row.ok_or_else(|| missing("row"))?, width)?;
             match old_row {
                 // A table without a key: the row trigger logged the whole old row.
-                Some(old) => Change::Update {
+                Some(old) if !keyed => Change::Update {
                     relation: relation.clone(),
                     old: Some(OldRow::Full(Row(fields(seq, old, width)?))),
                     new: Row(new),
                 },
+                // A row-filtered table's row trigger: the old key, never a second entry;
+                // kept only when it changed, as logical decoding does.
+                Some(old) => {
+                    let old = fields(seq, old, key_width)?;
+                    let changed = old != key_of(&new);
+                    Change::Update {
+                        relation: relation.clone(),
+                        old: changed.then_some(OldRow::Key(Row(old))),
+                        new: Row(new),
+                    }
+                }
                 None => {
                     if keyed && pairing.pending.remove(&(tbl, key_of(&new))) {
                         return Ok(None);

@@ -16,7 +16,7 @@
 
 use tokio_postgres::Client;
 
-use super::super::pgoutput::setup::SelectedTable;
+use super::super::pgoutput::setup::{Published, SelectedTable};
 use super::super::pgoutput::SourceError;
 use crate::ddl::capture::OWN_DDL;
 use crate::pg::quote;
@@ -24,8 +24,9 @@ use crate::pg::PgError;
 
 /// The schema the capture owns on the source.
 pub const SCHEMA: &str = "walrelay_capture";
-/// The channel the triggers notify (once per writing transaction: PostgreSQL folds equal
-/// notifications) so the relay ticks without polling.
+/// The channel the triggers notify so that an idle relay ticks without polling: only
+/// while `walrelay_capture.wake` is 1. A relay with work polls instead and sets it to 0,
+/// because PostgreSQL makes the commits of notifying transactions wait for each other.
 pub const CHANNEL: &str = "walrelay_capture";
 
 /// One advisory lock key for installing and removing, so two relays do not race.
@@ -46,25 +47,40 @@ CREATE TABLE IF NOT EXISTS walrelay_capture.state (
 );
 INSERT INTO walrelay_capture.state DEFAULT VALUES ON CONFLICT DO NOTHING;
 CREATE SEQUENCE IF NOT EXISTS walrelay_capture.log_seq;
+-- 1 while a relay waits for notifications, 0 while relays poll (see CHANNEL).
+CREATE SEQUENCE IF NOT EXISTS walrelay_capture.wake MINVALUE 0 MAXVALUE 1 START 0;
 CREATE TABLE IF NOT EXISTS walrelay_capture.log_1 (
     txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
     seq bigint NOT NULL DEFAULT nextval('walrelay_capture.log_seq'),
     tbl int NOT NULL,
     op "char" NOT NULL,
     new_row text,
-    old_row text
+    old_row text,
+    -- The relay that wrote the change here (its apply sets walrelay.applied_by): left
+    -- out by a relay with origin = "none", so two writable nodes do not loop.
+    applied_by text DEFAULT nullif(pg_catalog.current_setting('walrelay.applied_by', true), '')
 );
 CREATE INDEX IF NOT EXISTS log_1_txid ON walrelay_capture.log_1 (txid);
 CREATE TABLE IF NOT EXISTS walrelay_capture.log_2 (LIKE walrelay_capture.log_1 INCLUDING DEFAULTS);
 CREATE INDEX IF NOT EXISTS log_2_txid ON walrelay_capture.log_2 (txid);
+-- One entry per captured table and shape of it: the log's rows name the entry they were
+-- written under, so rows logged before an ALTER TABLE still read with the columns they
+-- have. The table's triggers log under its current entry.
 CREATE TABLE IF NOT EXISTS walrelay_capture.tables (
     id serial PRIMARY KEY,
-    relid oid NOT NULL UNIQUE,
+    relid oid NOT NULL,
+    current boolean NOT NULL DEFAULT true,
     columns text[] NOT NULL,
+    types oid[] NOT NULL,
+    typmods int[] NOT NULL,
+    type_names text[] NOT NULL,
     key text[] NOT NULL,
     -- The version of the generated functions: a newer walrelay makes them again.
-    format int NOT NULL
+    format int NOT NULL,
+    -- The row filter (a set's `where`) the functions log through, if any.
+    filter text
 );
+CREATE UNIQUE INDEX IF NOT EXISTS tables_current ON walrelay_capture.tables (relid) WHERE current;
 CREATE TABLE IF NOT EXISTS walrelay_capture.ticks (
     id bigserial PRIMARY KEY,
     -- Each consumer ticks for itself, so its ticks' snapshots only grow.
@@ -87,6 +103,10 @@ pub struct Captured {
     pub oid: walrelay_model::Oid,
     pub columns: Vec<String>,
     pub key: Vec<String>,
+    /// The row filter the triggers log through (a set's `where`).
+    pub filter: Option<String>,
+    /// A column's text depends on output settings, which its functions then fix.
+    pub output_settings: bool,
 }
 
 /// Create what is missing (the schema, then each table's function and triggers) and
@@ -94,7 +114,8 @@ pub struct Captured {
 /// its function made again. Runs in one transaction under an advisory lock.
 pub async fn install(
     client: &mut Client,
-    tables: &[SelectedTable],
+    tables: &[Published<'_>],
+    consumer: &str,
 ) -> Result<Vec<Captured>, SourceError> {
     let err = |what: &'static str| {
         move |e| SourceError::Pg(PgError::from_sql(format!("trigger capture: {what}"), e))
@@ -110,7 +131,7 @@ pub async fn install(
         ))?;
     }
     let mut out = Vec::new();
-    for t in tables {
+    for &Published { table: t, filter } in tables {
         // Keyed by the primary key (or the replica identity index); without one, by the
         // whole row.
         let key = if t.primary_key.is_empty() {
@@ -118,41 +139,76 @@ pub async fn install(
         } else {
             t.primary_key.clone()
         };
+        let table = quote::qualified(&t.schema, &t.name);
+        let types = column_types(&tx, t.oid, &t.columns)
+            .await
+            .map_err(err("reading the table's column types"))?;
         let found = tx
             .query_opt(
                 "SELECT r.id, r.columns = $2 AND r.key = $3 AND r.format = $4
+                        AND r.types = $7 AND r.typmods = $8
                         AND (SELECT count(*) FROM pg_trigger g
-                              WHERE g.tgrelid = r.relid AND g.tgname::text = ANY ($5)) = $6
-                   FROM walrelay_capture.tables r WHERE r.relid = $1",
+                              WHERE g.tgrelid = r.relid AND g.tgname::text = ANY ($5)) = $6,
+                        r.filter
+                   FROM walrelay_capture.tables r WHERE r.relid = $1 AND r.current",
                 &[
                     &t.oid,
                     &t.columns,
                     &key,
                     &FORMAT,
                     &TRIGGERS.as_slice(),
-                    &expected_triggers(!key.is_empty()),
+                    &expected_triggers(!key.is_empty(), filter.is_some()),
+                    &types.oids,
+                    &types.typmods,
                 ],
             )
             .await
             .map_err(err("reading the table registry"))?;
+        let mut replaced = None;
         if let Some(row) = &found {
-            if row.get::<_, bool>(1) {
+            let registered: Option<String> = row.get(2);
+            if registered.as_deref() != filter {
+                refuse_other_filter(&tx, t, registered.as_deref(), filter, consumer).await?;
+            } else if row.get::<_, bool>(1) {
                 out.push(Captured {
                     id: row.get(0),
                     oid: t.oid,
                     columns: t.columns.clone(),
                     key,
+                    filter: filter.map(str::to_string),
+                    output_settings: types.output_settings,
                 });
                 continue;
             }
+            replaced = Some(row.get::<_, i32>(0));
+        }
+        if let Some(f) = filter {
+            check_filter(&tx, t, &table, f).await?;
+        }
+        // The entry the table had stays for the rows logged under it.
+        if let Some(old) = replaced {
+            tx.execute(
+                "UPDATE walrelay_capture.tables SET current = false WHERE id = $1",
+                &[&old],
+            )
+            .await
+            .map_err(err("retiring a table's entry"))?;
         }
         let row = tx
             .query_one(
-                "INSERT INTO walrelay_capture.tables (relid, columns, key, format) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (relid) DO UPDATE
-                    SET columns = EXCLUDED.columns, key = EXCLUDED.key, format = EXCLUDED.format
-                 RETURNING id",
-                &[&t.oid, &t.columns, &key, &FORMAT],
+                "INSERT INTO walrelay_capture.tables
+                        (relid, columns, types, typmods, type_names, key, format, filter)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+                &[
+                    &t.oid,
+                    &t.columns,
+                    &types.oids,
+                    &types.typmods,
+                    &types.names,
+                    &key,
+                    &FORMAT,
+                    &filter,
+                ],
             )
             .await
             .map_err(err("registering a table"))?;
@@ -161,8 +217,9 @@ pub async fn install(
             oid: t.oid,
             columns: t.columns.clone(),
             key,
+            filter: filter.map(str::to_string),
+            output_settings: types.output_settings,
         };
-        let table = quote::qualified(&t.schema, &t.name);
         for statement in table_sql(&table, &captured) {
             tx.batch_execute(&statement).await.map_err(|e| {
                 let denied = e.as_db_error().is_some_and(|db| {
@@ -176,12 +233,179 @@ pub async fn install(
                 SourceError::Pg(PgError::from_sql(what, e))
             })?;
         }
+        if let Some(old) = replaced {
+            tx.batch_execute(&drop_functions(old))
+                .await
+                .map_err(err("dropping a table's earlier functions"))?;
+        }
         out.push(captured);
     }
+    forget_retired_entries(&tx)
+        .await
+        .map_err(err("forgetting table entries the log no longer holds"))?;
     tx.commit()
         .await
         .map_err(err("committing the installation"))?;
     Ok(out)
+}
+
+/// The types of `columns` of table `oid`, in order, as the registry keeps them.
+struct ColumnTypes {
+    oids: Vec<walrelay_model::Oid>,
+    typmods: Vec<i32>,
+    /// As pgoutput names them: `int4` in pg_catalog, `schema.name` elsewhere.
+    names: Vec<String>,
+    /// Some column's text depends on output settings (a type, or a type inside it, that
+    /// is not in `OUTPUT_STABLE_TYPES`).
+    output_settings: bool,
+}
+
+async fn column_types(
+    tx: &tokio_postgres::Transaction<'_>,
+    oid: walrelay_model::Oid,
+    columns: &[String],
+) -> Result<ColumnTypes, tokio_postgres::Error> {
+    let rows = tx
+        .query(
+            "SELECT a.atttypid, a.atttypmod,
+                    CASE WHEN tn.nspname = 'pg_catalog' THEN t.typname::text
+                         ELSE tn.nspname || '.' || t.typname END
+               FROM unnest($2::text[]) WITH ORDINALITY AS u(col, i)
+               JOIN pg_attribute a ON a.attrelid = $1 AND a.attname = u.col
+               JOIN pg_type t ON t.oid = a.atttypid
+               JOIN pg_namespace tn ON tn.oid = t.typnamespace
+              ORDER BY u.i",
+            &[&oid, &columns],
+        )
+        .await?;
+    let oids: Vec<walrelay_model::Oid> = rows.iter().map(|r| r.get(0)).collect();
+    // Down through domains, arrays, ranges and composite types to the types that print.
+    let output_settings: bool = tx
+        .query_one(
+            "WITH RECURSIVE t(oid) AS (
+                 SELECT unnest($1::oid[])
+               UNION
+                 SELECT inner_type.oid
+                   FROM t JOIN pg_type ty ON ty.oid = t.oid
+                  CROSS JOIN LATERAL (
+                        SELECT ty.typbasetype WHERE ty.typtype = 'd'
+                        UNION ALL SELECT ty.typelem WHERE ty.typcategory = 'A' AND ty.typelem <> 0
+                        UNION ALL SELECT r.rngsubtype FROM pg_range r WHERE r.rngtypid = ty.oid
+                        UNION ALL SELECT a.atttypid FROM pg_attribute a
+                                   WHERE ty.typtype = 'c' AND a.attrelid = ty.typrelid
+                                     AND a.attnum > 0 AND NOT a.attisdropped
+                  ) inner_type(oid))
+             SELECT coalesce(bool_or(NOT (ty.typtype IN ('d', 'c', 'r', 'e')
+                                         OR (ty.typcategory = 'A' AND ty.typelem <> 0)
+                                         OR ty.oid = ANY ($2))), false)
+               FROM t JOIN pg_type ty ON ty.oid = t.oid",
+            &[&oids, &OUTPUT_STABLE_TYPES.as_slice()],
+        )
+        .await?
+        .get(0);
+    Ok(ColumnTypes {
+        oids,
+        typmods: rows.iter().map(|r| r.get(1)).collect(),
+        names: rows.iter().map(|r| r.get(2)).collect(),
+        output_settings,
+    })
+}
+
+fn drop_functions(id: i32) -> String {
+    format!(
+        "DROP FUNCTION IF EXISTS {}(); DROP FUNCTION IF EXISTS {}();",
+        function_name(id),
+        row_function_name(id)
+    )
+}
+
+/// Earlier entries of altered tables, once no consumer can read a row logged under them:
+/// the log holds none (rotation empties it behind every consumer).
+async fn forget_retired_entries(
+    tx: &tokio_postgres::Transaction<'_>,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "DELETE FROM walrelay_capture.tables r
+          WHERE NOT r.current
+            AND NOT EXISTS (SELECT FROM walrelay_capture.log_1 l WHERE l.tbl = r.id)
+            AND NOT EXISTS (SELECT FROM walrelay_capture.log_2 l WHERE l.tbl = r.id)",
+        &[],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A table's row filter lives in its trigger, which every consumer of the log shares: a
+/// relay may change it only while no other consumer reads the log.
+async fn refuse_other_filter(
+    tx: &tokio_postgres::Transaction<'_>,
+    t: &SelectedTable,
+    registered: Option<&str>,
+    filter: Option<&str>,
+    consumer: &str,
+) -> Result<(), SourceError> {
+    let others: Vec<String> = tx
+        .query(
+            "SELECT name FROM walrelay_capture.consumers WHERE name <> $1 ORDER BY name",
+            &[&consumer],
+        )
+        .await
+        .map_err(|e| {
+            SourceError::Pg(PgError::from_sql(
+                "trigger capture: reading the consumers",
+                e,
+            ))
+        })?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if others.is_empty() {
+        return Ok(());
+    }
+    let say = |f: Option<&str>| f.map_or("no row filter".to_string(), |f| format!("where = {f:?}"));
+    Err(SourceError::Setup(format!(
+        "table {} is captured with {} for the log's other consumer(s) {}, and this relay asks for {}: \
+         trigger capture filters rows in the table's trigger, which all consumers share; give every \
+         relay on this source the same filter for it, or filter on the target",
+        t.qualified_name(),
+        say(registered),
+        others.join(", "),
+        say(filter),
+    )))
+}
+
+/// Try a row filter on the table before a trigger runs it: a filter the server cannot
+/// evaluate must stop this relay, not every write to the table.
+async fn check_filter(
+    tx: &tokio_postgres::Transaction<'_>,
+    t: &SelectedTable,
+    table: &str,
+    filter: &str,
+) -> Result<(), SourceError> {
+    tx.batch_execute(&format!(
+        // Under the triggers' search_path: a function outside pg_catalog needs its schema.
+        "SAVEPOINT check_filter; SET LOCAL search_path = pg_catalog, pg_temp;
+         SELECT {} FROM ONLY {table} r LIMIT 0;
+         ROLLBACK TO SAVEPOINT check_filter; RELEASE SAVEPOINT check_filter",
+        filter_test(filter)
+    ))
+    .await
+    .map_err(|e| {
+        let why = e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), |db| db.message().to_string());
+        SourceError::Setup(format!(
+            "the row filter (where = {filter:?}) of table {} does not evaluate on its rows: {why} \
+             (trigger capture evaluates it on the table's unqualified columns, with search_path = pg_catalog)",
+            t.qualified_name()
+        ))
+    })
+}
+
+/// A row filter as a boolean: a NULL result leaves the row out, as PostgreSQL's row
+/// filters do.
+fn filter_test(filter: &str) -> String {
+    format!("coalesce(({filter}), false)")
 }
 
 /// A transaction for installing or removing: not captured as DDL, after any other
@@ -215,16 +439,17 @@ const TRIGGERS: [&str; 5] = [
 
 /// The version of the generated functions and triggers; raise it when `table_sql` changes
 /// what it makes, so that a new walrelay makes them again.
-const FORMAT: i32 = 1;
+const FORMAT: i32 = 2;
 
 /// How many of `TRIGGERS` a table has: statement triggers for insert, update, delete and
 /// truncate and the key-change row trigger; without a key, the update and delete
-/// statement triggers are replaced by the row trigger.
-fn expected_triggers(keyed: bool) -> i64 {
-    if keyed {
-        5
-    } else {
-        3
+/// statement triggers are replaced by the row trigger; with a row filter, the update
+/// statement trigger is.
+fn expected_triggers(keyed: bool, filtered: bool) -> i64 {
+    match (keyed, filtered) {
+        (true, false) => 5,
+        (true, true) => 4,
+        (false, _) => 3,
     }
 }
 
@@ -256,22 +481,59 @@ fn log_insert(id: i32, op: char, new_row: &str, old_row: &str, from: &str) -> St
     format!("IF log = 1 THEN {} ELSE {} END IF;", insert(1), insert(2))
 }
 
-/// The settings the functions run under: a fixed `search_path`, and the output formats
-/// the values are printed in, whatever the writing session set (a writer's `DateStyle =
-/// 'SQL, DMY'` or `TimeZone` must not change what the log says).
-const OUTPUT_SETTINGS: &str = "SET search_path = pg_catalog, pg_temp SET DateStyle = 'ISO, MDY' \
-     SET IntervalStyle = 'postgres' SET TimeZone = 'UTC' SET extra_float_digits = 3 \
-     SET bytea_output = 'hex'";
+/// Every function runs with a fixed `search_path`: it runs as its owner, for writers who
+/// could otherwise put their own functions or operators in its way.
+const SEARCH_PATH: &str = "SET search_path = pg_catalog, pg_temp";
+
+/// The output formats values are printed in, whatever the writing session set (a
+/// writer's `DateStyle = 'SQL, DMY'` or `TimeZone` must not change what the log says).
+/// Only for tables with a column whose text depends on them: setting them on every call
+/// costs writers about 5 % of their throughput.
+const OUTPUT_SETTINGS: &str = "SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' \
+     SET TimeZone = 'UTC' SET extra_float_digits = 3 SET bytea_output = 'hex'";
+
+/// Types whose text output no setting changes (`Captured::output_settings` is false for a
+/// table whose columns are of these, their arrays, domains over them, or enums): bool,
+/// "char", name, int8, int2, int4, text, oid, xid, json, macaddr8, cidr, macaddr, inet,
+/// bpchar, varchar, bit, varbit, numeric, uuid, pg_lsn, jsonb, xid8.
+pub const OUTPUT_STABLE_TYPES: [walrelay_model::Oid; 23] = [
+    16, 18, 19, 20, 21, 23, 25, 26, 28, 114, 774, 650, 829, 869, 1042, 1043, 1560, 1562, 1700,
+    2950, 3220, 3802, 5069,
+];
+
+/// Reads the current log and whether to notify, at the top of every function.
+fn read_state() -> String {
+    format!(
+        "SELECT c.last_value, w.last_value INTO log, wake
+     FROM {SCHEMA}.current_log c, {SCHEMA}.wake w;"
+    )
+}
+
+/// Wakes an idle relay, at the end of every function that logged.
+fn notify() -> String {
+    format!(
+        "IF wake = 1 THEN PERFORM pg_notify({}, ''); END IF;",
+        quote::literal(CHANNEL)
+    )
+}
 
 /// The statements that (re)create one table's function and triggers.
 pub fn table_sql(table: &str, c: &Captured) -> Vec<String> {
     let keyed = !c.key.is_empty();
     let new_rows = row_text("n", &c.columns);
     let old_key = row_text("o", &c.key);
+    // A row filter's column names are the table's, unqualified: each SELECT below reads
+    // one row source, and `use_column` keeps a column named like a variable (`log`) a
+    // column.
+    let only = |alias: &str| match &c.filter {
+        Some(f) => format!(" FROM {alias} WHERE {}", filter_test(f)),
+        None => format!(" FROM {alias}"),
+    };
     let statement_body = format!(
-        "DECLARE log int;
+        "#variable_conflict use_column
+DECLARE log int; wake int;
 BEGIN
-  SELECT last_value INTO log FROM {SCHEMA}.current_log;
+  {read_state}
   IF TG_OP = 'INSERT' THEN
     {insert}
   ELSIF TG_OP = 'UPDATE' THEN
@@ -281,42 +543,29 @@ BEGIN
   ELSE
     {truncate}
   END IF;
-  PERFORM pg_notify({channel}, '');
+  {notify}
   RETURN NULL;
 END",
-        insert = log_insert(c.id, 'I', &new_rows, "NULL", " FROM new_rows n"),
+        read_state = read_state(),
+        insert = log_insert(c.id, 'I', &new_rows, "NULL", &only("new_rows n")),
         update = log_insert(c.id, 'U', &new_rows, "NULL", " FROM new_rows n"),
-        delete = log_insert(c.id, 'D', "NULL", &old_key, " FROM old_rows o"),
+        delete = log_insert(c.id, 'D', "NULL", &old_key, &only("old_rows o")),
         truncate = log_insert(c.id, 'T', "NULL", "NULL", ""),
-        channel = quote::literal(CHANNEL),
+        notify = notify(),
     );
-    // Row triggers: a key change (keyed tables), or every update and delete with the whole
-    // old row (tables without a key).
-    let row_body = format!(
-        "DECLARE log int;
-BEGIN
-  SELECT last_value INTO log FROM {SCHEMA}.current_log;
-  IF TG_OP = 'UPDATE' THEN
-    {update}
-  ELSE
-    {delete}
-  END IF;
-  PERFORM pg_notify({channel}, '');
-  RETURN NULL;
-END",
-        update = log_insert(
-            c.id,
-            if keyed { 'K' } else { 'U' },
-            &row_text("NEW", &c.columns),
-            &row_text("OLD", if keyed { &c.key } else { &c.columns }),
-            ""
-        ),
-        delete = log_insert(c.id, 'D', "NULL", &row_text("OLD", &c.columns), ""),
-        channel = quote::literal(CHANNEL),
-    );
+    let old_kept = if keyed { &c.key } else { &c.columns };
+    let row_body = match &c.filter {
+        None => row_trigger_body(c, keyed, old_kept),
+        Some(f) => filtered_row_trigger_body(c, old_kept, f),
+    };
+    let settings = if c.output_settings {
+        format!("{SEARCH_PATH} {OUTPUT_SETTINGS}")
+    } else {
+        SEARCH_PATH.to_string()
+    };
     let function = |name: &str, body: &str| {
         format!(
-            "CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER {OUTPUT_SETTINGS} AS {}",
+            "CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER {settings} AS {}",
             quote::literal(body)
         )
     };
@@ -333,6 +582,13 @@ END",
             function_name(c.id)
         )
     };
+    let row_trigger = |events: &str, when: &str| {
+        format!(
+            "CREATE TRIGGER {} AFTER {events} ON {table} FOR EACH ROW {when}EXECUTE FUNCTION {}()",
+            TRIGGERS[4],
+            row_function_name(c.id)
+        )
+    };
     out.push(statement_trigger(
         TRIGGERS[0],
         "INSERT",
@@ -341,37 +597,121 @@ END",
     out.push(statement_trigger(TRIGGERS[3], "TRUNCATE", ""));
     if keyed {
         out.push(statement_trigger(
-            TRIGGERS[1],
-            "UPDATE",
-            "REFERENCING NEW TABLE AS new_rows",
-        ));
-        out.push(statement_trigger(
             TRIGGERS[2],
             "DELETE",
             "REFERENCING OLD TABLE AS old_rows",
         ));
-        let changed: Vec<String> = c
-            .key
-            .iter()
-            .map(|k| {
-                let k = quote::ident(k);
-                format!("OLD.{k} IS DISTINCT FROM NEW.{k}")
-            })
-            .collect();
-        out.push(format!(
-            "CREATE TRIGGER {} AFTER UPDATE ON {table} FOR EACH ROW WHEN ({}) EXECUTE FUNCTION {}()",
-            TRIGGERS[4],
-            changed.join(" OR "),
-            row_function_name(c.id)
-        ));
+        if c.filter.is_some() {
+            // Whether an update is in the filter depends on the old row and the new one
+            // together, which only a row trigger sees.
+            out.push(row_trigger("UPDATE", ""));
+        } else {
+            out.push(statement_trigger(
+                TRIGGERS[1],
+                "UPDATE",
+                "REFERENCING NEW TABLE AS new_rows",
+            ));
+            out.push(row_trigger(
+                "UPDATE",
+                &format!("WHEN ({}) ", key_changed(&c.key)),
+            ));
+        }
     } else {
-        out.push(format!(
-            "CREATE TRIGGER {} AFTER UPDATE OR DELETE ON {table} FOR EACH ROW EXECUTE FUNCTION {}()",
-            TRIGGERS[4],
-            row_function_name(c.id)
-        ));
+        out.push(row_trigger("UPDATE OR DELETE", ""));
     }
     out
+}
+
+/// `OLD.k1 IS DISTINCT FROM NEW.k1 OR …`, the key's columns quoted.
+fn key_changed(key: &[String]) -> String {
+    let changed: Vec<String> = key
+        .iter()
+        .map(|k| {
+            let k = quote::ident(k);
+            format!("OLD.{k} IS DISTINCT FROM NEW.{k}")
+        })
+        .collect();
+    changed.join(" OR ")
+}
+
+/// The row trigger without a row filter: a key change (keyed tables: the new row and the
+/// old key), or every update and delete with the whole old row (tables without a key).
+fn row_trigger_body(c: &Captured, keyed: bool, old_kept: &[String]) -> String {
+    format!(
+        "DECLARE log int; wake int;
+BEGIN
+  {read_state}
+  IF TG_OP = 'UPDATE' THEN
+    {update}
+  ELSE
+    {delete}
+  END IF;
+  {notify}
+  RETURN NULL;
+END",
+        read_state = read_state(),
+        update = log_insert(
+            c.id,
+            if keyed { 'K' } else { 'U' },
+            &row_text("NEW", &c.columns),
+            &row_text("OLD", old_kept),
+            ""
+        ),
+        delete = log_insert(c.id, 'D', "NULL", &row_text("OLD", &c.columns), ""),
+        notify = notify(),
+    )
+}
+
+/// The row trigger of a table with a row filter, as PostgreSQL's row filters decide: an
+/// update whose old and new rows both pass is an update, one whose new row alone passes
+/// an insert, one whose old row alone passes a delete; a delete (tables without a key) is
+/// logged when the old row passes. Updates and deletes carry the old key (the whole old
+/// row without a key): an update logged with its old key is never taken for the
+/// statement trigger's second entry of a key change, and the batch reader keeps the old
+/// key only where it changed.
+fn filtered_row_trigger_body(c: &Captured, old_kept: &[String], filter: &str) -> String {
+    let passes = |var: &str, row: &str| {
+        format!(
+            "SELECT {} INTO {var} FROM (SELECT {row}.*) r;",
+            filter_test(filter)
+        )
+    };
+    let new_row = row_text("NEW", &c.columns);
+    let old_row = row_text("OLD", old_kept);
+    let update = log_insert(c.id, 'U', &new_row, &old_row, "");
+    format!(
+        "#variable_conflict use_column
+DECLARE log int; wake int; old_passes boolean; new_passes boolean;
+BEGIN
+  {read_state}
+  {old_test}
+  IF TG_OP = 'UPDATE' THEN
+    {new_test}
+    IF old_passes AND new_passes THEN
+      {update}
+    ELSIF new_passes THEN
+      {insert}
+    ELSIF old_passes THEN
+      {delete}
+    ELSE
+      RETURN NULL;
+    END IF;
+  ELSIF old_passes THEN
+    {delete_whole}
+  ELSE
+    RETURN NULL;
+  END IF;
+  {notify}
+  RETURN NULL;
+END",
+        read_state = read_state(),
+        old_test = passes("old_passes", "OLD"),
+        new_test = passes("new_passes", "NEW"),
+        insert = log_insert(c.id, 'I', &new_row, "NULL", ""),
+        delete = log_insert(c.id, 'D', "NULL", &old_row, ""),
+        delete_whole = log_insert(c.id, 'D', "NULL", &row_text("OLD", &c.columns), ""),
+        notify = notify(),
+    )
 }
 
 /// What `uninstall` removed.
@@ -435,7 +775,7 @@ pub async fn uninstall(client: &mut Client) -> Result<Removed, SourceError> {
         .query(
             "SELECT t.id, quote_ident(n.nspname) || '.' || quote_ident(c.relname)
                FROM walrelay_capture.tables t
-               LEFT JOIN pg_class c ON c.oid = t.relid
+               LEFT JOIN pg_class c ON c.oid = t.relid AND t.current
                LEFT JOIN pg_namespace n ON n.oid = c.relnamespace
               ORDER BY t.id",
             &[],
@@ -453,18 +793,14 @@ pub async fn uninstall(client: &mut Client) -> Result<Removed, SourceError> {
             }
             with_triggers += 1;
         }
-        tx.batch_execute(&format!(
-            "DROP FUNCTION IF EXISTS {}(); DROP FUNCTION IF EXISTS {}();",
-            function_name(id),
-            row_function_name(id)
-        ))
-        .await
-        .map_err(err("dropping a trigger function"))?;
+        tx.batch_execute(&drop_functions(id))
+            .await
+            .map_err(err("dropping a trigger function"))?;
     }
     tx.batch_execute(
         "DROP TABLE walrelay_capture.log_1, walrelay_capture.log_2, walrelay_capture.tables,
                     walrelay_capture.ticks, walrelay_capture.consumers, walrelay_capture.state;
-         DROP SEQUENCE walrelay_capture.log_seq, walrelay_capture.current_log;
+         DROP SEQUENCE walrelay_capture.log_seq, walrelay_capture.current_log, walrelay_capture.wake;
          DROP SCHEMA walrelay_capture",
     )
     .await
@@ -486,6 +822,8 @@ mod tests {
             oid: 1,
             columns: vec!["id".into(), "a\"; drop table x; --".into(), "it's".into()],
             key: vec!["id".into()],
+            filter: None,
+            output_settings: true,
         };
         let table = quote::qualified("odd schema", "a\"; drop table x; --");
         let sql = table_sql(&table, &c).join("\n");
@@ -510,6 +848,8 @@ mod tests {
             oid: 1,
             columns: vec!["a".into(), "b".into()],
             key: vec![],
+            filter: None,
+            output_settings: false,
         };
         let sql = table_sql("public.t", &c).join("\n");
         assert!(
@@ -520,5 +860,59 @@ mod tests {
             !sql.contains("walrelay_capture_update AFTER UPDATE"),
             "{sql}"
         );
+        // Only settings-free types: the search_path alone.
+        assert!(
+            sql.contains("SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS"),
+            "{sql}"
+        );
+        assert!(!sql.contains("TimeZone"), "{sql}");
+        // Writers notify only while a relay waits for it.
+        assert!(
+            sql.contains(
+                r#"IF wake = 1 THEN PERFORM pg_notify(''walrelay_capture'', ''''); END IF;"#
+            ),
+            "{sql}"
+        );
+    }
+
+    #[test]
+    fn a_row_filter_moves_updates_to_the_row_trigger() {
+        let c = Captured {
+            id: 4,
+            oid: 1,
+            columns: vec!["id".into(), "log".into()],
+            key: vec!["id".into()],
+            filter: Some("log <> 'x'".into()),
+            output_settings: false,
+        };
+        let sql = table_sql("public.t", &c).join("\n");
+        // Inserts and deletes are filtered in the statement triggers, updates row by row.
+        assert!(
+            sql.contains("FROM new_rows n WHERE coalesce((log <> ''x''), false)"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("FROM old_rows o WHERE coalesce((log <> ''x''), false)"),
+            "{sql}"
+        );
+        assert!(
+            !sql.contains("walrelay_capture_update AFTER UPDATE"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("walrelay_capture_row AFTER UPDATE ON public.t FOR EACH ROW EXECUTE"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("INTO new_passes FROM (SELECT NEW.*) r"),
+            "{sql}"
+        );
+        // A column named like the functions' variable stays a column.
+        assert_eq!(
+            sql.matches("#variable_conflict use_column").count(),
+            2,
+            "{sql}"
+        );
+        assert_eq!(expected_triggers(true, true), 4);
     }
 }

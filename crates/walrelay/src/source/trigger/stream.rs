@@ -1,7 +1,8 @@
 //! The trigger capture's source task: prepares the source (installs the capture, records
-//! the copy's tick), then ticks when the triggers notify, hands each batch to the sinks as
-//! one transaction, and records in `walrelay_capture.consumers` the last tick every sink
-//! holds durably (as a slot's confirmed position).
+//! the copy's tick), then ticks (every `BUSY_POLL` while writers log, on their
+//! notification when they had stopped), hands each batch to the sinks as one transaction,
+//! and records in `walrelay_capture.consumers` the last tick every sink holds durably (as a
+//! slot's confirmed position).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -39,6 +40,11 @@ fn pg(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
     move |e| SourceError::Pg(PgError::from_sql(format!("trigger capture: {what}"), e))
 }
 
+/// How often a relay looks for new changes while writers log: each look may tick, and each
+/// tick is a transaction on the source and a batch on the targets, so batches stay large
+/// under load and the lag stays near this.
+const BUSY_POLL: Duration = Duration::from_millis(100);
+
 /// What `prepare` found and made ready.
 pub struct Prepared {
     pub info: ConnInfo,
@@ -52,10 +58,14 @@ pub struct Prepared {
     holder: Client,
     client: Client,
     relations: HashMap<i32, Arc<Relation>>,
+    relids: Vec<walrelay_model::Oid>,
+    newest_entry: i32,
     consumer: String,
     resume: Tick,
     status_interval: Duration,
     log_rotation: Duration,
+    /// `source.origin = "none"`: what a walrelay apply wrote is left out.
+    leave_out_applied: bool,
 }
 
 /// Install the capture for the sets' tables, take this consumer's lock, and record a tick
@@ -84,8 +94,10 @@ pub async fn prepare(cfg: &SourceConfig, sets: &[SetConfig]) -> Result<Prepared,
             "the sets select no table on the source: nothing to capture".into(),
         ));
     }
-    let captured = install::install(&mut client, &tables).await?;
-    let relations = batch::relations(&client, &captured).await?;
+    let captured = install::install(&mut client, &plan.published(&tables), &consumer).await?;
+    let relids: Vec<walrelay_model::Oid> = captured.iter().map(|c| c.oid).collect();
+    let newest_entry = batch::newest_entry(&client).await?;
+    let relations = batch::relations(&client, &relids).await?;
 
     // The copy's snapshot, and a tick at exactly that snapshot: its batch holds what the
     // copy holds, the next ones what it does not.
@@ -143,10 +155,13 @@ pub async fn prepare(cfg: &SourceConfig, sets: &[SetConfig]) -> Result<Prepared,
         holder,
         client,
         relations,
+        relids,
+        newest_entry,
         consumer,
         resume,
         status_interval: cfg.status_interval,
         log_rotation: cfg.log_rotation,
+        leave_out_applied: cfg.origin == crate::config::OriginFilter::None,
     })
 }
 
@@ -191,8 +206,14 @@ pub struct TriggerSource {
     /// The triggers' notifications (`LISTEN`), on a connection of their own.
     notified: UnboundedReceiver<String>,
     _listener: Client,
+    /// The relation of each registry entry of the captured tables, by its number in the
+    /// log, and as its set shapes it (by the relation's address).
     relations: HashMap<i32, Arc<Relation>>,
-    shaped: HashMap<walrelay_model::Oid, Arc<ShapedRelation>>,
+    shaped: HashMap<usize, Arc<ShapedRelation>>,
+    plan: Arc<Plan>,
+    relids: Vec<walrelay_model::Oid>,
+    /// The registry's newest entry when `relations` was read.
+    newest_entry: i32,
     consumer: String,
     /// The last tick whose batch went to the sinks.
     sent: Tick,
@@ -202,11 +223,17 @@ pub struct TriggerSource {
     start: Lsn,
     /// `walrelay_capture.log_seq` at the last tick: no tick while it stays.
     logged_at_tick: i64,
-    interval: tokio::time::Interval,
+    /// This relay's last tick.
+    last_tick: i64,
+    /// Writers logged at the last look: poll every `BUSY_POLL`, with notifications off.
+    busy: bool,
+    next_poll: tokio::time::Instant,
+    status_interval: Duration,
     durable_watches: Vec<tokio::sync::watch::Receiver<Lsn>>,
     log_rotation: Duration,
     /// When the log last switched (or this run started).
     switched: tokio::time::Instant,
+    leave_out_applied: bool,
 }
 
 impl TriggerSource {
@@ -220,10 +247,13 @@ impl TriggerSource {
             holder,
             client,
             relations,
+            relids,
+            newest_entry,
             consumer,
             resume,
             status_interval,
             log_rotation,
+            leave_out_applied,
             ..
         } = prepared;
         drop(holder);
@@ -232,23 +262,16 @@ impl TriggerSource {
             .batch_execute(&format!("LISTEN {}", crate::pg::quote::ident(CHANNEL)))
             .await
             .map_err(pg("listening for the triggers"))?;
-        let mut shaped = HashMap::new();
-        for relation in relations.values() {
-            if let Some(shape) = plan.shape_by_oid(relation.oid) {
-                let s = shape
-                    .relation(relation.clone())
-                    .map_err(|e| SourceError::Setup(e.to_string()))?;
-                shaped.insert(relation.oid, Arc::new(s));
-            }
-        }
-        let mut interval = tokio::time::interval(status_interval);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let shaped = shape_all(&plan, &relations)?;
         Ok(TriggerSource {
             client,
             notified,
             _listener: listener,
             relations,
             shaped,
+            plan,
+            relids,
+            newest_entry,
             consumer,
             sent: resume,
             unconfirmed: Vec::new(),
@@ -256,21 +279,28 @@ impl TriggerSource {
             start: confirmed,
             // Tick once at start whatever the log holds.
             logged_at_tick: -1,
-            interval,
+            last_tick: resume.id,
+            busy: true,
+            next_poll: tokio::time::Instant::now(),
+            status_interval,
             durable_watches: fanout.sinks().iter().map(|s| s.durable.clone()).collect(),
             log_rotation,
             switched: tokio::time::Instant::now(),
+            leave_out_applied,
         })
     }
 
-    /// Until `cancel`: tick when the triggers notify (or the log moved at an interval),
-    /// send the batches, confirm what every sink holds.
+    /// Until `cancel`: tick as writers log, hand the batches to the sinks, confirm what
+    /// they hold.
     pub async fn run(
         &mut self,
         fanout: &Fanout,
         cancel: &CancellationToken,
     ) -> Result<(), SourceError> {
-        self.tick_if_logged().await?;
+        self.tick().await?;
+        // Whatever a relay killed while idle left: notifications off, then a look soon.
+        self.busy = false;
+        self.set_busy(true).await?;
         loop {
             self.send_new_batches(fanout, cancel).await?;
             self.confirm(&fanout.durable()).await?;
@@ -283,12 +313,62 @@ impl TriggerSource {
                     }
                     // Many commits notify at once: one tick for all of them.
                     while self.notified.try_recv().is_ok() {}
-                    self.tick().await?;
+                    if !self.busy {
+                        self.tick().await?;
+                        self.set_busy(true).await?;
+                    }
                 }
-                _ = self.interval.tick() => self.tick_if_logged().await?,
+                _ = tokio::time::sleep_until(self.next_poll) => self.poll().await?,
                 _ = durable_moved(&mut self.durable_watches) => {}
             }
         }
+    }
+
+    /// Tick when writers logged since the last tick, or when a transaction in progress
+    /// at the last tick has ended since (it may have logged before that tick and not
+    /// notified: notifications were off, or it read them on before they went off).
+    /// Writers that logged keep the relay polling; a quiet look turns notifications on.
+    async fn poll(&mut self) -> Result<(), SourceError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT (SELECT last_value FROM walrelay_capture.log_seq),
+                        EXISTS (SELECT FROM walrelay_capture.ticks t, pg_snapshot_xip(t.snapshot) x
+                                 WHERE t.id = $1 AND pg_visible_in_snapshot(x, pg_current_snapshot()))",
+                &[&self.last_tick],
+            )
+            .await
+            .map_err(pg("looking for new changes in the log"))?;
+        let (logged, ended): (i64, bool) = (row.get(0), row.get(1));
+        let moved = logged != self.logged_at_tick;
+        if moved || ended {
+            self.tick_at(logged).await?;
+        }
+        self.set_busy(moved).await
+    }
+
+    /// Notifications off while busy (PostgreSQL makes the commits of notifying
+    /// transactions wait in turn), on while idle; the next look after `BUSY_POLL` or
+    /// `status_interval`. With several relays on one source the last to switch wins;
+    /// another then finds work at its next look.
+    async fn set_busy(&mut self, busy: bool) -> Result<(), SourceError> {
+        if busy != self.busy {
+            self.client
+                .execute(
+                    "SELECT setval('walrelay_capture.wake', $1, true)",
+                    &[&i64::from(!busy)],
+                )
+                .await
+                .map_err(pg("switching the writers' notifications"))?;
+            self.busy = busy;
+        }
+        let pause = if busy {
+            BUSY_POLL
+        } else {
+            self.status_interval
+        };
+        self.next_poll = tokio::time::Instant::now() + pause;
+        Ok(())
     }
 
     async fn logged(&self) -> Result<i64, SourceError> {
@@ -301,17 +381,14 @@ impl TriggerSource {
     }
 
     async fn tick(&mut self) -> Result<(), SourceError> {
-        self.logged_at_tick = self.logged().await?;
-        batch::tick(&self.client, &self.consumer, None).await?;
-        Ok(())
+        let logged = self.logged().await?;
+        self.tick_at(logged).await
     }
 
-    /// A tick when something was logged since the last. A transaction that logged
-    /// before the last tick and commits after it notifies at its commit, which ticks.
-    async fn tick_if_logged(&mut self) -> Result<(), SourceError> {
-        if self.logged().await? != self.logged_at_tick {
-            self.tick().await?;
-        }
+    /// A tick, `logged` being the log's sequence read before it.
+    async fn tick_at(&mut self, logged: i64) -> Result<(), SourceError> {
+        self.logged_at_tick = logged;
+        self.last_tick = batch::tick(&self.client, &self.consumer, None).await?.id;
         Ok(())
     }
 
@@ -320,10 +397,27 @@ impl TriggerSource {
         fanout: &Fanout,
         cancel: &CancellationToken,
     ) -> Result<(), SourceError> {
-        for tick in batch::ticks_after(&self.client, &self.consumer, self.sent.id).await? {
+        let ticks = batch::ticks_after(&self.client, &self.consumer, self.sent.id).await?;
+        if !ticks.is_empty() {
+            self.read_new_entries().await?;
+        }
+        for tick in ticks {
             self.send_batch(tick, fanout, cancel).await?;
             self.sent = tick;
             self.unconfirmed.push(tick);
+        }
+        Ok(())
+    }
+
+    /// The relations of entries registered since they were read (a relay of another
+    /// consumer registered an altered table again). An entry commits before any row is
+    /// logged under it, so the ticks listed before this call see only entries it reads.
+    async fn read_new_entries(&mut self) -> Result<(), SourceError> {
+        let newest = batch::newest_entry(&self.client).await?;
+        if newest != self.newest_entry {
+            self.relations = batch::relations(&self.client, &self.relids).await?;
+            self.shaped = shape_all(&self.plan, &self.relations)?;
+            self.newest_entry = newest;
         }
         Ok(())
     }
@@ -336,8 +430,14 @@ impl TriggerSource {
         fanout: &Fanout,
         cancel: &CancellationToken,
     ) -> Result<(), SourceError> {
-        let mut reader =
-            BatchReader::open(&self.client, self.sent.id, tick.id, &self.relations).await?;
+        let mut reader = BatchReader::open(
+            &self.client,
+            self.sent.id,
+            tick.id,
+            &self.relations,
+            self.leave_out_applied,
+        )
+        .await?;
         let begin = TxnBegin {
             xid: 0,
             commit_lsn: tick.lsn,
@@ -382,17 +482,17 @@ impl TriggerSource {
 
     /// A change as its set shapes it; `None` for a table no set takes any more.
     fn shape(&self, change: Change) -> Option<Change> {
-        let shaped = |oid| self.shaped.get(&oid);
+        let shaped = |relation: &Arc<Relation>| self.shaped.get(&(Arc::as_ptr(relation) as usize));
         Some(match change {
             Change::Insert { relation, new } => {
-                let s = shaped(relation.oid)?;
+                let s = shaped(&relation)?;
                 Change::Insert {
                     relation: s.relation.clone(),
                     new: s.row(new),
                 }
             }
             Change::Update { relation, old, new } => {
-                let s = shaped(relation.oid)?;
+                let s = shaped(&relation)?;
                 Change::Update {
                     relation: s.relation.clone(),
                     old: old.map(|o| s.old(o)),
@@ -400,7 +500,7 @@ impl TriggerSource {
                 }
             }
             Change::Delete { relation, old } => {
-                let s = shaped(relation.oid)?;
+                let s = shaped(&relation)?;
                 Change::Delete {
                     relation: s.relation.clone(),
                     old: s.old(old),
@@ -413,7 +513,7 @@ impl TriggerSource {
             } => Change::Truncate {
                 relations: relations
                     .iter()
-                    .filter_map(|r| shaped(r.oid).map(|s| s.relation.clone()))
+                    .filter_map(|r| shaped(r).map(|s| s.relation.clone()))
                     .collect(),
                 cascade,
                 restart_identity,
@@ -520,8 +620,29 @@ impl TriggerSource {
     /// Confirm what the sinks hold at the end of a run.
     pub async fn finish(mut self, durable: &[Lsn]) -> Result<Lsn, SourceError> {
         self.confirm(durable).await?;
+        // No relay to wake: writers need not notify until one waits again.
+        if let Err(e) = self.set_busy(true).await {
+            tracing::debug!(error = %e, "notifications left on");
+        }
         Ok(self.confirmed.end())
     }
+}
+
+/// Each relation as its set shapes it, by the relation's address.
+fn shape_all(
+    plan: &Plan,
+    relations: &HashMap<i32, Arc<Relation>>,
+) -> Result<HashMap<usize, Arc<ShapedRelation>>, SourceError> {
+    let mut shaped = HashMap::new();
+    for relation in relations.values() {
+        if let Some(shape) = plan.shape_by_oid(relation.oid) {
+            let s = shape
+                .relation(relation.clone())
+                .map_err(|e| SourceError::Setup(e.to_string()))?;
+            shaped.insert(Arc::as_ptr(relation) as usize, Arc::new(s));
+        }
+    }
+    Ok(shaped)
 }
 
 /// Hand `events` to every sink (as its sets route them), waiting for room.
