@@ -129,6 +129,16 @@ pub async fn install(
         tx.batch_execute(SCHEMA_SQL).await.map_err(err(
             "creating the schema walrelay_capture (needs CREATE on the database)",
         ))?;
+    } else if !schema_is_current(&tx)
+        .await
+        .map_err(err("reading the schema walrelay_capture"))?
+    {
+        return Err(SourceError::Setup(
+            "the schema walrelay_capture was installed by another version of walrelay: \
+             stop every relay of this source, run `walrelay uninstall --config FILE`, then start again \
+             (the tables are copied again)"
+                .into(),
+        ));
     }
     let mut out = Vec::new();
     for &Published { table: t, filter } in tables {
@@ -247,6 +257,21 @@ pub async fn install(
         .await
         .map_err(err("committing the installation"))?;
     Ok(out)
+}
+
+/// The installed schema has what this version uses (its newest additions).
+async fn schema_is_current(
+    tx: &tokio_postgres::Transaction<'_>,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(tx
+        .query_one(
+            "SELECT to_regclass('walrelay_capture.wake') IS NOT NULL
+                AND EXISTS (SELECT FROM pg_attribute
+                             WHERE attrelid = 'walrelay_capture.tables'::regclass AND attname = 'current')",
+            &[],
+        )
+        .await?
+        .get(0))
 }
 
 /// The types of `columns` of table `oid`, in order, as the registry keeps them.
@@ -771,36 +796,44 @@ pub async fn uninstall(client: &mut Client) -> Result<Removed, SourceError> {
             "a walrelay is capturing from this database (server process {pids}): stop it before uninstalling"
         )));
     }
+    // Found by their names and functions rather than by the registry, so that an
+    // installation by another version of walrelay is removed as well.
     let tables = tx
         .query(
-            "SELECT t.id, quote_ident(n.nspname) || '.' || quote_ident(c.relname)
-               FROM walrelay_capture.tables t
-               LEFT JOIN pg_class c ON c.oid = t.relid AND t.current
-               LEFT JOIN pg_namespace n ON n.oid = c.relnamespace
-              ORDER BY t.id",
-            &[],
+            "SELECT DISTINCT g.tgrelid::regclass::text
+               FROM pg_trigger g JOIN pg_proc p ON p.oid = g.tgfoid
+              WHERE g.tgname::text = ANY ($1) AND p.pronamespace = 'walrelay_capture'::regnamespace",
+            &[&TRIGGERS.as_slice()],
         )
         .await
         .map_err(err("listing the captured tables"))?;
-    let mut with_triggers = 0;
     for row in &tables {
-        let id: i32 = row.get(0);
-        if let Some(table) = row.get::<_, Option<String>>(1) {
-            for name in TRIGGERS {
-                tx.batch_execute(&format!("DROP TRIGGER IF EXISTS {name} ON {table}"))
-                    .await
-                    .map_err(err("dropping a trigger"))?;
-            }
-            with_triggers += 1;
+        let table: String = row.get(0);
+        for name in TRIGGERS {
+            tx.batch_execute(&format!("DROP TRIGGER IF EXISTS {name} ON {table}"))
+                .await
+                .map_err(err("dropping a trigger"))?;
         }
-        tx.batch_execute(&drop_functions(id))
+    }
+    let functions = tx
+        .query(
+            "SELECT oid::regprocedure::text FROM pg_proc
+              WHERE pronamespace = 'walrelay_capture'::regnamespace AND proname::text LIKE 'capture%'",
+            &[],
+        )
+        .await
+        .map_err(err("listing the trigger functions"))?;
+    for row in &functions {
+        tx.batch_execute(&format!("DROP FUNCTION {}", row.get::<_, String>(0)))
             .await
             .map_err(err("dropping a trigger function"))?;
     }
+    let with_triggers = tables.len();
     tx.batch_execute(
         "DROP TABLE walrelay_capture.log_1, walrelay_capture.log_2, walrelay_capture.tables,
                     walrelay_capture.ticks, walrelay_capture.consumers, walrelay_capture.state;
-         DROP SEQUENCE walrelay_capture.log_seq, walrelay_capture.current_log, walrelay_capture.wake;
+         DROP SEQUENCE walrelay_capture.log_seq, walrelay_capture.current_log;
+         DROP SEQUENCE IF EXISTS walrelay_capture.wake;
          DROP SCHEMA walrelay_capture",
     )
     .await
