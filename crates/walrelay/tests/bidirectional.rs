@@ -18,41 +18,25 @@ async fn a_relay_each_way_does_not_loop() {
             .setting("logical_decoding_work_mem", "'64kB'")
             .start()
     };
-    let (a_pg, b_pg) = (node(), node());
-    let a = a_pg.create_db("app").await;
-    a.batch_execute(
-        "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'first');
+    let NodePair {
+        a_pg: _a_pg,
+        b_pg: _b_pg,
+        a,
+        b,
+        ab,
+        ba,
+        dirs: _dirs,
+    } = NodePair::start(
+        node,
+        "INSERT INTO t VALUES (1, 'first');
          INSERT INTO t SELECT g, 'copied' FROM generate_series(100000, 104999) g",
+        "origin = \"none\"\nstatus_interval = \"200ms\"",
     )
-    .await
-    .unwrap();
-    let b = b_pg.create_db("app").await;
-    b.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
-    let (dir_ab, dir_ba) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let sink = |url: String, copy: bool| {
-        format!("[snapshot]\nenabled = {copy}\n\n[[sink]]\ntype = \"postgres\"\nurl = \"{url}\"\n")
-    };
-    let origin = "origin = \"none\"\nstatus_interval = \"200ms\"";
+    .await;
     // The way back first, without a copy (B is empty): it is reading B when A's rows are
     // copied there, and leaves the copy out (walrelay marks it), so nothing goes back.
-    let ba = relay_config_file(
-        dir_ba.path(),
-        &b_pg.url("app"),
-        &["public.t"],
-        origin,
-        &sink(a_pg.url("app"), false),
-    );
     let mut b_to_a = Relay::start(&ba);
     wait_until_streaming(&b, &mut b_to_a).await;
-    let ab = relay_config_file(
-        dir_ab.path(),
-        &a_pg.url("app"),
-        &["public.t"],
-        origin,
-        &sink(b_pg.url("app"), true),
-    );
     let mut a_to_b = Relay::start(&ab);
     wait_until_streaming(&a, &mut a_to_b).await;
     wait_until_equal(&a, &b, &["t"], &mut a_to_b).await;

@@ -569,3 +569,64 @@ pub async fn xmin(client: &tokio_postgres::Client, id: i32) -> String {
         .unwrap()
         .get(0)
 }
+
+/// Two writable nodes for a relay each way: table `t (id int PRIMARY KEY, v text)` on
+/// both, `a_rows` (SQL) run on A, B empty; and the relays' configs with `source_keys`
+/// (`origin = "none"`, …). A → B copies A's rows; B → A copies nothing (its copy's rows
+/// come from A, and are marked as applied).
+pub struct NodePair {
+    pub a_pg: walrelay_testkit::TestPg,
+    pub b_pg: walrelay_testkit::TestPg,
+    pub a: tokio_postgres::Client,
+    pub b: tokio_postgres::Client,
+    pub ab: PathBuf,
+    pub ba: PathBuf,
+    /// Where the configs are: keep it as long as the relays run.
+    pub dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+impl NodePair {
+    pub async fn start(
+        node: impl Fn() -> walrelay_testkit::TestPg,
+        a_rows: &str,
+        source_keys: &str,
+    ) -> NodePair {
+        let (a_pg, b_pg) = (node(), node());
+        let table = "CREATE TABLE t (id int PRIMARY KEY, v text)";
+        let a = a_pg.create_db("app").await;
+        a.batch_execute(&format!("{table}; {a_rows}"))
+            .await
+            .unwrap();
+        let b = b_pg.create_db("app").await;
+        b.batch_execute(table).await.unwrap();
+        let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let sink = |url: String, copy: bool| {
+            format!(
+                "[snapshot]\nenabled = {copy}\n\n[[sink]]\ntype = \"postgres\"\nurl = \"{url}\"\n"
+            )
+        };
+        let ab = relay_config_file(
+            dirs.0.path(),
+            &a_pg.url("app"),
+            &["public.t"],
+            source_keys,
+            &sink(b_pg.url("app"), true),
+        );
+        let ba = relay_config_file(
+            dirs.1.path(),
+            &b_pg.url("app"),
+            &["public.t"],
+            source_keys,
+            &sink(a_pg.url("app"), false),
+        );
+        NodePair {
+            a_pg,
+            b_pg,
+            a,
+            b,
+            ab,
+            ba,
+            dirs,
+        }
+    }
+}

@@ -845,31 +845,21 @@ async fn two_writable_nodes_with_trigger_capture_do_not_loop() {
             .setting("track_commit_timestamp", "on")
             .start()
     };
-    let (a_pg, b_pg) = (node(), node());
-    let a = a_pg.create_db("app").await;
-    a.batch_execute(
-        "CREATE TABLE t (id int PRIMARY KEY, v text);
-         INSERT INTO t SELECT g, 'copied' FROM generate_series(100, 199) g",
+    let crate::support::NodePair {
+        a_pg: _a_pg,
+        b_pg: _b_pg,
+        a,
+        b,
+        ab,
+        ba,
+        dirs: _dirs,
+    } = crate::support::NodePair::start(
+        node,
+        "INSERT INTO t SELECT g, 'copied' FROM generate_series(100, 199) g",
+        "capture = \"trigger\"\norigin = \"none\"\nstatus_interval = \"200ms\"",
     )
-    .await
-    .unwrap();
-    let b = b_pg.create_db("app").await;
-    b.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
-    let (dir_ab, dir_ba) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let sink = |url: String, copy: bool| {
-        format!("[snapshot]\nenabled = {copy}\n\n[[sink]]\ntype = \"postgres\"\nurl = \"{url}\"\n")
-    };
-    let source = "capture = \"trigger\"\norigin = \"none\"\nstatus_interval = \"200ms\"";
+    .await;
     // The way back first: its triggers on B log the copy's rows, marked as applied.
-    let ba = relay_config_file(
-        dir_ba.path(),
-        &b_pg.url("app"),
-        &["public.t"],
-        source,
-        &sink(a_pg.url("app"), false),
-    );
     let mut b_to_a = Relay::start(&ba);
     crate::support::wait_for_count(
         &b,
@@ -878,13 +868,6 @@ async fn two_writable_nodes_with_trigger_capture_do_not_loop() {
         "the relay back's triggers on B",
     )
     .await;
-    let ab = relay_config_file(
-        dir_ab.path(),
-        &a_pg.url("app"),
-        &["public.t"],
-        source,
-        &sink(b_pg.url("app"), true),
-    );
     let mut a_to_b = Relay::start(&ab);
     wait_until_equal(&a, &b, &["t"], &mut a_to_b).await;
     let copied_on_a = xmin(&a, 100).await;

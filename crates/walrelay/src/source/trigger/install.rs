@@ -136,7 +136,7 @@ pub async fn install(
         return Err(SourceError::Setup(
             "the schema walrelay_capture was installed by another version of walrelay: \
              stop every relay of this source, run `walrelay uninstall --config FILE`, then start again \
-             (the tables are copied again)"
+             (a new log: changes made in between are not captured, so re-copy the targets' tables)"
                 .into(),
         ));
     }
