@@ -973,6 +973,48 @@ async fn check_says_what_trigger_capture_needs() {
     assert!(out.contains("PROBLEM  role clerk may not create the schema walrelay_capture: GRANT CREATE ON DATABASE \"app\" TO \"clerk\""), "{out}");
     assert!(out.contains("PROBLEM  table public.orders: creating its triggers needs its owner or the TRIGGER privilege: GRANT TRIGGER ON \"public\".\"orders\" TO \"clerk\""), "{out}");
     assert!(!out.contains("cl3rk"), "{out}");
+
+    // A capture schema made by another version of walrelay: check and run say so, and
+    // uninstall removes it.
+    source
+        .admin
+        .batch_execute(
+            "SET ROLE owner_role;
+             CREATE SCHEMA walrelay_capture;
+             CREATE TABLE walrelay_capture.tables (id serial PRIMARY KEY, relid oid NOT NULL UNIQUE);
+             CREATE TABLE walrelay_capture.log_1 (txid xid8, seq bigint);
+             RESET ROLE;",
+        )
+        .await
+        .unwrap();
+    let (code, out) = run_check(&source.owner_url());
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(
+            "PROBLEM  the schema walrelay_capture was installed by another version of walrelay"
+        ),
+        "{out}"
+    );
+    let config = dir.path().join("walrelay.toml");
+    let run = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{err}");
+    assert!(err.contains("walrelay uninstall --config FILE"), "{err}");
+    let removed = std::process::Command::new(BIN)
+        .args(["uninstall", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        removed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&removed.stderr)
+    );
+    assert_eq!(capture_objects(&source.admin).await, 0);
 }
 
 /// Every type of the matrix, written by a session with other output settings (day-first

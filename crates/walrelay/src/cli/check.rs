@@ -254,7 +254,13 @@ async fn inspect_trigger_capture(config: &Config, client: &tokio_postgres::Clien
         ));
     }
     if installed {
-        r.ok("the schema walrelay_capture is installed");
+        match crate::source::trigger::install::schema_is_current(client).await {
+            Ok(true) => r.ok("the schema walrelay_capture is installed"),
+            Ok(false) => r.problem(
+                "the schema walrelay_capture was installed by another version of walrelay: stop every relay of this source, then `walrelay uninstall --config FILE`",
+            ),
+            Err(e) => r.problem(format!("reading the schema walrelay_capture: {e}")),
+        }
     } else if may_create {
         r.ok(format!(
             "role {user} may create the schema walrelay_capture (created at start)"

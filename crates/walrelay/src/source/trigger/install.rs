@@ -260,14 +260,14 @@ pub async fn install(
 }
 
 /// The installed schema has what this version uses (its newest additions).
-async fn schema_is_current(
-    tx: &tokio_postgres::Transaction<'_>,
+pub async fn schema_is_current(
+    client: &impl tokio_postgres::GenericClient,
 ) -> Result<bool, tokio_postgres::Error> {
-    Ok(tx
+    Ok(client
         .query_one(
             "SELECT to_regclass('walrelay_capture.wake') IS NOT NULL
                 AND EXISTS (SELECT FROM pg_attribute
-                             WHERE attrelid = 'walrelay_capture.tables'::regclass AND attname = 'current')",
+                             WHERE attrelid = to_regclass('walrelay_capture.tables') AND attname = 'current')",
             &[],
         )
         .await?
@@ -830,10 +830,11 @@ pub async fn uninstall(client: &mut Client) -> Result<Removed, SourceError> {
     }
     let with_triggers = tables.len();
     tx.batch_execute(
-        "DROP TABLE walrelay_capture.log_1, walrelay_capture.log_2, walrelay_capture.tables,
+        // IF EXISTS: another version may have made fewer of them.
+        "DROP TABLE IF EXISTS walrelay_capture.log_1, walrelay_capture.log_2, walrelay_capture.tables,
                     walrelay_capture.ticks, walrelay_capture.consumers, walrelay_capture.state;
-         DROP SEQUENCE walrelay_capture.log_seq, walrelay_capture.current_log;
-         DROP SEQUENCE IF EXISTS walrelay_capture.wake;
+         DROP SEQUENCE IF EXISTS walrelay_capture.log_seq, walrelay_capture.current_log,
+                    walrelay_capture.wake;
          DROP SCHEMA walrelay_capture",
     )
     .await
