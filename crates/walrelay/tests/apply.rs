@@ -601,11 +601,7 @@ async fn status_shows_each_sink_position_and_lag() {
     wait_until_equal(&source, &target, &["t"], &mut relay).await;
     let cfg = dir.path().join("walrelay.toml");
     let status = || {
-        let o = std::process::Command::new(BIN)
-            .args(["status", "--config"])
-            .arg(&cfg)
-            .output()
-            .unwrap();
+        let o = walrelay_with_config("status", &cfg);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8(o.stdout).unwrap()
     };

@@ -304,11 +304,7 @@ async fn concurrent_writes_resolve_by_the_later_commit_and_are_logged() {
     );
     assert_eq!(value(a, "k", 1).await.as_deref(), Some("a"), "keep_local");
     assert_eq!(value(b, "k", 1).await.as_deref(), Some("b"), "keep_local");
-    let status = std::process::Command::new(BIN)
-        .args(["status", "--config"])
-        .arg(&nodes.configs.1)
-        .output()
-        .unwrap();
+    let status = walrelay_with_config("status", &nodes.configs.1);
     let status = String::from_utf8_lossy(&status.stdout).to_string();
     assert!(
         status.contains("3 resolved (walrelay.conflicts)"),
@@ -376,13 +372,8 @@ async fn check_says_what_two_writable_nodes_need() {
             b_pg.url("app")
         ),
     );
-    let o = std::process::Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(o.status.code(), Some(1), "{out}");
+    let (code, out) = walrelay_check(&config);
+    assert_eq!(code, Some(1), "{out}");
     assert!(
         out.contains("PROBLEM  sink postgres: on_conflict = \"last_writer_wins\" needs on the target: track_commit_timestamp = on"),
         "{out}"
@@ -423,12 +414,7 @@ async fn check_says_what_two_writable_nodes_need() {
         ),
     ] {
         let config = relay_config_file(dir.path(), &url, &["public.s"], ranges, &sink);
-        let o = std::process::Command::new(BIN)
-            .args(["check", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap();
-        let out = String::from_utf8_lossy(&o.stdout);
+        let (_, out) = walrelay_check(&config);
         assert!(out.contains(expected), "{out}");
         assert!(!out.contains("k33per-pass"), "{out}");
     }
@@ -464,11 +450,7 @@ async fn key_ranges_need_the_sequences_owner() {
             b_pg.url("app")
         ),
     );
-    let o = std::process::Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let o = walrelay_with_config("run", &config);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(

@@ -345,11 +345,7 @@ sets = ["crm"]
     // `walrelay status` and `walrelay check` show the sets (check also finds the slot in
     // use by the running relay, so it reports a problem).
     for command in ["status", "check"] {
-        let o = std::process::Command::new(BIN)
-            .args([command, "--config"])
-            .arg(&cfg)
-            .output()
-            .unwrap();
+        let o = walrelay_with_config(command, &cfg);
         let stdout = String::from_utf8_lossy(&o.stdout);
         if command == "status" {
             assert!(

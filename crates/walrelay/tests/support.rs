@@ -499,13 +499,18 @@ pub fn consume_config(
     path
 }
 
-/// `walrelay check --config cfg`: its exit code and standard output.
-pub fn walrelay_check(cfg: &Path) -> (Option<i32>, String) {
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_walrelay"))
-        .args(["check", "--config"])
+/// `walrelay COMMAND --config CFG`, run to its end.
+pub fn walrelay_with_config(command: &str, cfg: &Path) -> std::process::Output {
+    Command::new(BIN)
+        .args([command, "--config"])
         .arg(cfg)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// `walrelay check --config cfg`: its exit code and standard output.
+pub fn walrelay_check(cfg: &Path) -> (Option<i32>, String) {
+    let o = walrelay_with_config("check", cfg);
     (
         o.status.code(),
         String::from_utf8_lossy(&o.stdout).into_owned(),

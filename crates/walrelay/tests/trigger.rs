@@ -12,7 +12,8 @@ use walrelay_model::{Change, OldRow, Row, Value};
 use walrelay_testkit::TestPg;
 
 use crate::support::{
-    relay_config_file, wait_for_line, wait_until_equal, wait_until_shaped, xmin, Relay, BIN,
+    relay_config_file, wait_for_line, wait_until_equal, wait_until_shaped, walrelay_check,
+    walrelay_with_config, xmin, Relay,
 };
 
 const ODD_SCHEMA: &str = "Odd Schema";
@@ -511,13 +512,7 @@ async fn trigger_capture_replicates_to_postgres_through_kills() {
     );
 
     // Not while a relay captures; then every object of the capture goes, and nothing else.
-    let uninstall = || {
-        std::process::Command::new(BIN)
-            .args(["uninstall", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap()
-    };
+    let uninstall = || walrelay_with_config("uninstall", &config);
     let refused = uninstall();
     let err = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(1), "{err}");
@@ -789,11 +784,7 @@ async fn row_filters_are_decided_in_the_triggers() {
 
     // A filter the server cannot evaluate: refused at start, the triggers left as they were.
     let refused = |config: &std::path::Path| {
-        let o = std::process::Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(config)
-            .output()
-            .unwrap();
+        let o = walrelay_with_config("run", config);
         (
             o.status.code(),
             String::from_utf8_lossy(&o.stderr).into_owned(),
@@ -938,15 +929,7 @@ async fn check_says_what_trigger_capture_needs() {
             "capture = \"trigger\"",
             "[[sink]]\ntype = \"jsonl\"\npath = \"-\"\n",
         );
-        let o = std::process::Command::new(BIN)
-            .args(["check", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap();
-        (
-            o.status.code(),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-        )
+        walrelay_check(&config)
     };
     let (code, out) = run_check(&source.owner_url());
     assert_eq!(code, Some(0), "{out}");
@@ -996,19 +979,11 @@ async fn check_says_what_trigger_capture_needs() {
         "{out}"
     );
     let config = dir.path().join("walrelay.toml");
-    let run = std::process::Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let run = walrelay_with_config("run", &config);
     let err = String::from_utf8_lossy(&run.stderr);
     assert_eq!(run.status.code(), Some(1), "{err}");
     assert!(err.contains("walrelay uninstall --config FILE"), "{err}");
-    let removed = std::process::Command::new(BIN)
-        .args(["uninstall", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let removed = walrelay_with_config("uninstall", &config);
     assert!(
         removed.status.success(),
         "{}",
