@@ -240,8 +240,9 @@ async fn copy(
     }
 }
 
-/// A started source, as the pipeline drives it: it sends to the fanout until `cancel`,
-/// then confirms what the sinks hold.
+/// A started source, as the pipeline drives it: it sends to the fanout until `cancel`
+/// (`run` returns `Ok`, or `SourceError::Stopped` when the signal came while it waited for
+/// a sink's room: both are a clean stop), then confirms what the sinks hold.
 pub trait RunningSource {
     fn run(
         &mut self,
@@ -271,7 +272,12 @@ async fn stream(
         }
     };
     *streamed_once = true;
-    let streamed = source.run(&fanout, cancel).await;
+    // A signal while a batch was being handed to the sinks ends the run as cleanly as
+    // one between batches, whichever the source.
+    let streamed = match source.run(&fanout, cancel).await {
+        Err(SourceError::Stopped) => Ok(()),
+        other => other,
+    };
     let (durable, sinks_result) = fanout.close().await;
     match (streamed, sinks_result) {
         (Ok(()), Ok(())) => {

@@ -246,7 +246,8 @@ impl PgOutputSource {
         })
     }
 
-    /// Stream until `cancel` fires (then `Ok`) or something fails.
+    /// Stream until `cancel` fires (then `Ok`, or `Stopped` if it came while a batch was
+    /// handed over) or something fails.
     pub async fn run(
         &mut self,
         fanout: &Fanout,
@@ -254,11 +255,7 @@ impl PgOutputSource {
     ) -> Result<(), SourceError> {
         let mut batch = Vec::with_capacity(BATCH_EVENTS);
         self.durable_watches = fanout.sinks().iter().map(|s| s.durable.clone()).collect();
-        let r = self.run_inner(fanout, cancel, &mut batch).await;
-        match r {
-            Err(SourceError::Stopped) => Ok(()),
-            other => other,
-        }
+        self.run_inner(fanout, cancel, &mut batch).await
     }
 
     async fn run_inner(
