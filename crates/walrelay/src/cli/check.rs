@@ -61,6 +61,13 @@ pub async fn inspect(config: &Config) -> Report {
             return r;
         }
     };
+    let info = match crate::pg::locate::locate(&info).await {
+        Ok(i) => i,
+        Err(e) => {
+            r.problem(format!("cannot connect to the source: {e}"));
+            return r;
+        }
+    };
     let client = match sql::connect(&info).await {
         Ok(c) => {
             r.ok(format!("connected to {}", info.describe()));

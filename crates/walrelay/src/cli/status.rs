@@ -17,7 +17,7 @@ use crate::sink::postgres::progress;
 use crate::source::pgoutput::setup;
 
 pub async fn status(config: &Config) -> anyhow::Result<ExitCode> {
-    let info = config.source.url.resolve()?;
+    let info = crate::pg::locate::locate(&config.source.url.resolve()?).await?;
     let client = sql::connect(&info).await?;
     let current: Lsn = client
         .query_one("SELECT pg_current_wal_lsn()::text", &[])

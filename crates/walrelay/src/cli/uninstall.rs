@@ -9,7 +9,7 @@ use crate::pg::sql;
 use crate::source::trigger::install;
 
 pub async fn uninstall(config: &Config) -> anyhow::Result<ExitCode> {
-    let info = config.source.url.resolve()?;
+    let info = crate::pg::locate::locate(&config.source.url.resolve()?).await?;
     let mut client = sql::connect(&info).await?;
     match install::uninstall(&mut client).await? {
         install::Removed::Nothing => {

@@ -80,10 +80,41 @@ pub enum RootCerts {
     System,
 }
 
+/// Which server of several (`target_session_attrs`): libpq's values that make sense for a
+/// client that writes or decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SessionAttrs {
+    /// The first server that answers.
+    #[default]
+    Any,
+    /// One that takes writes (`transaction_read_only` is off).
+    ReadWrite,
+    /// One not in recovery.
+    Primary,
+}
+
+impl SessionAttrs {
+    fn parse(s: &str) -> Result<Self, ConnInfoError> {
+        Ok(match s {
+            "any" => SessionAttrs::Any,
+            "read-write" => SessionAttrs::ReadWrite,
+            "primary" => SessionAttrs::Primary,
+            other => {
+                return Err(ConnInfoError::InvalidValue {
+                    key: "target_session_attrs".into(),
+                    value: other.into(),
+                    expected: "any, read-write or primary",
+                })
+            }
+        })
+    }
+}
+
 /// Everything needed to open a connection, fully resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnInfo {
-    /// Host name, IP address, or the directory of a Unix socket (starts with `/`).
+    /// Host name, IP address, or the directory of a Unix socket (starts with `/`): the first
+    /// of `hosts`, or the one `pg::primary::locate` chose.
     pub host: String,
     /// Connect to this address instead of resolving `host` (TLS still checks `host`).
     pub hostaddr: Option<IpAddr>,
@@ -99,6 +130,9 @@ pub struct ConnInfo {
     pub connect_timeout: Duration,
     /// Command-line options sent at connection start (`-c name=value ...`).
     pub options: Option<String>,
+    /// Every server the string names, in order (libpq's `host=a,b port=1,2`); one for most.
+    pub hosts: Vec<(String, u16)>,
+    pub target_session_attrs: SessionAttrs,
 }
 
 impl ConnInfo {
@@ -114,6 +148,17 @@ impl ConnInfo {
         )
     }
 
+    /// The `i`-th of `hosts`, alone.
+    pub fn with_host(&self, i: usize) -> ConnInfo {
+        let (host, port) = self.hosts[i].clone();
+        ConnInfo {
+            host,
+            port,
+            hosts: vec![self.hosts[i].clone()],
+            ..self.clone()
+        }
+    }
+
     /// The same server, another database.
     pub fn with_dbname(&self, dbname: &str) -> ConnInfo {
         ConnInfo {
@@ -127,7 +172,7 @@ impl ConnInfo {
 pub enum ConnInfoError {
     #[error("invalid connection string: {0}")]
     Syntax(String),
-    #[error("invalid connection option {0:?}: walrelay understands host, hostaddr, port, user, password, dbname, sslmode, sslrootcert, sslcert, sslkey, application_name, connect_timeout, options, passfile")]
+    #[error("invalid connection option {0:?}: walrelay understands host, hostaddr, port, user, password, dbname, sslmode, sslrootcert, sslcert, sslkey, application_name, connect_timeout, options, passfile, target_session_attrs")]
     UnknownKey(String),
     #[error("invalid value {value:?} for connection option {key}: expected {expected}")]
     InvalidValue {
@@ -135,8 +180,10 @@ pub enum ConnInfoError {
         value: String,
         expected: &'static str,
     },
-    #[error("several hosts in one connection string are not supported; give one host (use a load balancer or the HA /primary endpoint to find the primary)")]
-    MultipleHosts,
+    #[error("{hosts} hosts but {ports} ports: give one port for all, or one per host")]
+    PortCount { hosts: usize, ports: usize },
+    #[error("hostaddr cannot be combined with several hosts")]
+    HostaddrWithHosts,
 }
 
 /// The process environment, behind a function so that tests can supply their own.
@@ -185,6 +232,7 @@ const KNOWN_KEYS: &[&str] = &[
     "connect_timeout",
     "options",
     "passfile",
+    "target_session_attrs",
 ];
 
 /// Parse a connection string and complete it from the environment, like libpq.
@@ -205,9 +253,6 @@ pub fn parse(conn_str: &str) -> Result<BTreeMap<String, String>, ConnInfoError> 
         if !KNOWN_KEYS.contains(&key.as_str()) {
             return Err(ConnInfoError::UnknownKey(key.clone()));
         }
-    }
-    if pairs.get("host").is_some_and(|h| h.contains(',')) {
-        return Err(ConnInfoError::MultipleHosts);
     }
     Ok(pairs)
 }
@@ -246,34 +291,19 @@ fn parse_uri(s: &str) -> Result<BTreeMap<String, String>, ConnInfoError> {
         }
         None => authority,
     };
-    if hostport.contains(',') {
-        return Err(ConnInfoError::MultipleHosts);
+    // libpq's multi-host form, `h1:5432,h2:5432`, becomes `host=h1,h2 port=5432,5432`.
+    let mut hosts = Vec::new();
+    let mut ports = Vec::new();
+    for one in hostport.split(',') {
+        let (host, port) = split_host_port(one)?;
+        hosts.push(decode(host)?);
+        ports.push(decode(port.unwrap_or(""))?);
     }
-    let (host, port) = if let Some(inner) = hostport.strip_prefix('[') {
-        let (h, after) = inner
-            .split_once(']')
-            .ok_or_else(|| ConnInfoError::Syntax("unterminated [ in IPv6 host".into()))?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => Some(p),
-            None if after.is_empty() => None,
-            None => {
-                return Err(ConnInfoError::Syntax(format!(
-                    "unexpected {after:?} after IPv6 host"
-                )))
-            }
-        };
-        (h, port)
-    } else {
-        match hostport.split_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (hostport, None),
-        }
-    };
-    if !host.is_empty() {
-        out.insert("host".into(), decode(host)?);
+    if hosts.iter().any(|h| !h.is_empty()) {
+        out.insert("host".into(), hosts.join(","));
     }
-    if let Some(p) = port.filter(|p| !p.is_empty()) {
-        out.insert("port".into(), decode(p)?);
+    if ports.iter().any(|p| !p.is_empty()) {
+        out.insert("port".into(), ports.join(","));
     }
     if let Some(db) = path.filter(|p| !p.is_empty()) {
         out.insert("dbname".into(), decode(db)?);
@@ -287,6 +317,26 @@ fn parse_uri(s: &str) -> Result<BTreeMap<String, String>, ConnInfoError> {
         }
     }
     Ok(out)
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port`.
+fn split_host_port(hostport: &str) -> Result<(&str, Option<&str>), ConnInfoError> {
+    if let Some(inner) = hostport.strip_prefix('[') {
+        let (h, after) = inner
+            .split_once(']')
+            .ok_or_else(|| ConnInfoError::Syntax("unterminated [ in IPv6 host".into()))?;
+        return match after.strip_prefix(':') {
+            Some(p) => Ok((h, Some(p))),
+            None if after.is_empty() => Ok((h, None)),
+            None => Err(ConnInfoError::Syntax(format!(
+                "unexpected {after:?} after IPv6 host"
+            ))),
+        };
+    }
+    Ok(match hostport.split_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (hostport, None),
+    })
 }
 
 fn parse_key_values(s: &str) -> Result<BTreeMap<String, String>, ConnInfoError> {
@@ -376,13 +426,40 @@ pub fn complete(given: BTreeMap<String, String>, env: &dyn Env) -> Result<ConnIn
         })?),
         None => None,
     };
-    let port = match get("port", "PGPORT") {
-        Some(p) => p.parse().map_err(|_| ConnInfoError::InvalidValue {
-            key: "port".into(),
-            value: p,
-            expected: "a port number from 1 to 65535",
-        })?,
-        None => 5432,
+    let host_list: Vec<String> = host.split(',').map(|h| h.trim().to_string()).collect();
+    let port_list = match get("port", "PGPORT") {
+        Some(ports) => ports
+            .split(',')
+            .map(|p| match p.trim() {
+                "" => Ok(5432),
+                p => p.parse().map_err(|_| ConnInfoError::InvalidValue {
+                    key: "port".into(),
+                    value: p.into(),
+                    expected: "a port number from 1 to 65535",
+                }),
+            })
+            .collect::<Result<Vec<u16>, _>>()?,
+        None => vec![5432],
+    };
+    let hosts: Vec<(String, u16)> = match (host_list.len(), port_list.len()) {
+        (_, 1) => host_list
+            .iter()
+            .map(|h| (h.clone(), port_list[0]))
+            .collect(),
+        (h, p) if h == p => host_list.iter().cloned().zip(port_list).collect(),
+        (hosts, ports) => return Err(ConnInfoError::PortCount { hosts, ports }),
+    };
+    let hosts: Vec<(String, u16)> = hosts
+        .into_iter()
+        .map(|(h, p)| (if h.is_empty() { default_host() } else { h }, p))
+        .collect();
+    if hosts.len() > 1 && hostaddr.is_some() {
+        return Err(ConnInfoError::HostaddrWithHosts);
+    }
+    let (host, port) = hosts[0].clone();
+    let target_session_attrs = match get("target_session_attrs", "PGTARGETSESSIONATTRS") {
+        Some(a) => SessionAttrs::parse(&a)?,
+        None => SessionAttrs::Any,
     };
     let user = get("user", "PGUSER")
         .or_else(|| env.os_user())
@@ -454,6 +531,8 @@ pub fn complete(given: BTreeMap<String, String>, env: &dyn Env) -> Result<ConnIn
         application_name,
         connect_timeout,
         options,
+        hosts,
+        target_session_attrs,
     };
     info.password = match get("password", "PGPASSWORD") {
         Some(p) => Some(Secret::new(p)),
@@ -569,6 +648,43 @@ mod tests {
     }
 
     #[test]
+    fn several_hosts_in_a_uri_or_key_values() {
+        let i = resolve(
+            "postgresql://u@h1:5001,h2,[::1]:5003/db?target_session_attrs=read-write",
+            &empty_env(),
+        )
+        .unwrap();
+        assert_eq!(
+            i.hosts,
+            [
+                ("h1".to_string(), 5001),
+                ("h2".into(), 5432),
+                ("::1".into(), 5003)
+            ]
+        );
+        assert_eq!((i.host.as_str(), i.port), ("h1", 5001));
+        assert_eq!(i.target_session_attrs, SessionAttrs::ReadWrite);
+        let second = i.with_host(1);
+        assert_eq!((second.host.as_str(), second.port), ("h2", 5432));
+        assert_eq!(second.hosts.len(), 1);
+
+        let one_port = resolve("host=a,b port=6000 user=u", &empty_env()).unwrap();
+        assert_eq!(one_port.hosts, [("a".to_string(), 6000), ("b".into(), 6000)]);
+        assert!(matches!(
+            resolve("host=a,b,c port=1,2 user=u", &empty_env()),
+            Err(ConnInfoError::PortCount { hosts: 3, ports: 2 })
+        ));
+        assert!(matches!(
+            resolve("host=a,b hostaddr=127.0.0.1 user=u", &empty_env()),
+            Err(ConnInfoError::HostaddrWithHosts)
+        ));
+        assert!(matches!(
+            resolve("host=a target_session_attrs=standby", &empty_env()),
+            Err(ConnInfoError::InvalidValue { .. })
+        ));
+    }
+
+    #[test]
     fn uri_with_everything() {
         let i = resolve(
             "postgresql://rep%40l:p%3Ass@db.example.com:6543/my%20db?sslmode=require&application_name=x",
@@ -651,7 +767,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("sslmode"), "{e}");
-        assert!(resolve("postgresql://a,b/db", &empty_env()).is_err());
+        assert!(resolve("postgresql://a:1,b:2,c:3/db?port=1,2", &empty_env()).is_err());
         assert!(resolve("just-a-word", &empty_env()).is_err());
         assert!(resolve("password='open", &empty_env()).is_err());
     }

@@ -72,6 +72,10 @@ pub enum PgError {
     },
     #[error("protocol error from {target}: {detail}")]
     Protocol { target: String, detail: String },
+    /// Of several servers, none answered as `target_session_attrs` asks (a failover may be
+    /// under way).
+    #[error("no server fits target_session_attrs={attrs}: {tried}")]
+    NoServerFits { attrs: String, tried: String },
     /// A SQL session failed without a server error: closed, timed out, misconfigured.
     #[error("{context}: {detail}")]
     Session {
@@ -86,7 +90,7 @@ impl PgError {
         match self {
             PgError::Transport(t) => t.is_transient(),
             PgError::Server { error, .. } => error.is_transient(),
-            PgError::Io { .. } => true,
+            PgError::Io { .. } | PgError::NoServerFits { .. } => true,
             PgError::Session { closed, .. } => *closed,
             PgError::ConnInfo(_) | PgError::Auth { .. } | PgError::Protocol { .. } => false,
         }

@@ -5,6 +5,7 @@ pub mod conninfo;
 pub mod copy_text;
 pub mod error;
 pub mod local;
+pub mod locate;
 pub mod quote;
 pub mod replication;
 pub mod sql;

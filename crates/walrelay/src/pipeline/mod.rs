@@ -137,9 +137,10 @@ enum RunEnd {
 }
 
 /// Run until `cancel` fires. A transient failure after the stream was running (the
-/// connection dropped, the server restarted) restarts the pipeline after a pause that grows
-/// to 30 s; a failure before the first stream started is returned, since it is most likely
-/// a configuration problem the operator must see.
+/// connection dropped, the server restarted, a failover) restarts the pipeline after a pause
+/// that grows to 5 s, so that a relay finds a new primary within seconds of its promotion;
+/// a failure before the first stream started is returned, since it is most likely a
+/// configuration problem the operator must see.
 pub async fn run(config: &Config, cancel: CancellationToken) -> Result<(), RelayError> {
     let mut streamed_once = false;
     let mut backoff = Duration::from_millis(500);
@@ -152,7 +153,7 @@ pub async fn run(config: &Config, cancel: CancellationToken) -> Result<(), Relay
                     _ = cancel.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
             Err(e) => return Err(e),
         }
@@ -171,7 +172,10 @@ async fn run_once(
     // slot, the copy's catalog reads): nothing of it needs finishing.
     let sets = config.sets();
     let prepared = tokio::select! {
-        p = pgoutput::prepare(&config.source, &sets, &config.ddl) => p?,
+        p = async {
+            let history = targets_history(config).await?;
+            Ok::<_, RelayError>(pgoutput::prepare(&config.source, &sets, &config.ddl, &history).await?)
+        } => p?,
         _ = cancel.cancelled() => return Ok(RunEnd::Stopped),
     };
     if let Some(ranges) = config.source.key_ranges {
@@ -215,6 +219,35 @@ async fn run_once(
     let needs = fanout.stream_needs(start, copied_until);
     let source = PgOutputSource::start(prepared, &config.source, needs, config.spill_dir()).await;
     stream(source, fanout, cancel, streamed_once).await
+}
+
+/// What the postgres targets hold that came through the slot: per sink, the highest of its
+/// recorded position and its finished copies' positions (see `pgoutput::TargetsHistory`).
+async fn targets_history(config: &Config) -> Result<pgoutput::TargetsHistory, RelayError> {
+    let mut history = Vec::new();
+    for sink in &config.sinks {
+        let crate::config::SinkConfig::Postgres(p) = sink else {
+            continue;
+        };
+        let name = format!("{}/{}", config.source.slot, p.name);
+        let read = async {
+            let client = crate::pg::sql::connect(&p.url.resolve()?).await?;
+            let recorded = crate::sink::postgres::progress::recorded(&client, &name).await?;
+            let copied = crate::snapshot::state::read(&client, &name).await?;
+            let copied = copied.values().filter_map(|s| match s {
+                crate::snapshot::state::CopyState::Done(lsn) => Some(*lsn),
+                _ => None,
+            });
+            Ok::<_, crate::pg::PgError>(
+                recorded.map(|(lsn, _)| lsn).into_iter().chain(copied).max(),
+            )
+        };
+        let highest = read.await.map_err(SourceError::Pg)?;
+        if let Some(lsn) = highest.filter(|l| *l > Lsn::ZERO) {
+            history.push((p.name.clone(), lsn));
+        }
+    }
+    Ok(history)
 }
 
 /// The copy for the postgres sinks (`snapshot::copy_for_sinks`): the position it was

@@ -68,6 +68,15 @@ pub enum SourceError {
     SinkClosed(String),
     #[error("stopped")]
     Stopped,
+    /// The slot is gone from the server while a target holds what came through it: a new
+    /// slot would start later and lose what was committed in between.
+    #[error("slot {slot} does not exist on {server}, but target {sink} holds changes up to {lsn} that came through it: a new slot would start later and lose what was committed in between, so none is created. Waiting for the slot (after a failover the HA agent copies it to the replicas; `walrelay ctl list` shows the copies). To start over instead, empty the target's tables and drop its schema walrelay")]
+    SlotMissing {
+        slot: String,
+        server: String,
+        sink: String,
+        lsn: Lsn,
+    },
 }
 
 impl SourceError {
@@ -75,11 +84,16 @@ impl SourceError {
     pub fn is_transient(&self) -> bool {
         match self {
             SourceError::Pg(e) => e.is_transient(),
-            SourceError::StreamEnded => true,
+            SourceError::StreamEnded | SourceError::SlotMissing { .. } => true,
             _ => false,
         }
     }
 }
+
+/// The targets that hold something that came through the slot (applied changes or a
+/// finished copy), with the highest position they recorded: a slot missing then is lost,
+/// not new.
+pub type TargetsHistory = Vec<(String, Lsn)>;
 
 /// What `prepare` found and made ready.
 pub struct Prepared {
@@ -106,11 +120,14 @@ pub async fn prepare(
     cfg: &SourceConfig,
     sets: &[crate::config::SetConfig],
     ddl: &crate::config::DdlConfig,
+    history: &TargetsHistory,
 ) -> Result<Prepared, SourceError> {
     let info = cfg
         .url
         .resolve()
         .map_err(|e| SourceError::Setup(format!("source.url: {e}")))?;
+    // Of several hosts, the one that fits now: after a failover, the new primary.
+    let info = crate::pg::locate::locate(&info).await?;
     let client = sql::connect(&info).await?;
     let facts = setup::server_facts(&client).await?;
     if let Some(problem) = setup::server_problems(&facts).into_iter().next() {
@@ -167,6 +184,14 @@ pub async fn prepare(
             (confirmed, false, None)
         }
         None => {
+            if let Some((sink, lsn)) = history.first() {
+                return Err(SourceError::SlotMissing {
+                    slot: cfg.slot.clone(),
+                    server: info.describe(),
+                    sink: sink.clone(),
+                    lsn: *lsn,
+                });
+            }
             let (lsn, name) = setup::create_slot(&mut conn, &cfg.slot).await?;
             let snapshot = name.map(|name| crate::snapshot::SnapshotPoint { name, lsn });
             (lsn, true, snapshot)

@@ -75,6 +75,7 @@ pub async fn prepare(cfg: &SourceConfig, sets: &[SetConfig]) -> Result<Prepared,
         .url
         .resolve()
         .map_err(|e| SourceError::Setup(format!("source.url: {e}")))?;
+    let info = crate::pg::locate::locate(&info).await?;
     let mut client = sql::connect(&info).await?;
     let version: i32 = client
         .query_one("SELECT current_setting('server_version_num')::int", &[])
