@@ -17,30 +17,30 @@ use crate::support::{Relay, BIN};
 // Not the defaults: every agent must use the configured passwords, wherever it connects
 // (cloning, rewinding, streaming). The replication password holds what a passfile and a
 // conninfo string must escape.
-const PASSWORD: &str = "Sup3r-Secret";
+pub(crate) const PASSWORD: &str = "Sup3r-Secret";
 const REPLICATION_PASSWORD: &str = "Rep:l1 ca'tor\\";
 /// `POST /switchover` (and so `ctl switchover`) needs it.
 const API_TOKEN: &str = "t0ken-for-switchover";
 
-struct HaNode {
-    name: String,
+pub(crate) struct HaNode {
+    pub(crate) name: String,
     base_dir: PathBuf,
-    config: PathBuf,
-    port: u16,
+    pub(crate) config: PathBuf,
+    pub(crate) port: u16,
     api_port: u16,
     agent: Option<Relay>,
 }
 
-struct Cluster {
+pub(crate) struct Cluster {
     etcd: TestEtcd,
-    nodes: Vec<HaNode>,
+    pub(crate) nodes: Vec<HaNode>,
     /// The REST APIs speak HTTPS, with certificates this trusts.
     tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Cluster {
     /// `n` nodes, their agents all started at once: one wins the bootstrap.
-    fn start(n: usize, extra_cluster: &str) -> Cluster {
+    pub(crate) fn start(n: usize, extra_cluster: &str) -> Cluster {
         Self::start_with(n, extra_cluster, |_| (String::new(), None))
     }
 
@@ -93,7 +93,7 @@ impl Cluster {
         cluster
     }
 
-    fn node(&self, name: &str) -> &HaNode {
+    pub(crate) fn node(&self, name: &str) -> &HaNode {
         self.nodes.iter().find(|n| n.name == name).unwrap()
     }
 
@@ -101,7 +101,7 @@ impl Cluster {
         self.nodes.iter_mut().find(|n| n.name == name).unwrap()
     }
 
-    fn start_agent(&mut self, name: &str) {
+    pub(crate) fn start_agent(&mut self, name: &str) {
         self.start_agent_with_env(name, &[]);
     }
 
@@ -141,7 +141,7 @@ impl Cluster {
             .unwrap_or_default()
     }
 
-    fn ports(&self) -> Vec<u16> {
+    pub(crate) fn ports(&self) -> Vec<u16> {
         self.nodes.iter().map(|n| n.port).collect()
     }
 
@@ -149,7 +149,7 @@ impl Cluster {
     /// backend (a backend whose postmaster died can still commit a write or two), as a
     /// machine that crashes. The postmaster is stopped first, so that the fence, which
     /// would shut it down once the agent is gone, cannot get to it first.
-    async fn kill9(&mut self, name: &str) {
+    pub(crate) async fn kill9(&mut self, name: &str) {
         use nix::sys::signal::{kill, Signal};
         use nix::unistd::Pid;
         let node = self.node_mut(name);
@@ -171,7 +171,7 @@ impl Cluster {
     }
 
     /// The member whose `/primary` answers 200 (other than `not`).
-    async fn wait_for_leader(&self, not: Option<&str>, what: &str) -> String {
+    pub(crate) async fn wait_for_leader(&self, not: Option<&str>, what: &str) -> String {
         wait_for(what, Duration::from_secs(120), || async {
             for n in &self.nodes {
                 if Some(n.name.as_str()) != not && self.get(n.api_port, "/primary").await?.0 == 200
@@ -184,7 +184,7 @@ impl Cluster {
         .await
     }
 
-    async fn wait_streaming(&self, name: &str) {
+    pub(crate) async fn wait_streaming(&self, name: &str) {
         let port = self.node(name).api_port;
         wait_for(
             &format!("{name} to stream from the leader"),
@@ -195,7 +195,7 @@ impl Cluster {
     }
 
     /// `/cluster` from the first agent that answers.
-    async fn cluster_json(&self) -> J {
+    pub(crate) async fn cluster_json(&self) -> J {
         for n in self.nodes.iter().filter(|n| n.agent.is_some()) {
             if let Some((_, body)) = self.get(n.api_port, "/cluster").await {
                 return serde_json::from_str(&body).unwrap();
@@ -209,7 +209,7 @@ impl Cluster {
         request(port, self.tls.as_ref(), "GET", path, &[], "").await
     }
 
-    fn dump_logs(&self) -> String {
+    pub(crate) fn dump_logs(&self) -> String {
         self.nodes
             .iter()
             .map(|n| {
@@ -228,7 +228,7 @@ impl Cluster {
     }
 
     /// `wait_for`, with every node's logs in the failure.
-    async fn wait<T, F, Fut>(&self, what: &str, timeout: Duration, mut condition: F) -> T
+    pub(crate) async fn wait<T, F, Fut>(&self, what: &str, timeout: Duration, mut condition: F) -> T
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
@@ -348,7 +348,7 @@ async fn connect(port: u16) -> Option<tokio_postgres::Client> {
     walrelay::pg::sql::connect(&info).await.ok()
 }
 
-async fn must_connect(port: u16) -> tokio_postgres::Client {
+pub(crate) async fn must_connect(port: u16) -> tokio_postgres::Client {
     connect(port)
         .await
         .unwrap_or_else(|| panic!("connecting to port {port}"))
@@ -356,14 +356,14 @@ async fn must_connect(port: u16) -> tokio_postgres::Client {
 
 /// A client inserting a new id every 10 ms into whichever of `ports` takes writes,
 /// recording each acknowledged id and when.
-struct Writer {
+pub(crate) struct Writer {
     stop: Arc<AtomicBool>,
     acked: Arc<Mutex<Vec<(i64, Instant)>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Writer {
-    fn start(ports: Vec<u16>) -> Writer {
+    pub(crate) fn start(ports: Vec<u16>) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(Mutex::new(Vec::new()));
         let (s, a) = (stop.clone(), acked.clone());
@@ -398,7 +398,7 @@ impl Writer {
         self.acked.lock().unwrap().len()
     }
 
-    async fn wait_for_more(&self, more: usize, what: &str) {
+    pub(crate) async fn wait_for_more(&self, more: usize, what: &str) {
         let target = self.count() + more;
         wait_for(what, Duration::from_secs(120), || async {
             (self.count() >= target).then_some(())
@@ -406,7 +406,7 @@ impl Writer {
         .await;
     }
 
-    async fn finish(self) -> Vec<(i64, Instant)> {
+    pub(crate) async fn finish(self) -> Vec<(i64, Instant)> {
         self.stop.store(true, Ordering::Relaxed);
         self.task.await.unwrap();
         Arc::try_unwrap(self.acked).unwrap().into_inner().unwrap()
@@ -414,8 +414,12 @@ impl Writer {
 }
 
 /// Every acknowledged id is on the server at `port`.
-async fn assert_all_present(port: u16, acked: &[(i64, Instant)]) {
-    let client = must_connect(port).await;
+pub(crate) async fn assert_all_present(port: u16, acked: &[(i64, Instant)]) {
+    assert_all_in(&must_connect(port).await, acked).await
+}
+
+/// Every acknowledged id is in table `w` of `client`'s database.
+pub(crate) async fn assert_all_in(client: &tokio_postgres::Client, acked: &[(i64, Instant)]) {
     let ids: Vec<i64> = acked.iter().map(|(id, _)| *id).collect();
     let missing: Vec<i64> = client
         .query(
@@ -445,7 +449,7 @@ fn longest_pause(acked: &[(i64, Instant)]) -> Duration {
         .unwrap_or_default()
 }
 
-async fn create_table_and_wait_on_replicas(cluster: &Cluster, leader: &str) {
+pub(crate) async fn create_table_and_wait_on_replicas(cluster: &Cluster, leader: &str) {
     let client = must_connect(cluster.node(leader).port).await;
     client
         .batch_execute("CREATE TABLE w (id bigint PRIMARY KEY, at timestamptz DEFAULT now()); INSERT INTO w(id) VALUES (0)")
@@ -1345,6 +1349,8 @@ fn cluster_section(etcd: &TestEtcd, name: &str) -> walrelay::config::ha::Cluster
         maximum_lag_on_failover: 1 << 20,
         synchronous_mode: false,
         use_pg_rewind: true,
+        logical_slots: vec!["walrelay*".into()],
+        drop_slots_of_departed_after: Duration::from_secs(1800),
     }
 }
 
@@ -1375,6 +1381,7 @@ async fn the_store_replaces_a_lost_lease_fences_stale_leaders_and_skips_foreign_
         replayed: Default::default(),
         nofailover: false,
         not_promotable: None,
+        slot_copies: Vec::new(),
     };
 
     // A lease that is gone (here revoked behind the agent's back, as when it expired

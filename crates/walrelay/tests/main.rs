@@ -12,6 +12,7 @@ mod decoder;
 mod durability;
 mod fanout;
 mod ha;
+mod ha_slots;
 mod restart;
 mod schema;
 mod sets;

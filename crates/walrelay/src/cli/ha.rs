@@ -52,7 +52,8 @@ async fn read(config: &CtlConfig) -> anyhow::Result<(Store, ClusterView)> {
     Ok((store, view))
 }
 
-/// `ctl list`: one line per member; for a replica, whether it could be promoted now.
+/// `ctl list`: one line per member; for a replica, whether it could be promoted now and
+/// how its copies of the primary's logical slots stand.
 pub async fn list(config: &CtlConfig) -> anyhow::Result<ExitCode> {
     let (_, view) = read(config).await?;
     print!("{}", render_list(&view, &config.cluster.name));
@@ -70,6 +71,7 @@ pub fn render_list(view: &ClusterView, cluster: &str) -> String {
         "TL",
         "Lag MB",
         "Promotable",
+        "Logical slots",
     ]
     .map(String::from)];
     for m in &view.members {
@@ -95,6 +97,27 @@ pub fn render_list(view: &ClusterView, cluster: &str) -> String {
                 Some(why) => format!("no: {why}"),
             }
         };
+        let slots = if Some(m.name.as_str()) == leader {
+            view.slots
+                .as_ref()
+                .filter(|s| s.leader == m.name)
+                .map(|s| {
+                    let names: Vec<&str> = s.slots.iter().map(|s| s.name.as_str()).collect();
+                    names.join(", ")
+                })
+                .unwrap_or_default()
+        } else {
+            let copies: Vec<String> = m
+                .slot_copies
+                .iter()
+                .map(|c| match (&c.note, c.ready) {
+                    (_, true) => format!("{} ready", c.name),
+                    (Some(why), false) => format!("{} not ready: {why}", c.name),
+                    (None, false) => format!("{} not ready", c.name),
+                })
+                .collect();
+            copies.join("; ")
+        };
         rows.push([
             m.name.clone(),
             format!("{}:{}", m.host, m.port),
@@ -103,9 +126,10 @@ pub fn render_list(view: &ClusterView, cluster: &str) -> String {
             m.timeline.to_string(),
             lag,
             promotable,
+            slots,
         ]);
     }
-    let widths: Vec<usize> = (0..7)
+    let widths: Vec<usize> = (0..8)
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
     let mut out = format!(

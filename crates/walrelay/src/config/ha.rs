@@ -64,6 +64,15 @@ pub struct ClusterSection {
     /// Rejoin a former primary with pg_rewind (else clone it again).
     #[serde(default = "yes")]
     pub use_pg_rewind: bool,
+    /// The primary's logical slots kept on every replica, so that a relay finds its slot
+    /// after a failover: names, or prefixes ending in `*`. The default takes walrelay's
+    /// own (the relay's default slot name is `walrelay`; name yours `walrelay_...`).
+    #[serde(default = "default_logical_slots")]
+    pub logical_slots: Vec<String>,
+    /// The primary drops a member's physical slot once the member has been gone from etcd
+    /// this long (its agent stopped for good): the slot would hold WAL for no one.
+    #[serde(default = "default_departed_after", with = "humantime_serde")]
+    pub drop_slots_of_departed_after: Duration,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -212,6 +221,12 @@ fn default_retry_timeout() -> Duration {
 fn default_maximum_lag() -> u64 {
     1 << 20
 }
+fn default_logical_slots() -> Vec<String> {
+    vec!["walrelay*".into()]
+}
+fn default_departed_after() -> Duration {
+    Duration::from_secs(30 * 60)
+}
 fn yes() -> bool {
     true
 }
@@ -274,6 +289,19 @@ impl HaConfig {
         if config.cluster.ttl.as_secs() < 2 {
             return Err(invalid("cluster.ttl", "must be at least 2 s".into()));
         }
+        for pattern in &config.cluster.logical_slots {
+            let name = pattern.strip_suffix('*').unwrap_or(pattern);
+            if name.is_empty() && !pattern.ends_with('*')
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                return Err(invalid(
+                    "cluster.logical_slots",
+                    format!("{pattern:?}: a slot name, or a prefix of one followed by *"),
+                ));
+            }
+        }
         if config.cluster.loop_wait.is_zero() {
             return Err(invalid("cluster.loop_wait", "must be more than 0".into()));
         }
@@ -297,6 +325,16 @@ impl HaConfig {
 }
 
 impl ClusterSection {
+    /// Whether the primary's logical slot `name` is kept on the replicas.
+    pub fn keeps_logical_slot(&self, name: &str) -> bool {
+        self.logical_slots
+            .iter()
+            .any(|p| match p.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => name == p,
+            })
+    }
+
     /// `/<namespace>/<cluster>/`: every key of the cluster is under it.
     pub fn prefix(&self) -> String {
         format!("/{}/{}/", self.namespace, self.name)

@@ -1,6 +1,7 @@
 //! The HA agent's loop: every `loop_wait`, renew the lease, read the cluster from etcd,
 //! look at PostgreSQL, let `decide` say what to do, do it, and publish this node's state.
 
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -10,8 +11,10 @@ use walrelay_model::Lsn;
 use super::decide::{self, Action, LeaderKey, Member, Observation, Policy, Role};
 use super::fence::Fence;
 use super::node::{Node, NodeError, PgState, Upstream, Wait};
+use super::slots;
 use super::store::{
-    ClusterView, HistoryEntry, MemberInfo, Store, StoreError, SwitchoverKey, SyncState,
+    ClusterView, HistoryEntry, LogicalSlots, MemberInfo, SlotCopy, Store, StoreError,
+    SwitchoverKey, SyncState,
 };
 use crate::config::ha::HaConfig;
 use crate::pg::local::StopMode;
@@ -63,6 +66,10 @@ pub struct Agent {
     sync_pending: Option<(String, Option<Lsn>)>,
     stepped_down_at: Option<Instant>,
     fence: Fence,
+    /// The primary: physical slots whose member is not in etcd, since when.
+    absent_since: HashMap<String, Instant>,
+    /// A replica: its copies of the primary's logical slots, as last seen.
+    slot_copies: Vec<SlotCopy>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -91,6 +98,8 @@ impl Agent {
             stuck_loops: 0,
             sync_pending: None,
             stepped_down_at: None,
+            absent_since: HashMap::new(),
+            slot_copies: Vec::new(),
         })
     }
 
@@ -256,7 +265,13 @@ impl Agent {
                 waiting = Some(why.clone());
             }
         }
-        let pg = self.node.observe().await;
+        let mut pg = self.node.observe().await;
+        if pg.running && pg.in_recovery {
+            if let Err(e) = self.keep_slot_copies(&pg).await {
+                tracing::warn!(error = %e, "keeping the copies of the primary's logical slots");
+            }
+            pg = self.node.observe().await;
+        }
         // Disarmed only when surely not a primary: a server that runs but did not answer
         // may still take writes.
         if (pg.running && pg.in_recovery) || !self.node.postmaster_running() {
@@ -341,6 +356,11 @@ impl Agent {
             replayed: pg.replayed,
             nofailover: n.nofailover,
             not_promotable,
+            slot_copies: if pg.in_recovery {
+                self.slot_copies.clone()
+            } else {
+                Vec::new()
+            },
         };
         if let Err(e) = self.store.put_member(&me).await {
             tracing::warn!(error = %e, "publishing this member");
@@ -546,7 +566,16 @@ impl Agent {
                 "rewinding"
             );
             match self.node.rewind(leader).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    if was_primary {
+                        // Its slots belong to its time as the primary: the physical ones
+                        // would hold WAL for members that stream from the new leader, the
+                        // logical ones stand for a history that is no longer the cluster's.
+                        // Copies of the leader's logical slots follow (`keep_slot_copies`).
+                        self.node.remove_slots()?;
+                    }
+                    return Ok(());
+                }
                 Err(e) => tracing::warn!(error = %e, "pg_rewind failed; cloning again"),
             }
         } else if !was_primary {
@@ -576,7 +605,8 @@ impl Agent {
         let key = self.held_key()?;
         // Slots first: a member that (re)appears must be able to stream whatever else
         // fails this loop.
-        self.keep_slots().await?;
+        self.keep_member_slots().await?;
+        self.publish_logical_slots(&key).await?;
         // A finished switchover (it stepped down, I lead now), or one asked of an earlier
         // leader: done with.
         if self
@@ -599,9 +629,9 @@ impl Agent {
     /// whichever node leads — including a new primary, which had none as a replica, and
     /// a member that comes back after its key expired. A slot PostgreSQL invalidated (it
     /// fell more than `max_slot_wal_keep_size` behind) cannot serve its replica again: it is
-    /// made anew, once no one uses it. Slots are never dropped for members that vanish:
-    /// a member restarting must find its WAL kept.
-    async fn keep_slots(&mut self) -> Result<(), AgentError> {
+    /// made anew, once no one uses it. A member briefly gone (restarting) keeps its slot;
+    /// one gone for `drop_slots_of_departed_after` loses it.
+    async fn keep_member_slots(&mut self) -> Result<(), AgentError> {
         let me = self.me().to_string();
         let members: Vec<String> = self
             .view
@@ -610,36 +640,96 @@ impl Agent {
             .filter(|m| m.name != me)
             .map(|m| m.name.clone())
             .collect();
-        let sql = |e: tokio_postgres::Error| NodeError::Sql(e.to_string());
         let client = self.node.sql().await?;
-        let existing: Vec<(String, bool, bool)> = client
-            .query(
-                "SELECT slot_name::text, active, coalesce(wal_status = 'lost', false)
-                   FROM pg_replication_slots WHERE slot_type = 'physical'",
-                &[],
-            )
-            .await
-            .map_err(sql)?
+        let existing = slots::physical_slots(client).await?;
+        let now = Instant::now();
+        self.absent_since.retain(|name, _| {
+            existing.iter().any(|(n, _, _)| n == name) && !members.contains(name)
+        });
+        for (name, _, _) in existing.iter().filter(|(n, _, _)| !members.contains(n)) {
+            self.absent_since.entry(name.clone()).or_insert(now);
+        }
+        let grace = self.config.cluster.drop_slots_of_departed_after;
+        let departed: Vec<String> = self
+            .absent_since
             .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .filter(|(_, since)| since.elapsed() >= grace)
+            .map(|(n, _)| n.clone())
             .collect();
-        for (name, plan) in slot_plan(&members, &existing) {
-            if plan == SlotPlan::Recreate {
-                client
-                    .execute("SELECT pg_drop_replication_slot($1)", &[&name])
-                    .await
-                    .map_err(sql)?;
-            }
-            client
-                .execute(
-                    "SELECT pg_create_physical_replication_slot($1, true)",
-                    &[&name],
-                )
-                .await
-                .map_err(sql)?;
-            tracing::info!(slot = name, ?plan, "replication slot for a member");
+        let plan = slots::member_slot_plan(&members, &existing, &departed);
+        Ok(slots::carry_out(client, &plan).await?)
+    }
+
+    /// Publish the primary's logical slots that replicas keep copies of (when they moved).
+    async fn publish_logical_slots(&mut self, key: &LeaderKey) -> Result<(), AgentError> {
+        let client = self.node.sql().await?;
+        let published = LogicalSlots {
+            leader: key.holder.clone(),
+            slots: slots::logical_slots(client, &self.config.cluster).await?,
+        };
+        if self.view.slots.as_ref() != Some(&published) {
+            self.store.put_slots(key, &published).await?;
+            self.view.slots = Some(published);
         }
         Ok(())
+    }
+
+    /// A replica: keep a copy of each of the primary's logical slots (see `slots`), and say
+    /// how each stands. A restart only when one must be loaded.
+    async fn keep_slot_copies(&mut self, pg: &PgState) -> Result<(), AgentError> {
+        let leader = self.view.leader.as_ref().map(|l| l.holder.clone());
+        let published = self
+            .view
+            .slots
+            .clone()
+            .filter(|s| Some(&s.leader) == leader.as_ref());
+        let (Some(leader), Some(published)) = (leader, published) else {
+            // No word from the current leader yet: nothing is dropped on a guess.
+            return Ok(());
+        };
+        let client = self.node.sql().await?;
+        let local = slots::local_slots(client).await?;
+        let oldest = slots::oldest_wal(client).await?;
+        let plan = slots::copy_plan(&published.slots, &local, pg.replayed, oldest);
+        let mut failed = Vec::new();
+        for name in &plan.drop {
+            slots::drop_local(client, name).await?;
+            tracing::info!(
+                slot = name,
+                "dropped a slot that is no copy of the primary's"
+            );
+        }
+        for (name, to) in &plan.advance {
+            if let Err(e) = slots::advance(client, name, *to).await {
+                tracing::warn!(slot = name, error = %e, "advancing a slot copy failed");
+                if e.to_string().contains("removed") {
+                    // Its WAL is gone here: copied anew once the primary's slot allows.
+                    slots::drop_local(client, name).await?;
+                }
+                failed.push((name.clone(), format!("advancing failed: {e}")));
+            }
+        }
+        let local = slots::local_slots(client).await?;
+        self.slot_copies = slots::describe_copies(&published.slots, &local, &plan, &failed);
+        if plan.copy.is_empty() {
+            return Ok(());
+        }
+        let Some(primary) = self.view.member(&leader).cloned() else {
+            return Ok(());
+        };
+        let primary = self.node.leader_sql(&primary).await?;
+        let mut states = Vec::new();
+        for name in &plan.copy {
+            states.push((name.clone(), slots::read_state(&primary, name).await?));
+        }
+        tracing::info!(slots = ?plan.copy, "copying the primary's logical slots; restarting to load them");
+        self.node.stop(StopMode::Fast).await?;
+        let placed: Result<(), NodeError> = states
+            .iter()
+            .try_for_each(|(name, state)| self.node.place_slot_state(name, state));
+        let upstream = self.node.upstream().cloned();
+        self.node.start_as_replica(upstream, Wait::Started).await?;
+        Ok(placed?)
     }
 
     /// Synchronous mode: the `sync` key names a standby only while every acknowledged
@@ -839,52 +929,5 @@ impl Agent {
                 self.stepped_down_at = None;
             }
         }
-    }
-}
-
-/// What the primary does about one member's slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SlotPlan {
-    Create,
-    /// Invalidated and unused: drop it and create it again.
-    Recreate,
-}
-
-/// The slots to make for `members`, given the physical slots that exist (name, in use,
-/// invalidated).
-fn slot_plan(members: &[String], existing: &[(String, bool, bool)]) -> Vec<(String, SlotPlan)> {
-    members
-        .iter()
-        .filter_map(|name| match existing.iter().find(|(n, _, _)| n == name) {
-            None => Some((name.clone(), SlotPlan::Create)),
-            Some((_, false, true)) => Some((name.clone(), SlotPlan::Recreate)),
-            Some(_) => None,
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_member_gets_a_usable_slot_and_none_is_dropped() {
-        let members = ["n2".to_string(), "n3".into(), "n4".into()];
-        let existing = [
-            ("n2".to_string(), true, false),
-            // Invalidated but its replica still holds it: left until it lets go.
-            ("n3".into(), true, true),
-            // A member no longer in etcd keeps its slot.
-            ("n9".into(), false, false),
-        ];
-        assert_eq!(
-            slot_plan(&members, &existing),
-            [("n4".to_string(), SlotPlan::Create)]
-        );
-        let lost = [("n2".to_string(), false, true)];
-        assert_eq!(
-            slot_plan(&members[..1], &lost),
-            [("n2".to_string(), SlotPlan::Recreate)]
-        );
     }
 }

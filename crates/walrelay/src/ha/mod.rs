@@ -5,6 +5,8 @@
 //! - `etcd`: etcd's v3 JSON gateway over HTTP (no gRPC, so no `protoc` to build);
 //! - `store`: the cluster's keys in etcd (lease, leader by compare-and-set, members);
 //! - `node`: the PostgreSQL server the agent runs (initdb, clone, rewind, promote);
+//! - `slots`: the primary's slot per member, and copies of its logical slots on the
+//!   replicas;
 //! - `agent`: the loop that ties them together;
 //! - `fence`: the process that stops a primary's PostgreSQL once its lease may be gone,
 //!   whatever became of the agent;
@@ -17,4 +19,5 @@ pub mod decide;
 pub mod etcd;
 pub mod fence;
 pub mod node;
+pub mod slots;
 pub mod store;

@@ -183,6 +183,9 @@ impl Node {
         );
         set("cluster_name", Self::conf_literal(&n.name));
         set("hot_standby", "on".into());
+        // A replica's copies of the primary's logical slots need the catalog rows their
+        // decoding reads: the primary keeps them while the replica reports its slots' xmin.
+        set("hot_standby_feedback", "on".into());
         set("wal_log_hints", "on".into());
         set("wal_keep_size", "'256MB'".into());
         // A member that never comes back keeps at most this much WAL in its slot.
@@ -500,6 +503,58 @@ impl Node {
             self.client = Some(client);
         }
         Ok(self.client.as_ref().expect("just connected"))
+    }
+
+    /// A SQL session to the leader's server as the superuser (a replica copies slots from
+    /// it).
+    pub async fn leader_sql(
+        &self,
+        leader: &MemberInfo,
+    ) -> Result<tokio_postgres::Client, NodeError> {
+        self.write_pgpass()?;
+        let url = format!(
+            "host={} port={} user={} dbname=postgres passfile={} connect_timeout=3 application_name=walrelay-ha",
+            Self::conninfo_value(&leader.host),
+            leader.port,
+            Self::conninfo_value(&self.config.postgres.superuser),
+            Self::conninfo_value(&self.pgpass_path().display().to_string()),
+        );
+        let info = crate::pg::conninfo::resolve(&url, &crate::pg::conninfo::ProcessEnv)
+            .map_err(sql_err)?;
+        crate::pg::sql::connect(&info).await.map_err(sql_err)
+    }
+
+    /// Put a logical slot's state, as read from the primary, into the stopped server's
+    /// `pg_replslot`: PostgreSQL loads it at the next start.
+    pub fn place_slot_state(&self, name: &str, state: &[u8]) -> Result<(), NodeError> {
+        self.refuse_while_running("place a slot")?;
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            return Err(NodeError::Other(format!("{name:?} is not a slot name")));
+        }
+        let dir = self.server.data_dir().join("pg_replslot").join(name);
+        self.server.create_dir_owned(&dir)?;
+        self.server.write_owned(&dir.join("state"), state, 0o600)?;
+        Ok(())
+    }
+
+    /// Remove every replication slot of the stopped server.
+    pub fn remove_slots(&self) -> Result<(), NodeError> {
+        self.refuse_while_running("remove slots")?;
+        let dir = self.server.data_dir().join("pg_replslot");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            tracing::info!(slot = %entry.file_name().to_string_lossy(), "removing a former primary's slot");
+            std::fs::remove_dir_all(entry.path()).map_err(|e| {
+                NodeError::Other(format!("removing {}: {e}", entry.path().display()))
+            })?;
+        }
+        Ok(())
     }
 
     /// A SQL session to this node's server (for the primary's upkeep).

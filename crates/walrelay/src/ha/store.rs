@@ -6,7 +6,9 @@
 //! - `members/<name>`: each agent's view of its node (JSON), bound to its lease;
 //! - `sync`: in synchronous mode, the standby that holds every acknowledged commit;
 //! - `switchover`: a switchover asked for, bound to the primary's lease;
-//! - `history/<generation>`: one entry per promotion; `config`: the timings at bootstrap.
+//! - `history/<generation>`: one entry per promotion; `config`: the timings at bootstrap;
+//! - `slots`: the primary's logical slots that replicas keep copies of, with how far each
+//!   has been confirmed.
 //!
 //! Every call is bounded by `retry_timeout`: an agent that cannot reach etcd must find out
 //! in time to fence itself.
@@ -64,6 +66,41 @@ pub struct MemberInfo {
     /// Why this node could not be promoted now (`None`: it could).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_promotable: Option<String>,
+    /// A replica: its copies of the primary's logical slots.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slot_copies: Vec<SlotCopy>,
+}
+
+/// A logical slot of the primary, as the leader publishes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogicalSlot {
+    pub name: String,
+    pub plugin: String,
+    pub database: String,
+    pub restart_lsn: Lsn,
+    pub confirmed_flush: Lsn,
+}
+
+/// The `slots` key: the leader's logical slots.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogicalSlots {
+    pub leader: String,
+    pub slots: Vec<LogicalSlot>,
+}
+
+/// A replica's copy of one of the primary's logical slots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotCopy {
+    pub name: String,
+    /// Usable if this replica were promoted now.
+    pub ready: bool,
+    /// How far the copy is confirmed (behind the primary's by what this replica has not
+    /// replayed yet).
+    #[serde(default)]
+    pub confirmed_flush: Lsn,
+    /// Why it is not ready, or what is being done about it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +144,7 @@ pub struct ClusterView {
     /// only if no one changed it meanwhile.
     pub switchover_revision: i64,
     pub history: Vec<HistoryEntry>,
+    pub slots: Option<LogicalSlots>,
 }
 
 impl ClusterView {
@@ -205,6 +243,10 @@ pub fn view_from(
                 view.leader_lease = kv.lease;
             }
             "sync" => view.sync = Some(serde_json::from_slice(value).map_err(decode)?),
+            "slots" => match serde_json::from_slice(value) {
+                Ok(s) => view.slots = Some(s),
+                Err(e) => skip(e),
+            },
             "switchover" => {
                 view.switchover = Some(serde_json::from_slice(value).map_err(decode)?);
                 view.switchover_revision = kv.mod_revision;
@@ -472,6 +514,15 @@ impl Store {
         Ok(self.etcd.txn(&compare, &[Op::Delete { key }]).await?)
     }
 
+    /// The primary's logical slots, as only the leader may say.
+    pub async fn put_slots(
+        &self,
+        leader: &LeaderKey,
+        slots: &LogicalSlots,
+    ) -> Result<(), StoreError> {
+        self.put_as_leader(leader, "slots", slots).await
+    }
+
     pub async fn put_history(
         &self,
         leader: &LeaderKey,
@@ -517,6 +568,7 @@ mod tests {
             replayed: Lsn(1),
             nofailover: false,
             not_promotable: None,
+            slot_copies: Vec::new(),
         })
         .unwrap()
     }

@@ -669,7 +669,10 @@ mod tests {
         assert_eq!(second.hosts.len(), 1);
 
         let one_port = resolve("host=a,b port=6000 user=u", &empty_env()).unwrap();
-        assert_eq!(one_port.hosts, [("a".to_string(), 6000), ("b".into(), 6000)]);
+        assert_eq!(
+            one_port.hosts,
+            [("a".to_string(), 6000), ("b".into(), 6000)]
+        );
         assert!(matches!(
             resolve("host=a,b,c port=1,2 user=u", &empty_env()),
             Err(ConnInfoError::PortCount { hosts: 3, ports: 2 })

@@ -177,12 +177,21 @@ impl LocalServer {
     pub fn write_owned(
         &self,
         path: &Path,
-        contents: &str,
+        contents: impl AsRef<[u8]>,
         mode: u32,
     ) -> Result<(), LocalServerError> {
         use std::os::unix::fs::PermissionsExt;
         fs::write(path, contents).map_err(io_err("writing", path))?;
         fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .map_err(io_err("setting the mode of", path))?;
+        self.hand_over(path)
+    }
+
+    /// Create a directory (mode 0700) the server's user owns.
+    pub fn create_dir_owned(&self, path: &Path) -> Result<(), LocalServerError> {
+        use std::os::unix::fs::PermissionsExt;
+        fs::create_dir_all(path).map_err(io_err("creating", path))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700))
             .map_err(io_err("setting the mode of", path))?;
         self.hand_over(path)
     }

@@ -1,0 +1,436 @@
+//! Replication slots across the cluster: the primary keeps a physical slot per member and
+//! publishes its logical slots; every replica keeps a copy of each, close behind, so that
+//! a relay finds its slot on whichever node is promoted.
+//!
+//! Before PostgreSQL 17 a standby cannot create a logical slot, so a copy is made the way
+//! Patroni makes it: the slot's state file is read from the primary
+//! (`pg_read_binary_file`), placed in the stopped replica's `pg_replslot`, and loaded at
+//! its next start — a restart only when a slot first appears, never at failover. From then
+//! on `pg_replication_slot_advance` moves the copy to the primary's confirmed position,
+//! never past what the replica has replayed. `hot_standby_feedback` makes the primary keep
+//! the catalog rows the copy's decoding reads.
+
+use tokio_postgres::Client;
+use walrelay_model::Lsn;
+
+use super::node::NodeError;
+use super::store::{LogicalSlot, SlotCopy};
+use crate::config::ha::ClusterSection;
+
+fn sql(e: tokio_postgres::Error) -> NodeError {
+    NodeError::Sql(match e.as_db_error() {
+        Some(db) => db.message().to_string(),
+        None => e.to_string(),
+    })
+}
+
+/// What the primary does about one member's physical slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberSlotPlan {
+    Create(String),
+    /// Invalidated and unused: drop it and create it again.
+    Recreate(String),
+    /// Its member has been gone long enough: drop it.
+    Drop(String),
+}
+
+/// A physical slot on the primary: name, in use, invalidated.
+pub type PhysicalSlot = (String, bool, bool);
+
+/// The slots to make or drop for `members` (the others in etcd now), given the physical
+/// slots that exist and those whose member has been gone long enough (`departed`). A
+/// member that is briefly away (restarting) keeps its slot, so it finds its WAL kept.
+pub fn member_slot_plan(
+    members: &[String],
+    existing: &[PhysicalSlot],
+    departed: &[String],
+) -> Vec<MemberSlotPlan> {
+    let mut plan: Vec<MemberSlotPlan> = members
+        .iter()
+        .filter_map(|name| match existing.iter().find(|(n, _, _)| n == name) {
+            None => Some(MemberSlotPlan::Create(name.clone())),
+            Some((_, false, true)) => Some(MemberSlotPlan::Recreate(name.clone())),
+            Some(_) => None,
+        })
+        .collect();
+    plan.extend(
+        existing
+            .iter()
+            .filter(|(n, active, _)| !active && !members.contains(n) && departed.contains(n))
+            .map(|(n, _, _)| MemberSlotPlan::Drop(n.clone())),
+    );
+    plan
+}
+
+/// The primary's physical slots.
+pub async fn physical_slots(client: &Client) -> Result<Vec<PhysicalSlot>, NodeError> {
+    Ok(client
+        .query(
+            "SELECT slot_name::text, active, coalesce(wal_status = 'lost', false)
+               FROM pg_replication_slots WHERE slot_type = 'physical'",
+            &[],
+        )
+        .await
+        .map_err(sql)?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
+pub async fn carry_out(client: &Client, plan: &[MemberSlotPlan]) -> Result<(), NodeError> {
+    for step in plan {
+        match step {
+            MemberSlotPlan::Create(name) => create_physical(client, name).await?,
+            MemberSlotPlan::Recreate(name) => {
+                drop_slot(client, name).await?;
+                create_physical(client, name).await?;
+            }
+            MemberSlotPlan::Drop(name) => drop_slot(client, name).await?,
+        }
+        tracing::info!(?step, "replication slot for a member");
+    }
+    Ok(())
+}
+
+async fn create_physical(client: &Client, name: &str) -> Result<(), NodeError> {
+    client
+        .execute(
+            "SELECT pg_create_physical_replication_slot($1, true)",
+            &[&name],
+        )
+        .await
+        .map_err(sql)?;
+    Ok(())
+}
+
+async fn drop_slot(client: &Client, name: &str) -> Result<(), NodeError> {
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&name])
+        .await
+        .map_err(sql)?;
+    Ok(())
+}
+
+/// The primary's logical slots the cluster keeps on its replicas.
+pub async fn logical_slots(
+    client: &Client,
+    cluster: &ClusterSection,
+) -> Result<Vec<LogicalSlot>, NodeError> {
+    let rows = client
+        .query(
+            "SELECT slot_name::text, plugin::text, database::text,
+                    coalesce(restart_lsn, '0/0')::text, coalesce(confirmed_flush_lsn, '0/0')::text
+               FROM pg_replication_slots
+              WHERE slot_type = 'logical' AND NOT temporary
+              ORDER BY slot_name",
+            &[],
+        )
+        .await
+        .map_err(sql)?;
+    Ok(rows
+        .iter()
+        .map(|r| LogicalSlot {
+            name: r.get(0),
+            plugin: r.get(1),
+            database: r.get(2),
+            restart_lsn: r.get::<_, String>(3).parse().unwrap_or_default(),
+            confirmed_flush: r.get::<_, String>(4).parse().unwrap_or_default(),
+        })
+        .filter(|s| cluster.keeps_logical_slot(&s.name))
+        .collect())
+}
+
+/// A slot on a replica: its name, whether logical, in use, restart and confirmed positions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalSlot {
+    pub name: String,
+    pub logical: bool,
+    pub active: bool,
+    pub restart_lsn: Lsn,
+    pub confirmed_flush: Lsn,
+}
+
+/// What a replica does about its slots this loop.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CopyPlan {
+    /// Slots that are no copy of a slot the primary has now: physical slots (left from its
+    /// days as a primary) and logical slots the primary no longer has, or has behind this
+    /// copy (the copy comes from another history: a former primary's own).
+    pub drop: Vec<String>,
+    /// Copies to move forward: to the primary's confirmed position, or as far as this
+    /// replica has replayed.
+    pub advance: Vec<(String, Lsn)>,
+    /// The primary's slots to copy now (one restart for all of them).
+    pub copy: Vec<String>,
+    /// The primary's slots not copied yet, and why.
+    pub waiting: Vec<(String, String)>,
+}
+
+/// Decide, from the primary's logical slots, this replica's slots, how far it has replayed,
+/// and where its oldest WAL begins (a copy needs the WAL from its `restart_lsn` on).
+pub fn copy_plan(
+    primary: &[LogicalSlot],
+    local: &[LocalSlot],
+    replayed: Lsn,
+    oldest_wal: Lsn,
+) -> CopyPlan {
+    let mut plan = CopyPlan::default();
+    for l in local.iter().filter(|l| !l.active) {
+        let original = primary.iter().find(|p| p.name == l.name);
+        match original {
+            Some(p) if l.logical && l.confirmed_flush <= p.confirmed_flush => {
+                let to = p.confirmed_flush.min(replayed);
+                if to > l.confirmed_flush {
+                    plan.advance.push((l.name.clone(), to));
+                }
+            }
+            _ => plan.drop.push(l.name.clone()),
+        }
+    }
+    for p in primary {
+        let kept = local
+            .iter()
+            .any(|l| l.name == p.name && !plan.drop.contains(&l.name));
+        if kept {
+            continue;
+        }
+        if p.restart_lsn < oldest_wal {
+            plan.waiting.push((
+                p.name.clone(),
+                format!(
+                    "its restart_lsn {} is older than this replica's oldest WAL ({oldest_wal}): copied once the primary's slot moves past it",
+                    p.restart_lsn
+                ),
+            ));
+        } else if p.restart_lsn > replayed {
+            plan.waiting.push((
+                p.name.clone(),
+                format!(
+                    "this replica has replayed up to {replayed}, before the slot's restart_lsn {}",
+                    p.restart_lsn
+                ),
+            ));
+        } else {
+            plan.copy.push(p.name.clone());
+        }
+    }
+    plan
+}
+
+/// This replica's slots.
+pub async fn local_slots(client: &Client) -> Result<Vec<LocalSlot>, NodeError> {
+    let rows = client
+        .query(
+            "SELECT slot_name::text, slot_type = 'logical', active,
+                    coalesce(restart_lsn, '0/0')::text, coalesce(confirmed_flush_lsn, '0/0')::text
+               FROM pg_replication_slots WHERE NOT temporary",
+            &[],
+        )
+        .await
+        .map_err(sql)?;
+    Ok(rows
+        .iter()
+        .map(|r| LocalSlot {
+            name: r.get(0),
+            logical: r.get(1),
+            active: r.get(2),
+            restart_lsn: r.get::<_, String>(3).parse().unwrap_or_default(),
+            confirmed_flush: r.get::<_, String>(4).parse().unwrap_or_default(),
+        })
+        .collect())
+}
+
+/// Where this server's oldest WAL segment in `pg_wal` begins (`pg_walfile_name` is not
+/// allowed during recovery, so the segment's name is read backwards).
+pub async fn oldest_wal(client: &Client) -> Result<Lsn, NodeError> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT min(substr(name, 9)) FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{24}$'),
+                    (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size')",
+            &[],
+        )
+        .await
+        .map_err(sql)?;
+    let (Some(name), segment_size) = (row.get::<_, Option<String>>(0), row.get::<_, i64>(1)) else {
+        return Ok(Lsn(u64::MAX));
+    };
+    Ok(segment_start(&name, segment_size as u64).unwrap_or(Lsn(u64::MAX)))
+}
+
+/// The WAL position a segment begins at, from the last 16 hex digits of its file name
+/// (the log number, then the segment within it).
+fn segment_start(log_and_segment: &str, segment_size: u64) -> Option<Lsn> {
+    let log = u64::from_str_radix(log_and_segment.get(..8)?, 16).ok()?;
+    let segment = u64::from_str_radix(log_and_segment.get(8..16)?, 16).ok()?;
+    Some(Lsn((log << 32) + segment * segment_size))
+}
+
+pub async fn drop_local(client: &Client, name: &str) -> Result<(), NodeError> {
+    drop_slot(client, name).await
+}
+
+/// Move a copy forward; an error if its WAL is gone (then it is dropped and copied anew).
+pub async fn advance(client: &Client, name: &str, to: Lsn) -> Result<(), NodeError> {
+    client
+        .execute(
+            "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+            &[&name, &to.to_string()],
+        )
+        .await
+        .map_err(sql)?;
+    Ok(())
+}
+
+/// A logical slot's state file on the primary.
+pub async fn read_state(primary: &Client, name: &str) -> Result<Vec<u8>, NodeError> {
+    let path = format!("pg_replslot/{name}/state");
+    Ok(primary
+        .query_one("SELECT pg_read_binary_file($1)", &[&path])
+        .await
+        .map_err(sql)?
+        .get(0))
+}
+
+/// What a replica publishes of its copies.
+pub fn describe_copies(
+    primary: &[LogicalSlot],
+    local: &[LocalSlot],
+    plan: &CopyPlan,
+    failed: &[(String, String)],
+) -> Vec<SlotCopy> {
+    primary
+        .iter()
+        .map(|p| {
+            let copy = local
+                .iter()
+                .find(|l| l.name == p.name && l.logical && !plan.drop.contains(&l.name));
+            let problem = failed
+                .iter()
+                .chain(&plan.waiting)
+                .find(|(n, _)| *n == p.name)
+                .map(|(_, why)| why.clone());
+            let copying = plan
+                .copy
+                .contains(&p.name)
+                .then(|| "copied from the primary; loaded at this restart".to_string());
+            SlotCopy {
+                name: p.name.clone(),
+                ready: copy.is_some() && problem.is_none(),
+                confirmed_flush: copy.map_or(Lsn::ZERO, |c| c.confirmed_flush),
+                note: problem
+                    .or(copying)
+                    .or_else(|| copy.is_none().then(|| "no copy yet".to_string())),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn primary(name: &str, restart: u64, confirmed: u64) -> LogicalSlot {
+        LogicalSlot {
+            name: name.into(),
+            plugin: "pgoutput".into(),
+            database: "app".into(),
+            restart_lsn: Lsn(restart),
+            confirmed_flush: Lsn(confirmed),
+        }
+    }
+
+    fn local(name: &str, logical: bool, restart: u64, confirmed: u64) -> LocalSlot {
+        LocalSlot {
+            name: name.into(),
+            logical,
+            active: false,
+            restart_lsn: Lsn(restart),
+            confirmed_flush: Lsn(confirmed),
+        }
+    }
+
+    #[test]
+    fn every_member_gets_a_usable_slot_and_only_a_departed_ones_is_dropped() {
+        let members = ["n2".to_string(), "n3".into(), "n4".into()];
+        let existing = [
+            ("n2".to_string(), true, false),
+            // Invalidated but its replica still holds it: left until it lets go.
+            ("n3".into(), true, true),
+            // Not in etcd now, but not gone long: kept for its restart.
+            ("n8".into(), false, false),
+            // Gone long enough: dropped.
+            ("n9".into(), false, false),
+        ];
+        assert_eq!(
+            member_slot_plan(&members, &existing, &["n9".into()]),
+            [
+                MemberSlotPlan::Create("n4".into()),
+                MemberSlotPlan::Drop("n9".into())
+            ]
+        );
+        let lost = [("n2".to_string(), false, true)];
+        assert_eq!(
+            member_slot_plan(&members[..1], &lost, &[]),
+            [MemberSlotPlan::Recreate("n2".into())]
+        );
+    }
+
+    #[test]
+    fn copies_follow_the_primary_but_never_pass_the_replay_position() {
+        let slots = [
+            primary("walrelay", 100, 500),
+            primary("walrelay_b", 300, 300),
+        ];
+        let mine = [
+            local("walrelay", true, 100, 200),
+            // Physical: left from when this node was the primary.
+            local("n1", false, 50, 0),
+            // The primary no longer has it.
+            local("walrelay_old", true, 10, 20),
+        ];
+        let plan = copy_plan(&slots, &mine, Lsn(400), Lsn(0));
+        assert_eq!(plan.advance, [("walrelay".to_string(), Lsn(400))]);
+        assert_eq!(plan.drop, ["n1".to_string(), "walrelay_old".into()]);
+        assert_eq!(plan.copy, ["walrelay_b".to_string()]);
+        assert!(plan.waiting.is_empty());
+    }
+
+    #[test]
+    fn a_copy_ahead_of_the_primary_is_from_another_history_and_is_copied_again() {
+        let slots = [primary("walrelay", 100, 500)];
+        // A former primary's own slot, confirmed past what the new primary has.
+        let mine = [local("walrelay", true, 100, 900)];
+        let plan = copy_plan(&slots, &mine, Lsn(1000), Lsn(0));
+        assert_eq!(plan.drop, ["walrelay".to_string()]);
+        assert_eq!(plan.copy, ["walrelay".to_string()]);
+    }
+
+    #[test]
+    fn a_slot_whose_wal_this_replica_lacks_waits() {
+        let slots = [
+            primary("walrelay", 100, 500),
+            primary("walrelay_b", 900, 900),
+        ];
+        let plan = copy_plan(&slots, &[], Lsn(800), Lsn(200));
+        assert!(plan.copy.is_empty());
+        assert_eq!(plan.waiting.len(), 2);
+        assert!(
+            plan.waiting[0].1.contains("oldest WAL"),
+            "{:?}",
+            plan.waiting
+        );
+        assert!(plan.waiting[1].1.contains("replayed"), "{:?}", plan.waiting);
+        let copies = describe_copies(&slots, &[], &plan, &[]);
+        assert!(copies.iter().all(|c| !c.ready));
+    }
+
+    #[test]
+    fn segment_names_read_back_to_positions() {
+        // Segment 0x10 of log 1, 16 MB segments.
+        assert_eq!(
+            segment_start("0000000100000010", 16 << 20),
+            Some(Lsn((1 << 32) + 0x10 * (16 << 20)))
+        );
+        assert_eq!(segment_start("zz", 16 << 20), None);
+    }
+}

@@ -1,0 +1,177 @@
+//! A relay on an HA cluster: the agents keep the primary's logical slot on every replica,
+//! and a relay given every node's address follows the primary through failovers and a
+//! switchover, losing nothing and applying nothing twice.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value as J;
+use walrelay_testkit::TestPg;
+
+use crate::ha::{
+    assert_all_in, assert_all_present, create_table_and_wait_on_replicas, must_connect, Cluster,
+    Writer, PASSWORD,
+};
+use crate::support::{checksum, postgres_config, wait_for_count, wait_until_equal, Relay, BIN};
+
+/// Every member but the leader says its copy of slot `walrelay` is ready.
+async fn wait_for_ready_copies(cluster: &Cluster, leader: &str) {
+    cluster
+        .wait(
+            "every replica's copy of slot walrelay to be ready",
+            Duration::from_secs(120),
+            || async {
+                let c = cluster.cluster_json().await;
+                let members = c["members"].as_array()?.clone();
+                let replicas: Vec<&J> = members.iter().filter(|m| m["name"] != leader).collect();
+                let ready = replicas.len() == cluster.nodes.len() - 1
+                    && replicas.iter().all(|m| {
+                        m["slot_copies"].as_array().is_some_and(|copies| {
+                            copies
+                                .iter()
+                                .any(|s| s["name"] == "walrelay" && s["ready"] == true)
+                        })
+                    });
+                ready.then_some(())
+            },
+        )
+        .await;
+}
+
+/// The slots on `port`: (name, type).
+async fn slots_on(port: u16) -> Vec<(String, String)> {
+    must_connect(port)
+        .await
+        .query(
+            "SELECT slot_name::text, slot_type FROM pg_replication_slots ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+fn ctl(cluster: &Cluster, node: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(BIN)
+        .args(["ctl", "--config"])
+        .arg(&cluster.node(node).config)
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "ctl {args:?}: {stdout}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.dump_logs()
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_follows_the_primary_through_two_failovers_and_a_switchover() {
+    let mut cluster = Cluster::start(3, "synchronous_mode = true");
+    let mut leader = cluster.wait_for_leader(None, "a bootstrapped leader").await;
+    create_table_and_wait_on_replicas(&cluster, &leader).await;
+
+    let target = TestPg::start();
+    let target_db = target.create_db("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let hosts: Vec<String> = cluster
+        .ports()
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let source_url = format!(
+        "postgresql://postgres:{PASSWORD}@{}/postgres?sslmode=disable&target_session_attrs=read-write",
+        hosts.join(",")
+    );
+    let cfg = postgres_config(
+        dir.path(),
+        &source_url,
+        &target.url("app"),
+        &["public.w"],
+        "",
+    );
+    let mut relay = Relay::start(&cfg);
+    wait_for_count(
+        &target_db,
+        "SELECT count(*) FROM w WHERE id = 0",
+        1,
+        "the first row on the target",
+    )
+    .await;
+    wait_for_ready_copies(&cluster, &leader).await;
+    let listing = ctl(&cluster, &leader, &["list"]);
+    assert!(listing.contains("walrelay ready"), "{listing}");
+
+    // Two failovers in a row: the second promotes a node whose copy was made from the
+    // first new primary's slot (itself a copy).
+    for round in 1..=2 {
+        let writer = Writer::start(cluster.ports());
+        writer.wait_for_more(100, "writes on the primary").await;
+        cluster.kill9(&leader).await;
+        let killed_at = Instant::now();
+        let new_leader = cluster.wait_for_leader(Some(&leader), "a new leader").await;
+        writer.wait_for_more(50, "writes on the new primary").await;
+        let acked = writer.finish().await;
+        assert_all_present(cluster.node(&new_leader).port, &acked).await;
+        let primary = must_connect(cluster.node(&new_leader).port).await;
+        wait_until_equal(&primary, &target_db, &["w"], &mut relay).await;
+        assert_all_in(&target_db, &acked).await;
+        println!(
+            "failover {round}: {leader} -> {new_leader}; target equal to the new primary {:?} after the kill, {} acknowledged writes",
+            killed_at.elapsed(),
+            acked.len()
+        );
+        // The old primary rejoins; its own slots are gone, it gets a copy of the new one's.
+        cluster.start_agent(&leader);
+        cluster.wait_streaming(&leader).await;
+        leader = new_leader;
+        wait_for_ready_copies(&cluster, &leader).await;
+    }
+
+    let writer = Writer::start(cluster.ports());
+    writer
+        .wait_for_more(100, "writes before the switchover")
+        .await;
+    ctl(&cluster, &leader, &["switchover"]);
+    let new_leader = cluster
+        .wait_for_leader(Some(&leader), "the switchover's candidate to lead")
+        .await;
+    writer
+        .wait_for_more(50, "writes after the switchover")
+        .await;
+    let acked = writer.finish().await;
+    let primary = must_connect(cluster.node(&new_leader).port).await;
+    wait_until_equal(&primary, &target_db, &["w"], &mut relay).await;
+    assert_all_in(&target_db, &acked).await;
+    cluster.wait_streaming(&leader).await;
+    leader = new_leader;
+    wait_for_ready_copies(&cluster, &leader).await;
+
+    // No slot holds WAL for anyone gone: the leader has one physical slot per other member
+    // and the relay's; each replica has its copy of the relay's slot and nothing else.
+    for n in &cluster.nodes {
+        let slots = slots_on(n.port).await;
+        let mut expected: Vec<(String, String)> = vec![("walrelay".into(), "logical".into())];
+        if n.name == leader {
+            expected.extend(
+                cluster
+                    .nodes
+                    .iter()
+                    .filter(|m| m.name != leader)
+                    .map(|m| (m.name.clone(), "physical".to_string())),
+            );
+            expected.sort();
+        }
+        assert_eq!(slots, expected, "slots on {}", n.name);
+    }
+    let log = relay.stderr();
+    assert!(
+        !log.contains("slot walrelay does not exist"),
+        "the relay never had to wait for a slot: every promoted node had its copy\n{log}"
+    );
+    println!("target rows: {:?}", checksum(&target_db, "w").await);
+}
