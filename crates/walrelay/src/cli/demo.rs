@@ -252,6 +252,7 @@ fn demo_config(source_url: &str, target_url: &str, spill: &Path) -> Config {
             status_interval: Duration::from_secs(1),
             spill_dir: Some(spill.to_path_buf()),
             messages: true,
+            wait_for_sync_standby: true,
             origin: Default::default(),
             key_ranges: None,
         },

@@ -155,6 +155,11 @@ pub struct SourceConfig {
     /// Capture logical messages (`pg_logical_emit_message`).
     #[serde(default = "yes")]
     pub messages: bool,
+    /// Hand a transaction to the sinks only once the source's synchronous standby has it
+    /// (needs `pg_read_all_stats`): after a failover to that standby, no target holds a
+    /// transaction the new primary lacks.
+    #[serde(default = "yes")]
+    pub wait_for_sync_standby: bool,
     /// Which transactions by their replication origin: all, or only those made on the
     /// source itself (not applied there by a replication: two-way setups).
     #[serde(default)]

@@ -12,6 +12,7 @@ pub mod assemble;
 pub mod decode;
 pub mod setup;
 pub mod spill;
+pub mod standby_gate;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -232,6 +233,8 @@ pub struct PgOutputSource {
     acked: Lsn,
     /// The sinks' durable positions, to confirm as soon as one moves.
     durable_watches: Vec<tokio::sync::watch::Receiver<Lsn>>,
+    /// Holds batches until the synchronous standby has them (`standby_gate`).
+    standby_gate: Option<standby_gate::StandbyGate>,
 }
 
 impl PgOutputSource {
@@ -244,6 +247,11 @@ impl PgOutputSource {
     ) -> Result<Self, SourceError> {
         let mut conn = prepared.conn;
         spill::prepare_dir(&spill_dir, &cfg.slot)?;
+        let standby_gate = if cfg.wait_for_sync_standby {
+            standby_gate::StandbyGate::open(&prepared.info).await?
+        } else {
+            None
+        };
         let skip_replicated = cfg.origin == crate::config::OriginFilter::None;
         let options = setup::StartOptions {
             // walrelay's marks (`crate::origin`) come as messages.
@@ -268,6 +276,7 @@ impl PgOutputSource {
             received: prepared.confirmed,
             acked: prepared.confirmed,
             durable_watches: Vec::new(),
+            standby_gate,
         })
     }
 
@@ -414,6 +423,7 @@ impl PgOutputSource {
         cancel: &CancellationToken,
         audience: Audience,
     ) -> Result<(), SourceError> {
+        self.wait_for_standby(&batch, fanout, cancel).await?;
         let bytes = batch_bytes(&batch);
         let batch = std::sync::Arc::new(batch);
         let sinks = fanout
@@ -443,6 +453,34 @@ impl PgOutputSource {
             }
         }
         Ok(())
+    }
+
+    /// Hold `batch` until the synchronous standby has everything in it, keeping the server
+    /// informed meanwhile.
+    async fn wait_for_standby(
+        &mut self,
+        batch: &[Event],
+        fanout: &Fanout,
+        cancel: &CancellationToken,
+    ) -> Result<(), SourceError> {
+        let Some(mut gate) = self.standby_gate.take() else {
+            return Ok(());
+        };
+        let lsn = standby_gate::gate_position(batch);
+        let held = async {
+            while !gate.passes(lsn).await? {
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => return Err(SourceError::Stopped),
+                    _ = self.ticker.tick() => self.send_status(&fanout.durable(), true).await?,
+                    _ = tokio::time::sleep(standby_gate::POLL) => {}
+                }
+            }
+            Ok(())
+        }
+        .await;
+        self.standby_gate = Some(gate);
+        held
     }
 
     /// Confirm at once what every sink now holds, if that is more than already confirmed:

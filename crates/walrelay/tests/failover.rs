@@ -1,6 +1,7 @@
-//! A relay on an HA cluster: the agents keep the primary's logical slot on every replica,
-//! and a relay given every node's address follows the primary through failovers and a
-//! switchover, losing nothing and applying nothing twice.
+//! A relay through failovers: on an HA cluster the agents keep the primary's logical slot
+//! on every replica, and a relay given every node's address follows the primary, losing
+//! nothing and applying nothing twice; a transaction reaches a target only once the
+//! synchronous standby has it.
 
 use std::time::{Duration, Instant};
 
@@ -174,4 +175,117 @@ async fn a_relay_follows_the_primary_through_two_failovers_and_a_switchover() {
         "the relay never had to wait for a slot: every promoted node had its copy\n{log}"
     );
     println!("target rows: {:?}", checksum(&target_db, "w").await);
+}
+
+/// A commit that waits for a synchronous standby that has not confirmed it is committed on
+/// the primary and decoded, but a failover would lose it: the relay holds it back until the
+/// standby has it (here: until no standby is asked for). With the gate off, the same commit
+/// reaches the target while its client still waits — the case the gate exists for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_reaches_the_target_only_once_the_synchronous_standby_has_it() {
+    for gate in [true, false] {
+        let source = TestPg::start();
+        let target = TestPg::start();
+        let db = source.create_db("app").await;
+        db.batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (0)")
+            .await
+            .unwrap();
+        let target_db = target.create_db("app").await;
+        let dir = tempfile::tempdir().unwrap();
+        let sink = format!(
+            "[[sink]]\ntype = \"postgres\"\nurl = \"{}\"\n",
+            target.url("app")
+        );
+        let cfg = crate::support::relay_config_file(
+            dir.path(),
+            &source.url("app"),
+            &["public.t"],
+            &format!("wait_for_sync_standby = {gate}"),
+            &sink,
+        );
+        let mut relay = Relay::start(&cfg);
+        crate::support::wait_until_streaming(&db, &mut relay).await;
+        wait_for_count(&target_db, "SELECT count(*) FROM t", 1, "the copy").await;
+
+        for sql in [
+            "ALTER SYSTEM SET synchronous_standby_names = 'nobody'",
+            "SELECT pg_reload_conf()",
+        ] {
+            db.batch_execute(sql).await.unwrap();
+        }
+        let writer = source.client("app").await;
+        let insert = walrelay::task::spawn_named("waiting-insert", async move {
+            writer.execute("INSERT INTO t VALUES (1)", &[]).await
+        });
+        // Committed on the primary, waiting for the standby (and invisible until then)...
+        wait_for_count(
+            &db,
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+            1,
+            "the commit to wait for the standby",
+        )
+        .await;
+        let flushed: String = db
+            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        // ...and sent to the relay.
+        walrelay_testkit::wait_for("the commit sent to the relay", Duration::from_secs(60), || async {
+            let row = db
+                .query_one(
+                    "SELECT coalesce(bool_or(sent_lsn >= $1::text::pg_lsn), false) FROM pg_stat_replication",
+                    &[&flushed],
+                )
+                .await
+                .ok()?;
+            row.get::<_, bool>(0).then_some(())
+        })
+        .await;
+        if gate {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            assert!(
+                !insert.is_finished(),
+                "the commit should still wait for the standby"
+            );
+            let n: i64 = target_db
+                .query_one("SELECT count(*) FROM t WHERE id = 1", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(
+                n,
+                0,
+                "held back until the standby has it:\n{}",
+                relay.stderr()
+            );
+        } else {
+            wait_for_count(
+                &target_db,
+                "SELECT count(*) FROM t WHERE id = 1",
+                1,
+                "the ungated commit on the target",
+            )
+            .await;
+            assert!(
+                !insert.is_finished(),
+                "the commit should still wait for the standby"
+            );
+        }
+        for sql in [
+            "ALTER SYSTEM RESET synchronous_standby_names",
+            "SELECT pg_reload_conf()",
+        ] {
+            db.batch_execute(sql).await.unwrap();
+        }
+        insert.await.unwrap().unwrap();
+        wait_for_count(
+            &target_db,
+            "SELECT count(*) FROM t WHERE id = 1",
+            1,
+            "the row once released",
+        )
+        .await;
+        relay.stop().await;
+    }
 }
