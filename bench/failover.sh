@@ -6,6 +6,11 @@
 #   walrelay      `walrelay ha` with its defaults (ttl 8 s, loop_wait 1 s, retry_timeout 3 s)
 #   patroni       Debian's Patroni with its defaults (ttl 30 s, loop_wait 10 s, retry_timeout 10 s)
 #   patroni-fast  Patroni with walrelay's default timings (ttl 8, loop_wait 1, retry_timeout 3)
+#   walrelay-relay  `walrelay ha` in synchronous mode, with a relay (`walrelay run`) that
+#                 captures the probe table from all three nodes (target_session_attrs=
+#                 read-write) into a fourth PostgreSQL, the target; measured besides the
+#                 failover: from the kill to the first row written on the new primary being
+#                 on the target (relay_s). Not in the default SETUPS.
 # One measurement: a fresh cluster is bootstrapped and waited for (a leader, two streaming
 # replicas, a probe table replayed on both), a writer INSERTs through HAProxy every
 # WRITE_INTERVAL seconds, then the leader's agent and its postmaster get kill -9 together.
@@ -57,7 +62,7 @@ for c in etcd haproxy psql jq curl setpriv; do command -v "$c" >/dev/null || mis
 [ -z "$missing" ] || die "missing:$missing (apt-get install -y etcd-server haproxy postgresql-client-15 jq curl util-linux)"
 for s in $setups; do
   case $s in
-    walrelay)
+    walrelay | walrelay-relay)
       if [ ! -x "$bin" ]; then
         echo "no walrelay binary at $bin; build it first:" >&2
         echo "  (cd $repo && cargo build --release --bin walrelay)     or set WALRELAY=/path/to/walrelay" >&2
@@ -71,7 +76,7 @@ for s in $setups; do
       # the alternatives patroni depends on, so it may be missing if another was chosen).
       /usr/bin/python3 -c 'import etcd' 2>/dev/null || die "Patroni's python lacks python-etcd: apt-get install -y python3-etcd"
       ;;
-    *) die "unknown setup $s (walrelay, patroni, patroni-fast)" ;;
+    *) die "unknown setup $s (walrelay, patroni, patroni-fast, walrelay-relay)" ;;
   esac
 done
 
@@ -79,10 +84,10 @@ done
 
 # PORT_BASE upwards, below the kernel's ephemeral range (so that no client connection of
 # this benchmark can hold one of them as its local port while a server is down), each
-# checked by binding it. Nine: etcd client and peer, HAProxy, and PostgreSQL + REST API for
-# three nodes; every setup reuses them, one cluster at a time.
-read -r etcd_port etcd_peer_port hap_port p1 p2 p3 a1 a2 a3 < <(
-  /usr/bin/python3 - "${PORT_BASE:-26000}" 9 <<'PY'
+# checked by binding it. Ten: etcd client and peer, HAProxy, PostgreSQL + REST API for
+# three nodes, and walrelay-relay's target; every setup reuses them, one cluster at a time.
+read -r etcd_port etcd_peer_port hap_port p1 p2 p3 a1 a2 a3 target_port < <(
+  /usr/bin/python3 - "${PORT_BASE:-26000}" 10 <<'PY'
 import socket, sys
 base, n = int(sys.argv[1]), int(sys.argv[2])
 ports, socks = [], []
@@ -100,7 +105,7 @@ for port in range(base, 32000):
 print(" ".join(map(str, ports)))
 PY
 ) || true
-[ -n "${a3:-}" ] || die "could not find 9 free ports from ${PORT_BASE:-26000}"
+[ -n "${target_port:-}" ] || die "could not find 10 free ports from ${PORT_BASE:-26000}"
 pg_port=(- "$p1" "$p2" "$p3")
 api_port=(- "$a1" "$a2" "$a3")
 
@@ -206,7 +211,7 @@ start_haproxy() {
 # nothing a torn-down cluster left in etcd (keys whose leases have not yet run out) is seen by
 # the next one; etcd itself is thrown away at exit.
 start_walrelay() {
-  local cluster=$1 tag=$2 i cfg
+  local cluster=$1 tag=$2 extra=${3:-} i cfg
   for i in 1 2 3; do
     cfg=$run_dir/n$i.toml
     cat >"$cfg" <<TOML
@@ -220,6 +225,7 @@ api = "127.0.0.1:${api_port[$i]}"
 name = "$cluster"
 namespace = "failover"
 etcd = ["http://127.0.0.1:$etcd_port"]
+$extra
 
 [postgres]
 # Set explicitly: a new cluster refuses the documented defaults left implicit.
@@ -316,6 +322,51 @@ YAML
   done
 }
 
+# walrelay-relay's target: one server for the whole benchmark, emptied before every run.
+start_target() {
+  local dir=$work/target
+  mkdir -p "$dir"
+  chown postgres: "$dir"
+  runuser -u postgres -- "$pgbin/initdb" -D "$dir/data" -A trust -U postgres --no-sync >"$logs/target-initdb.log" 2>&1 ||
+    die "initdb of the target failed: $(tail -3 "$logs/target-initdb.log")"
+  # Its log in its own directory: the postgres user cannot write to $logs.
+  runuser -u postgres -- "$pgbin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
+    -o "-p $target_port -k $dir -c listen_addresses=127.0.0.1 -c fsync=$fsync" start >/dev/null ||
+    die "the target did not start: $(tail -3 "$dir/server.log")"
+}
+
+# Start the relay of a walrelay-relay run, from every node to the (emptied) target.
+start_relay() {
+  local tag=$1 cfg=$run_dir/relay.toml
+  sql "$target_port" "DROP TABLE IF EXISTS failover_probe; DROP SCHEMA IF EXISTS walrelay CASCADE;
+    SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = 'walrelay/postgres'" >/dev/null
+  cat >"$cfg" <<TOML
+[source]
+url = "postgresql://postgres:$password@127.0.0.1:$p1,127.0.0.1:$p2,127.0.0.1:$p3/postgres?sslmode=disable&target_session_attrs=read-write"
+tables = ["public.failover_probe"]
+spill_dir = "$run_dir/spill"
+
+[[sink]]
+type = "postgres"
+url = "postgresql://postgres@127.0.0.1:$target_port/postgres?sslmode=disable"
+TOML
+  spawn "$run_dir/relay.pid" "$logs/$tag-relay.log" "$bin" run --config "$cfg"
+}
+
+# The relay streams into the target and both replicas hold a ready copy of its slot.
+wait_relay_ready() {
+  local deadline=$((SECONDS + 120)) rows ready
+  while ((SECONDS < deadline)); do
+    alive "$(pid_of "$run_dir/relay.pid")" || { log "the relay exited: $(tail -3 "$logs/$1-relay.log")"; return 1; }
+    rows=$(sql "$target_port" "SELECT count(*) FROM failover_probe" 2>/dev/null || echo 0)
+    ready=$("$bin" ctl --config "$run_dir/n1.toml" list 2>/dev/null | grep -c "walrelay ready" || true)
+    if [ "$rows" -gt 0 ] && [ "$ready" = 2 ]; then return 0; fi
+    sleep 0.2
+  done
+  log "relay not ready (target rows $rows, ready copies $ready)"
+  return 1
+}
+
 data_dir() { echo "$run_dir/n$1/data"; }
 agent_pid() { pid_of "$run_dir/n$1.agent.pid"; }
 postmaster_pid() { head -1 "$(data_dir "$1")/postmaster.pid" 2>/dev/null || true; }
@@ -326,6 +377,7 @@ postmaster_pid() { head -1 "$(data_dir "$1")/postmaster.pid" 2>/dev/null || true
 teardown_cluster() {
   local tag=${1:-} i
   [ -d "$run_dir" ] || return 0
+  stop_pids 30 "$(pid_of "$run_dir/relay.pid")"
   stop_pids 30 "$(agent_pid 1)" "$(agent_pid 2)" "$(agent_pid 3)"
   for i in 1 2 3; do pg_stop "$(data_dir "$i")"; done
   for i in 1 2 3; do
@@ -393,7 +445,7 @@ prepare_table() {
 
 # writer FILE: one INSERT through HAProxy per psql call (a new connection each time, as a
 # client that reconnects would make), every WRITE_INTERVAL s, one line per attempt:
-#   <start epoch> <end epoch> ok|fail <server port>
+#   <start epoch> <end epoch> ok|fail <server port> <row id>
 # Stops when FILE.stop exists, or after 15 minutes whatever happens.
 writer() {
   local out=$1 t0 port deadline=$((SECONDS + 900))
@@ -402,7 +454,7 @@ writer() {
   while [ ! -e "$out.stop" ] && ((SECONDS < deadline)); do
     t0=$EPOCHREALTIME
     if port=$(PGOPTIONS='-c statement_timeout=2000' timeout 5 psql -X -q -At "$c" \
-      -c "INSERT INTO failover_probe DEFAULT VALUES RETURNING inet_server_port()" 2>/dev/null); then
+      -c "INSERT INTO failover_probe DEFAULT VALUES RETURNING inet_server_port() || ' ' || id" 2>/dev/null); then
       echo "$t0 $EPOCHREALTIME ok $port" >>"$out"
     else
       echo "$t0 $EPOCHREALTIME fail -" >>"$out"
@@ -433,7 +485,7 @@ ok_count() { awk '$3 == "ok"' "$1" 2>/dev/null | wc -l; }
 declare -A version
 for s in $setups; do
   case $s in
-    walrelay) version[$s]=$("$bin" --version 2>&1 | head -1) ;;
+    walrelay | walrelay-relay) version[$s]=$("$bin" --version 2>&1 | head -1) ;;
     *) version[$s]=$(/usr/bin/patroni --version 2>&1 | head -1) ;;
   esac
 done
@@ -443,7 +495,7 @@ record() {
   local setup=$1 run=$2 ttl lw rt
   shift 2
   case $setup in
-    walrelay | patroni-fast) ttl=$fast_ttl lw=$fast_loop_wait rt=$fast_retry_timeout ;;
+    walrelay | walrelay-relay | patroni-fast) ttl=$fast_ttl lw=$fast_loop_wait rt=$fast_retry_timeout ;;
     patroni) ttl=$patroni_ttl lw=$patroni_loop_wait rt=$patroni_retry_timeout ;;
   esac
   # The fixed fields are passed as $_* so that the run's own (given as "$@") are the rest.
@@ -454,6 +506,7 @@ record() {
      ttl_s: $_ttl, loop_wait_s: $_loop_wait, retry_timeout_s: $_retry_timeout, fsync: $_fsync}
     + ($ARGS.named | with_entries(select(.key | startswith("_") | not)))
     | .failover_s = (if (.failover_s // "") == "" then null else (.failover_s | tonumber) end)
+    | if has("relay_s") then .relay_s = (if .relay_s == "" then null else (.relay_s | tonumber) end) else . end
     | .ok = (.failover_s != null)' >>"$results"
   tail -1 "$results" >&2
 }
@@ -466,6 +519,7 @@ run_one() {
   mkdir -p "$run_dir"
   case $setup in
     walrelay) start_walrelay "$cluster" "$tag" ;;
+    walrelay-relay) start_walrelay "$cluster" "$tag" "synchronous_mode = true" ;;
     patroni) start_patroni "$cluster" "$tag" ;;
     patroni-fast) start_patroni "$cluster" "$tag" "$fast_ttl" "$fast_loop_wait" "$fast_retry_timeout" ;;
   esac
@@ -479,8 +533,8 @@ run_one() {
     teardown_cluster "$tag"
     return 0
   fi
-  if [ "$setup" = walrelay ]; then
-    "$bin" ctl --config "$run_dir/n1.toml" list >"$logs/$tag-ctl-list.txt" 2>&1 || true
+  if [ "$setup" = walrelay-relay ]; then
+    start_relay "$tag"
   fi
   log "$tag: healthy, leader n$leader; writing through HAProxy"
 
@@ -497,6 +551,15 @@ run_one() {
     fi
     sleep 0.1
   done
+  if [ "$setup" = walrelay-relay ] && ! wait_relay_ready "$tag"; then
+    stop_writer
+    record "$setup" "$run" --arg failover_s "" --arg relay_s "" --arg error "relay not ready"
+    teardown_cluster "$tag"
+    return 0
+  fi
+  case $setup in
+    walrelay*) "$bin" ctl --config "$run_dir/n1.toml" list >"$logs/$tag-ctl-list.txt" 2>&1 || true ;;
+  esac
   sleep "$settle"
 
   # The leader may not have changed meanwhile (a failover before the kill would be
@@ -523,18 +586,33 @@ run_one() {
   line=""
   while [ -z "$line" ] && ((SECONDS < deadline)); do
     sleep 0.1
-    line=$(awk -v t="$t_kill" '$1 >= t && $3 == "ok" { printf "%.3f %s\n", $2 - t, $4; exit }' "$wlog")
+    line=$(awk -v t="$t_kill" '$1 >= t && $3 == "ok" { printf "%.3f %s %s\n", $2 - t, $4, $5; exit }' "$wlog")
   done
   stop_writer
 
-  local failover_s="" new_port="" new_leader="" fails
+  local failover_s="" new_port="" new_id="" new_leader="" fails relay=()
   if [ -n "$line" ]; then
-    read -r failover_s new_port <<<"$line"
+    read -r failover_s new_port new_id <<<"$line"
     for i in 1 2 3; do
       if [ "${pg_port[$i]}" = "$new_port" ]; then new_leader=n$i; fi
     done
   fi
   fails=$(awk -v t="$t_kill" '$1 >= t && $3 == "fail"' "$wlog" | wc -l)
+  if [ "$setup" = walrelay-relay ]; then
+    # The first row written on the new primary, on the target: polled every 50 ms.
+    local relay_s=""
+    if [ -n "$new_id" ]; then
+      while ((SECONDS < deadline)); do
+        if [ "$(sql "$target_port" "SELECT count(*) FROM failover_probe WHERE id = $new_id" 2>/dev/null)" = 1 ]; then
+          relay_s=$(awk -v t="$t_kill" -v n="$EPOCHREALTIME" 'BEGIN { printf "%.3f", n - t }')
+          break
+        fi
+        sleep 0.05
+      done
+    fi
+    log "$tag: the first row written on the new primary reached the target ${relay_s:-never}s after the kill"
+    relay=(--arg relay_s "$relay_s")
+  fi
   if [ -z "$failover_s" ]; then
     log "$tag: no write went through within ${failover_timeout}s of the kill"
     record "$setup" "$run" --arg failover_s "" --arg error "no write after ${failover_timeout}s" \
@@ -546,7 +624,7 @@ run_one() {
   else
     log "$tag: failover ${failover_s}s (n$leader killed, $new_leader took the write; $fails writes failed meanwhile)"
     record "$setup" "$run" --arg failover_s "$failover_s" --arg old_leader "n$leader" \
-      --arg new_leader "$new_leader" --argjson failed_writes "$fails" --argjson load1 "$load"
+      --arg new_leader "$new_leader" --argjson failed_writes "$fails" --argjson load1 "$load" "${relay[@]}"
   fi
   teardown_cluster "$tag"
 }
@@ -559,6 +637,7 @@ cleanup() {
   stop_writer
   teardown_cluster "" || true
   stop_pids 10 "$(pid_of "$work/haproxy.pid")" "$(pid_of "$work/etcd.pid")"
+  [ -d "$work/target/data" ] && pg_stop "$work/target/data"
   rm -rf "$work/etcd" "$run_dir"
   if [ "${KEEP_LOGS:-1}" = 1 ]; then log "logs: $logs"; else rm -rf "$work"; fi
   exit "$rc"
@@ -575,6 +654,7 @@ start_etcd
 log "$(etcd --version | head -1)"
 start_haproxy
 log "$(haproxy -v | head -1)"
+case " $setups " in *" walrelay-relay "*) start_target ;; esac
 for ((r = 1; r <= runs; r++)); do
   for s in $setups; do
     run_one "$s" "$r"
@@ -593,10 +673,12 @@ jq -c -s --arg stamp "$stamp" --arg host "$(nproc) cores, $(. /etc/os-release &&
     else (.[length / 2 - 1] + .[length / 2]) / 2 end;
   [.[] | select(.workload == "failover" and .stamp == $stamp and (.summary | not))] | group_by(.setup)[]
   | [.[] | select(.ok) | .failover_s] as $t
+  | [.[] | select(.relay_s != null) | .relay_s] as $r
   | {workload: "failover", summary: true, stamp: $stamp, setup: .[0].setup, version: .[0].version,
      ttl_s: .[0].ttl_s, loop_wait_s: .[0].loop_wait_s, retry_timeout_s: .[0].retry_timeout_s,
      runs: length, ok_runs: ($t | length), times_s: [.[] | .failover_s],
      median_s: ($t | median), max_s: ($t | max), min_s: ($t | min),
+     relay_median_s: ($r | median), relay_max_s: ($r | max), relay_times_s: [.[] | .relay_s],
      host: $host, postgres: $pg, etcd: $etcd, haproxy: $haproxy}' "$results" >"$work/summary.json"
 cat "$work/summary.json" >>"$results"
 
@@ -610,5 +692,13 @@ for s in $setups; do
     "| \(.setup) (\(.version)) | \(.ttl_s) / \(.loop_wait_s) / \(.retry_timeout_s) s | \(.ok_runs)/\(.runs) | \(.median_s // "-") | \(.max_s // "-") | \(.times_s | map(. // "fail" | tostring) | join(", ")) |"' \
     "$work/summary.json"
 done
+if jq -e 'select(.relay_median_s != null)' "$work/summary.json" >/dev/null; then
+  echo
+  echo "Relay: kill -9 -> the first row written on the new primary on the target:"
+  echo
+  jq -r 'select(.relay_median_s != null) |
+    "\(.setup): median \(.relay_median_s) s, max \(.relay_max_s) s; per run \(.relay_times_s | map(. // "never" | tostring) | join(", "))"' \
+    "$work/summary.json"
+fi
 echo
 log "results: $results"

@@ -213,6 +213,9 @@ async fn a_transaction_reaches_the_target_only_once_the_synchronous_standby_has_
         ] {
             db.batch_execute(sql).await.unwrap();
         }
+        // While no standby is named the gate looks again only every 100 ms (a standby just
+        // named cannot be promoted before it has caught up; see standby_gate.rs).
+        tokio::time::sleep(Duration::from_millis(500)).await;
         let writer = source.client("app").await;
         let insert = walrelay::task::spawn_named("waiting-insert", async move {
             writer.execute("INSERT INTO t VALUES (1)", &[]).await
@@ -287,5 +290,155 @@ async fn a_transaction_reaches_the_target_only_once_the_synchronous_standby_has_
         )
         .await;
         relay.stop().await;
+    }
+}
+
+/// A slot gone from the source while the target holds what came through it (a failover to
+/// a node without its copy, a slot dropped by hand): a new slot would start now and skip
+/// what was committed in between, so the relay makes none and says so. Emptying the
+/// target's walrelay schema and tables is the way to start over, with a full copy.
+#[tokio::test]
+async fn a_lost_slot_is_not_made_anew_while_the_target_holds_what_came_through_it() {
+    let source = TestPg::start();
+    let target = TestPg::start();
+    let db = source.create_db("app").await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let target_db = target.create_db("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = postgres_config(
+        dir.path(),
+        &source.url("app"),
+        &target.url("app"),
+        &["public.t"],
+        "",
+    );
+    let mut relay = Relay::start(&cfg);
+    crate::support::wait_until_streaming(&db, &mut relay).await;
+    db.execute("INSERT INTO t VALUES (2)", &[]).await.unwrap();
+    wait_for_count(&target_db, "SELECT count(*) FROM t", 2, "the streamed row").await;
+    relay.stop().await;
+
+    db.batch_execute("SELECT pg_drop_replication_slot('walrelay'); INSERT INTO t VALUES (3)")
+        .await
+        .unwrap();
+    let mut relay = Relay::start(&cfg);
+    let log = relay.wait_for_failure().await;
+    assert!(
+        log.contains("slot walrelay does not exist") && log.contains("none is created"),
+        "{log}"
+    );
+    let slots: i64 = db
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "no slot was made");
+
+    // The way back the message gives: the tables, walrelay's schema, the origin.
+    assert!(log.contains("pg_replication_origin_drop"), "{log}");
+    target_db
+        .batch_execute(
+            "DROP TABLE t; DROP SCHEMA walrelay CASCADE;
+             SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin
+              WHERE roname = 'walrelay/postgres'",
+        )
+        .await
+        .unwrap();
+    let mut relay = Relay::start(&cfg);
+    crate::support::wait_until_streaming(&db, &mut relay).await;
+    wait_for_count(
+        &target_db,
+        "SELECT count(*) FROM t",
+        3,
+        "every row, copied again",
+    )
+    .await;
+    relay.stop().await;
+}
+
+/// A member that leaves for good (agent and server killed, never restarted) loses its
+/// physical slot on the primary once it has been gone `drop_slots_of_departed_after`, so no
+/// WAL is kept for it; the other member's slot and a slot of another tool's stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slot_of_a_member_gone_for_good_is_dropped_and_others_stay() {
+    let mut cluster = Cluster::start(3, "drop_slots_of_departed_after = \"3s\"");
+    let leader = cluster.wait_for_leader(None, "a bootstrapped leader").await;
+    create_table_and_wait_on_replicas(&cluster, &leader).await;
+    let port = cluster.node(&leader).port;
+    must_connect(port)
+        .await
+        .batch_execute("SELECT pg_create_physical_replication_slot('backup_tool')")
+        .await
+        .unwrap();
+    let replicas: Vec<String> = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.name != leader)
+        .map(|n| n.name.clone())
+        .collect();
+    let (gone, stays) = (replicas[0].clone(), replicas[1].clone());
+    cluster.kill9(&gone).await;
+    cluster
+        .wait(
+            &format!("{gone}'s slot to be dropped"),
+            Duration::from_secs(120),
+            || async {
+                let slots = slots_on(port).await;
+                (!slots.iter().any(|(name, _)| *name == gone)).then_some(())
+            },
+        )
+        .await;
+    let slots = slots_on(port).await;
+    for kept in ["backup_tool", stays.as_str()] {
+        assert!(
+            slots.contains(&(kept.to_string(), "physical".to_string())),
+            "{kept} kept: {slots:?}"
+        );
+    }
+}
+
+/// `slot_wal_limit` with `drop_slots_over_limit`: a logical slot no one reads, holding more
+/// WAL than the limit, is dropped with an error in the log; the members' slots, in use,
+/// stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unused_slot_over_the_wal_limit_is_dropped_loudly() {
+    let cluster = Cluster::start(3, "slot_wal_limit = 4194304\ndrop_slots_over_limit = true");
+    let leader = cluster.wait_for_leader(None, "a bootstrapped leader").await;
+    create_table_and_wait_on_replicas(&cluster, &leader).await;
+    let port = cluster.node(&leader).port;
+    let primary = must_connect(port).await;
+    primary
+        .batch_execute("SELECT pg_create_logical_replication_slot('forgotten', 'pgoutput')")
+        .await
+        .unwrap();
+    // More than 4 MB of WAL behind it.
+    primary
+        .batch_execute("INSERT INTO w(id) SELECT g FROM generate_series(1, 100000) g")
+        .await
+        .unwrap();
+    cluster
+        .wait(
+            "the forgotten slot to be dropped",
+            Duration::from_secs(120),
+            || async {
+                let slots = slots_on(port).await;
+                (!slots.iter().any(|(name, _)| name == "forgotten")).then_some(())
+            },
+        )
+        .await;
+    let log = cluster.agent_log(&leader);
+    assert!(
+        log.contains("dropping a slot that holds more WAL"),
+        "{}",
+        cluster.dump_logs()
+    );
+    let slots = slots_on(port).await;
+    for n in cluster.nodes.iter().filter(|n| n.name != leader) {
+        assert!(
+            slots.contains(&(n.name.clone(), "physical".to_string())),
+            "{slots:?}"
+        );
     }
 }

@@ -73,6 +73,14 @@ pub struct ClusterSection {
     /// this long (its agent stopped for good): the slot would hold WAL for no one.
     #[serde(default = "default_departed_after", with = "humantime_serde")]
     pub drop_slots_of_departed_after: Duration,
+    /// Bytes: a slot on the primary that holds more WAL than this is reported (a warning
+    /// every loop it stays so). `None`: no limit of walrelay's own (PostgreSQL's
+    /// `max_slot_wal_keep_size`, 4GB, still invalidates it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_wal_limit: Option<u64>,
+    /// ...and dropped, once no one uses it, with an error in the log.
+    #[serde(default)]
+    pub drop_slots_over_limit: bool,
 }
 
 #[derive(Clone, Serialize, Deserialize)]

@@ -737,8 +737,15 @@ impl Config {
                     }
                 }
                 SinkConfig::Postgres(p) => {
-                    if let Err(e) = conninfo::parse(&p.url.0) {
-                        return Err((format!("sink[{i}].url"), e.to_string()));
+                    match conninfo::parse(&p.url.0) {
+                        Err(e) => return Err((format!("sink[{i}].url"), e.to_string())),
+                        Ok(pairs) if pairs.get("host").is_some_and(|h| h.contains(',')) => {
+                            return Err((
+                                format!("sink[{i}].url"),
+                                "one host only (several hosts are for source.url)".into(),
+                            ))
+                        }
+                        Ok(_) => {}
                     }
                     if p.batch_transactions == 0 || p.batch_bytes == 0 {
                         return Err((

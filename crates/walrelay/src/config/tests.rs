@@ -59,6 +59,18 @@ fn invalid_values_are_named() {
     let two = format!("{MINIMAL}\n[[sink]]\ntype = \"jsonl\"\npath = \"out.jsonl\"\n");
     let e = error(&two);
     assert!(e.contains("distinct name"), "{e}");
+    // Several hosts: the source finds the primary among them; a sink takes one.
+    let several = MINIMAL.replace(
+        "rep@db/app",
+        "rep@db1,db2/app?target_session_attrs=read-write",
+    );
+    assert!(parse(&several).is_ok());
+    let sink = several.replace(
+        "type = \"jsonl\"\npath = \"-\"",
+        "type = \"postgres\"\nurl = \"host=t1,t2 dbname=app\"",
+    );
+    let e = error(&sink);
+    assert!(e.contains("sink[0].url") && e.contains("one host"), "{e}");
 }
 
 #[test]
@@ -300,7 +312,7 @@ const HA_MINIMAL: &str = "[node]\nname = \"n1\"\nbase_dir = \"/x\"\nport = 5432\
 /// Every key of a `walrelay ha` file.
 fn ha_key_paths() -> Vec<String> {
     let text = format!(
-        "{HA_MINIMAL}[postgres]\nsuperuser_password = \"a\"\nreplication_password = \"b\"\nhba = [\"host all all 0/0 reject\"]\nsettings = {{ a = \"1\" }}\n{HA_API}"
+        "{HA_MINIMAL}slot_wal_limit = 1\n[postgres]\nsuperuser_password = \"a\"\nreplication_password = \"b\"\nhba = [\"host all all 0/0 reject\"]\nsettings = {{ a = \"1\" }}\n{HA_API}"
     );
     let config = ha::HaConfig::parse(&text, Path::new("node.toml")).unwrap();
     key_paths_with(&config, "postgres.settings.", "postgres.settings")

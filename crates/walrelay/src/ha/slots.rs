@@ -38,7 +38,8 @@ pub enum MemberSlotPlan {
 pub type PhysicalSlot = (String, bool, bool);
 
 /// The slots to make or drop for `members` (the others in etcd now), given the physical
-/// slots that exist and those whose member has been gone long enough (`departed`). A
+/// slots that exist and those whose member has been gone long enough (`departed`: only
+/// names once seen as members, so a slot someone else made, for a backup tool, stays). A
 /// member that is briefly away (restarting) keeps its slot, so it finds its WAL kept.
 pub fn member_slot_plan(
     members: &[String],
@@ -111,6 +112,41 @@ async fn drop_slot(client: &Client, name: &str) -> Result<(), NodeError> {
     Ok(())
 }
 
+/// A slot on the primary and the WAL it holds: name, in use, bytes.
+pub type HeldWal = (String, bool, i64);
+
+/// Every slot on the primary with the bytes of WAL it holds back.
+pub async fn held_wal(client: &Client) -> Result<Vec<HeldWal>, NodeError> {
+    Ok(client
+        .query(
+            "SELECT slot_name::text, active,
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
+               FROM pg_replication_slots WHERE restart_lsn IS NOT NULL
+              ORDER BY slot_name",
+            &[],
+        )
+        .await
+        .map_err(sql)?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
+/// The slots over `limit`, and whether each is dropped now (`drop` set and not in use: a
+/// slot in use is being read, and dropping it would only break its reader).
+pub fn over_limit(slots: &[HeldWal], limit: u64, drop: bool) -> Vec<(String, i64, bool)> {
+    slots
+        .iter()
+        .filter(|(_, _, held)| *held > 0 && *held as u64 > limit)
+        .map(|(name, active, held)| (name.clone(), *held, drop && !active))
+        .collect()
+}
+
+/// Drop a slot on the primary.
+pub async fn drop_on_primary(client: &Client, name: &str) -> Result<(), NodeError> {
+    drop_slot(client, name).await
+}
+
 /// The primary's logical slots the cluster keeps on its replicas.
 pub async fn logical_slots(
     client: &Client,
@@ -153,12 +189,15 @@ pub struct LocalSlot {
 /// What a replica does about its slots this loop.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CopyPlan {
-    /// Slots that are no copy of a slot the primary has now: physical slots (left from its
-    /// days as a primary) and logical slots the primary no longer has, or has behind this
-    /// copy (the copy comes from another history: a former primary's own).
+    /// The cluster's slots here that are no copy of a slot the primary has now: members'
+    /// physical slots (left from its days as a primary), and logical slots the cluster
+    /// keeps that the primary no longer has. Slots of others' making stay.
     pub drop: Vec<String>,
     /// Copies to move forward: to the primary's confirmed position, or as far as this
-    /// replica has replayed.
+    /// replica has replayed. A copy already past the primary's slot stays where it is: it
+    /// was advanced from an earlier primary's confirmed position, which the targets had
+    /// already made durable, and it is of this history (a node whose history forked is
+    /// rewound, and a rewind removes its slots).
     pub advance: Vec<(String, Lsn)>,
     /// The primary's slots to copy now (one restart for all of them).
     pub copy: Vec<String>,
@@ -168,17 +207,20 @@ pub struct CopyPlan {
 
 /// Decide, from the primary's logical slots, this replica's slots, how far it has replayed,
 /// and where its oldest WAL begins (a copy needs the WAL from its `restart_lsn` on).
+/// `ours` tells the cluster's slots (members' physical slots, logical slots it keeps) from
+/// others'.
 pub fn copy_plan(
     primary: &[LogicalSlot],
     local: &[LocalSlot],
     replayed: Lsn,
     oldest_wal: Lsn,
+    ours: impl Fn(&LocalSlot) -> bool,
 ) -> CopyPlan {
     let mut plan = CopyPlan::default();
-    for l in local.iter().filter(|l| !l.active) {
+    for l in local.iter().filter(|l| !l.active && ours(l)) {
         let original = primary.iter().find(|p| p.name == l.name);
         match original {
-            Some(p) if l.logical && l.confirmed_flush <= p.confirmed_flush => {
+            Some(p) if l.logical => {
                 let to = p.confirmed_flush.min(replayed);
                 if to > l.confirmed_flush {
                     plan.advance.push((l.name.clone(), to));
@@ -387,8 +429,10 @@ mod tests {
             local("n1", false, 50, 0),
             // The primary no longer has it.
             local("walrelay_old", true, 10, 20),
+            // Not the cluster's: left alone.
+            local("backup", false, 10, 0),
         ];
-        let plan = copy_plan(&slots, &mine, Lsn(400), Lsn(0));
+        let plan = copy_plan(&slots, &mine, Lsn(400), Lsn(0), |l| l.name != "backup");
         assert_eq!(plan.advance, [("walrelay".to_string(), Lsn(400))]);
         assert_eq!(plan.drop, ["n1".to_string(), "walrelay_old".into()]);
         assert_eq!(plan.copy, ["walrelay_b".to_string()]);
@@ -396,13 +440,13 @@ mod tests {
     }
 
     #[test]
-    fn a_copy_ahead_of_the_primary_is_from_another_history_and_is_copied_again() {
+    fn a_copy_ahead_of_a_new_primary_s_slot_is_kept_as_it_is() {
+        // Advanced from the old primary further than the new primary's own copy: still a
+        // position the targets hold, so no restart after a failover.
         let slots = [primary("walrelay", 100, 500)];
-        // A former primary's own slot, confirmed past what the new primary has.
         let mine = [local("walrelay", true, 100, 900)];
-        let plan = copy_plan(&slots, &mine, Lsn(1000), Lsn(0));
-        assert_eq!(plan.drop, ["walrelay".to_string()]);
-        assert_eq!(plan.copy, ["walrelay".to_string()]);
+        let plan = copy_plan(&slots, &mine, Lsn(1000), Lsn(0), |_| true);
+        assert_eq!(plan, CopyPlan::default());
     }
 
     #[test]
@@ -411,7 +455,7 @@ mod tests {
             primary("walrelay", 100, 500),
             primary("walrelay_b", 900, 900),
         ];
-        let plan = copy_plan(&slots, &[], Lsn(800), Lsn(200));
+        let plan = copy_plan(&slots, &[], Lsn(800), Lsn(200), |_| true);
         assert!(plan.copy.is_empty());
         assert_eq!(plan.waiting.len(), 2);
         assert!(
@@ -422,6 +466,25 @@ mod tests {
         assert!(plan.waiting[1].1.contains("replayed"), "{:?}", plan.waiting);
         let copies = describe_copies(&slots, &[], &plan, &[]);
         assert!(copies.iter().all(|c| !c.ready));
+    }
+
+    #[test]
+    fn slots_over_the_limit_are_named_and_only_unused_ones_dropped() {
+        let held = [
+            ("idle".to_string(), false, 5_000_000),
+            ("busy".into(), true, 5_000_000),
+            ("small".into(), false, 10),
+        ];
+        assert_eq!(
+            over_limit(&held, 1_000_000, true),
+            [
+                ("idle".to_string(), 5_000_000, true),
+                ("busy".into(), 5_000_000, false)
+            ]
+        );
+        assert!(over_limit(&held, 1_000_000, false)
+            .iter()
+            .all(|(_, _, d)| !d));
     }
 
     #[test]

@@ -114,7 +114,7 @@ impl SessionAttrs {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnInfo {
     /// Host name, IP address, or the directory of a Unix socket (starts with `/`): the first
-    /// of `hosts`, or the one `pg::primary::locate` chose.
+    /// of `hosts`, or the one `pg::locate::locate` chose.
     pub host: String,
     /// Connect to this address instead of resolving `host` (TLS still checks `host`).
     pub hostaddr: Option<IpAddr>,

@@ -122,6 +122,14 @@ pub enum RelayError {
 }
 
 impl RelayError {
+    /// None of the source's hosts takes writes now.
+    fn is_failover_under_way(&self) -> bool {
+        matches!(
+            self,
+            RelayError::Source(SourceError::Pg(crate::pg::PgError::NoServerFits { .. }))
+        )
+    }
+
     pub fn is_transient(&self) -> bool {
         match self {
             RelayError::Source(e) => e.is_transient(),
@@ -138,9 +146,10 @@ enum RunEnd {
 
 /// Run until `cancel` fires. A transient failure after the stream was running (the
 /// connection dropped, the server restarted, a failover) restarts the pipeline after a pause
-/// that grows to 5 s, so that a relay finds a new primary within seconds of its promotion;
-/// a failure before the first stream started is returned, since it is most likely a
-/// configuration problem the operator must see.
+/// that grows to 5 s; while none of several hosts takes writes (a failover under way) it
+/// looks every second, so that a relay finds a new primary within a second of its
+/// promotion. A failure before the first stream started is returned, since it is most
+/// likely a configuration problem the operator must see.
 pub async fn run(config: &Config, cancel: CancellationToken) -> Result<(), RelayError> {
     let mut streamed_once = false;
     let mut backoff = Duration::from_millis(500);
@@ -153,7 +162,11 @@ pub async fn run(config: &Config, cancel: CancellationToken) -> Result<(), Relay
                     _ = cancel.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = if e.is_failover_under_way() {
+                    Duration::from_secs(1)
+                } else {
+                    (backoff * 2).min(Duration::from_secs(5))
+                };
             }
             Err(e) => return Err(e),
         }

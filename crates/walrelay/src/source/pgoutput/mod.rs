@@ -71,7 +71,7 @@ pub enum SourceError {
     Stopped,
     /// The slot is gone from the server while a target holds what came through it: a new
     /// slot would start later and lose what was committed in between.
-    #[error("slot {slot} does not exist on {server}, but target {sink} holds changes up to {lsn} that came through it: a new slot would start later and lose what was committed in between, so none is created. Waiting for the slot (after a failover the HA agent copies it to the replicas; `walrelay ctl list` shows the copies). To start over instead, empty the target's tables and drop its schema walrelay")]
+    #[error("slot {slot} does not exist on {server}, but target {sink} holds changes up to {lsn} that came through it: a new slot would start later and lose what was committed in between, so none is created. Waiting for the slot (after a failover the HA agent copies it to the replicas; `walrelay ctl list` shows the copies). To start over instead, on the target empty the tables, then DROP SCHEMA walrelay CASCADE; SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = '{slot}/{sink}'")]
     SlotMissing {
         slot: String,
         server: String,
@@ -468,12 +468,13 @@ impl PgOutputSource {
         };
         let lsn = standby_gate::gate_position(batch);
         let held = async {
+            let mut pause = standby_gate::POLL;
             while !gate.passes(lsn).await? {
                 tokio::select! {
                     biased;
                     _ = cancel.cancelled() => return Err(SourceError::Stopped),
                     _ = self.ticker.tick() => self.send_status(&fanout.durable(), true).await?,
-                    _ = tokio::time::sleep(standby_gate::POLL) => {}
+                    _ = tokio::time::sleep(pause) => pause = (pause * 2).min(standby_gate::POLL_MAX),
                 }
             }
             Ok(())

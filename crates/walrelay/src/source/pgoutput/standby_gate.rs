@@ -8,11 +8,16 @@
 //! for ones already applied. PostgreSQL 17 holds its own walsenders back
 //! (`synchronized_standby_slots`); this gate does the same in the relay, for every
 //! version: nothing reaches a sink (commit, message or keepalive position) until the
-//! synchronous standby has flushed past it. Without a synchronous standby configured the
-//! server's own flush position is the bound, which every decoded transaction is already
-//! behind.
+//! synchronous standby has flushed past it.
+//!
+//! Without a synchronous standby configured, everything passes, and the setting is looked
+//! at again only every `UNNAMED_RECHECK`, not for every batch (a query per batch cost
+//! the source a sixth more CPU per transaction in W2). That is safe: a standby just named
+//! is not one a failover may promote until it has caught up past the moment it was named
+//! — `walrelay ha` names it in etcd only a loop (`loop_wait`, 1 s) after that — and by
+//! then the gate has seen the setting.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 use walrelay_model::{Event, Lsn};
@@ -20,19 +25,26 @@ use walrelay_model::{Event, Lsn};
 use super::SourceError;
 use crate::pg::{sql, ConnInfo, PgError};
 
-/// How far every commit is safe from a failover: the synchronous standby's flush position,
-/// or the server's own when it names none.
-const SAFE_POSITION: &str = "SELECT CASE
-         WHEN current_setting('synchronous_standby_names') = '' THEN pg_current_wal_flush_lsn()
-         ELSE (SELECT max(flush_lsn) FROM pg_stat_replication WHERE sync_state = 'sync')
-       END::text";
+/// Whether a synchronous standby is asked for, and how far every commit is safe from a
+/// failover: the synchronous standby's flush position (a standby decoding, PostgreSQL 16+:
+/// nothing to wait for).
+const SAFE_POSITION: &str =
+    "SELECT NOT pg_is_in_recovery() AND current_setting('synchronous_standby_names') <> '',
+         (SELECT max(flush_lsn) FROM pg_stat_replication WHERE sync_state = 'sync')::text";
 
-/// Between two looks while waiting: the standby confirms within milliseconds.
+/// How long "no synchronous standby" is taken for granted (see the module's comment).
+const UNNAMED_RECHECK: Duration = Duration::from_millis(100);
+
+/// Between two looks while waiting: the standby confirms within milliseconds, so the
+/// first pause is short; it doubles up to `POLL_MAX` while the standby is away.
 pub const POLL: Duration = Duration::from_millis(2);
+pub const POLL_MAX: Duration = Duration::from_millis(100);
 
 pub struct StandbyGate {
     client: Client,
     safe: Lsn,
+    /// No synchronous standby was asked for at the last look: everything passes until then.
+    unnamed_until: Option<Instant>,
 }
 
 impl StandbyGate {
@@ -58,22 +70,28 @@ impl StandbyGate {
         Ok(Some(StandbyGate {
             client,
             safe: Lsn::ZERO,
+            unnamed_until: None,
         }))
     }
 
     /// Whether everything up to `lsn` is safe now (a query only when it may have become
     /// so since the last look).
     pub async fn passes(&mut self, lsn: Lsn) -> Result<bool, SourceError> {
-        if lsn <= self.safe {
+        if lsn <= self.safe || self.unnamed_until.is_some_and(|t| Instant::now() < t) {
             return Ok(true);
         }
-        let safe: Option<String> = self
+        let row = self
             .client
             .query_one(SAFE_POSITION, &[])
             .await
-            .map_err(|e| PgError::from_sql("reading the synchronous standby's position", e))?
-            .get(0);
+            .map_err(|e| PgError::from_sql("reading the synchronous standby's position", e))?;
+        if !row.get::<_, bool>(0) {
+            self.unnamed_until = Some(Instant::now() + UNNAMED_RECHECK);
+            return Ok(true);
+        }
+        self.unnamed_until = None;
         // None: a standby is named but none is connected (commits wait on the primary too).
+        let safe: Option<String> = row.get(1);
         self.safe = self
             .safe
             .max(safe.and_then(|s| s.parse().ok()).unwrap_or(Lsn::ZERO));
