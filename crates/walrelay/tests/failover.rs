@@ -12,7 +12,7 @@ use crate::ha::{
     assert_all_in, assert_all_present, create_table_and_wait_on_replicas, must_connect, Cluster,
     Writer, PASSWORD,
 };
-use crate::support::{checksum, postgres_config, wait_for_count, wait_until_equal, Relay, BIN};
+use crate::support::{checksum, postgres_config, wait_for_count, wait_until_equal, Relay};
 
 /// Every member but the leader says its copy of slot `walrelay` is ready.
 async fn wait_for_ready_copies(cluster: &Cluster, leader: &str) {
@@ -53,23 +53,6 @@ async fn slots_on(port: u16) -> Vec<(String, String)> {
         .collect()
 }
 
-fn ctl(cluster: &Cluster, node: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(BIN)
-        .args(["ctl", "--config"])
-        .arg(&cluster.node(node).config)
-        .args(args)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "ctl {args:?}: {stdout}{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        cluster.dump_logs()
-    );
-    stdout
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_follows_the_primary_through_two_failovers_and_a_switchover() {
     let mut cluster = Cluster::start(3, "synchronous_mode = true");
@@ -104,7 +87,7 @@ async fn a_relay_follows_the_primary_through_two_failovers_and_a_switchover() {
     )
     .await;
     wait_for_ready_copies(&cluster, &leader).await;
-    let listing = ctl(&cluster, &leader, &["list"]);
+    let listing = cluster.ctl(&leader, &["list"]);
     assert!(listing.contains("walrelay ready"), "{listing}");
 
     // Two failovers in a row: the second promotes a node whose copy was made from the
@@ -137,7 +120,7 @@ async fn a_relay_follows_the_primary_through_two_failovers_and_a_switchover() {
     writer
         .wait_for_more(100, "writes before the switchover")
         .await;
-    ctl(&cluster, &leader, &["switchover"]);
+    cluster.ctl(&leader, &["switchover"]);
     let new_leader = cluster
         .wait_for_leader(Some(&leader), "the switchover's candidate to lead")
         .await;

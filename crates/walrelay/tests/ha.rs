@@ -227,6 +227,24 @@ impl Cluster {
             .join("\n")
     }
 
+    /// `walrelay ctl --config <node's file> ARGS`, which must succeed: its output.
+    pub(crate) fn ctl(&self, node: &str, args: &[&str]) -> String {
+        let out = std::process::Command::new(BIN)
+            .args(["ctl", "--config"])
+            .arg(&self.node(node).config)
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "ctl {args:?}: {stdout}{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.dump_logs()
+        );
+        stdout
+    }
+
     /// `wait_for`, with every node's logs in the failure.
     pub(crate) async fn wait<T, F, Fut>(&self, what: &str, timeout: Duration, mut condition: F) -> T
     where
@@ -968,20 +986,8 @@ async fn a_switchover_under_writes_pauses_briefly_and_loses_nothing() {
     create_table_and_wait_on_replicas(&cluster, &leader).await;
     let writer = Writer::start(cluster.ports());
     writer.wait_for_more(100, "writes on the primary").await;
-    let out = tokio::process::Command::new(BIN)
-        .args(["ctl", "--config"])
-        .arg(&cluster.node(&leader).config)
-        .arg("switchover")
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "ctl switchover: {stdout}{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        cluster.dump_logs()
-    );
+    // Blocking: the writer runs on the runtime's other thread meanwhile.
+    let stdout = cluster.ctl(&leader, &["switchover"]);
     let new_leader = cluster
         .wait_for_leader(Some(&leader), "the candidate to lead")
         .await;

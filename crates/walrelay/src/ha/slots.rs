@@ -152,38 +152,31 @@ pub async fn logical_slots(
     client: &Client,
     cluster: &ClusterSection,
 ) -> Result<Vec<LogicalSlot>, NodeError> {
-    let rows = client
-        .query(
-            "SELECT slot_name::text, plugin::text, database::text,
-                    coalesce(restart_lsn, '0/0')::text, coalesce(confirmed_flush_lsn, '0/0')::text
-               FROM pg_replication_slots
-              WHERE slot_type = 'logical' AND NOT temporary
-              ORDER BY slot_name",
-            &[],
-        )
-        .await
-        .map_err(sql)?;
-    Ok(rows
-        .iter()
-        .map(|r| LogicalSlot {
-            name: r.get(0),
-            plugin: r.get(1),
-            database: r.get(2),
-            restart_lsn: r.get::<_, String>(3).parse().unwrap_or_default(),
-            confirmed_flush: r.get::<_, String>(4).parse().unwrap_or_default(),
+    Ok(slots_here(client)
+        .await?
+        .into_iter()
+        .filter(|s| s.logical && cluster.keeps_logical_slot(&s.name))
+        .map(|s| LogicalSlot {
+            name: s.name,
+            plugin: s.plugin,
+            database: s.database,
+            restart_lsn: s.restart_lsn,
+            confirmed_flush: s.confirmed_flush,
         })
-        .filter(|s| cluster.keeps_logical_slot(&s.name))
         .collect())
 }
 
-/// A slot on a replica: its name, whether logical, in use, restart and confirmed positions.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A slot of this server (not temporary): its name, whether logical, in use, restart and
+/// confirmed positions; a logical one's plugin and database.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LocalSlot {
     pub name: String,
     pub logical: bool,
     pub active: bool,
     pub restart_lsn: Lsn,
     pub confirmed_flush: Lsn,
+    pub plugin: String,
+    pub database: String,
 }
 
 /// What a replica does about its slots this loop.
@@ -259,13 +252,15 @@ pub fn copy_plan(
     plan
 }
 
-/// This replica's slots.
-pub async fn local_slots(client: &Client) -> Result<Vec<LocalSlot>, NodeError> {
+/// This server's slots.
+pub async fn slots_here(client: &Client) -> Result<Vec<LocalSlot>, NodeError> {
     let rows = client
         .query(
             "SELECT slot_name::text, slot_type = 'logical', active,
-                    coalesce(restart_lsn, '0/0')::text, coalesce(confirmed_flush_lsn, '0/0')::text
-               FROM pg_replication_slots WHERE NOT temporary",
+                    coalesce(restart_lsn, '0/0')::text, coalesce(confirmed_flush_lsn, '0/0')::text,
+                    coalesce(plugin::text, ''), coalesce(database::text, '')
+               FROM pg_replication_slots WHERE NOT temporary
+              ORDER BY slot_name",
             &[],
         )
         .await
@@ -278,6 +273,8 @@ pub async fn local_slots(client: &Client) -> Result<Vec<LocalSlot>, NodeError> {
             active: r.get(2),
             restart_lsn: r.get::<_, String>(3).parse().unwrap_or_default(),
             confirmed_flush: r.get::<_, String>(4).parse().unwrap_or_default(),
+            plugin: r.get(5),
+            database: r.get(6),
         })
         .collect())
 }
@@ -385,9 +382,9 @@ mod tests {
         LocalSlot {
             name: name.into(),
             logical,
-            active: false,
             restart_lsn: Lsn(restart),
             confirmed_flush: Lsn(confirmed),
+            ..Default::default()
         }
     }
 

@@ -151,7 +151,7 @@ impl Agent {
             return Ok(());
         };
         let client = self.node.sql().await?;
-        let local = slots::local_slots(client).await?;
+        let local = slots::slots_here(client).await?;
         let oldest = slots::oldest_wal(client).await?;
         let cluster = &self.config.cluster;
         let known = &self.known_members;
@@ -180,7 +180,7 @@ impl Agent {
                 failed.push((name.clone(), format!("advancing failed: {e}")));
             }
         }
-        let local = slots::local_slots(client).await?;
+        let local = slots::slots_here(client).await?;
         self.slot_copies = slots::describe_copies(&published.slots, &local, &plan, &failed);
         if plan.copy.is_empty() {
             return Ok(());
