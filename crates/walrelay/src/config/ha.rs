@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{parse_toml, read_file, ConfigError};
+use super::{check_slot_name, parse_toml, read_file, ConfigError};
 use crate::ha::decide::Policy;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -259,13 +259,7 @@ impl HaConfig {
             key: key.into(),
             message,
         };
-        let name = &config.node.name;
-        if name.is_empty()
-            || name.len() > 63
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        {
+        if check_slot_name(&config.node.name).is_err() {
             return Err(invalid(
                 "node.name",
                 "1 to 63 lower-case letters, digits or _ (it names a replication slot)".into(),
@@ -298,12 +292,9 @@ impl HaConfig {
             return Err(invalid("cluster.ttl", "must be at least 2 s".into()));
         }
         for pattern in &config.cluster.logical_slots {
+            // `*` alone takes every slot; otherwise a name, or a prefix of one.
             let name = pattern.strip_suffix('*').unwrap_or(pattern);
-            if name.is_empty() && !pattern.ends_with('*')
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-            {
+            if pattern != "*" && check_slot_name(name).is_err() {
                 return Err(invalid(
                     "cluster.logical_slots",
                     format!("{pattern:?}: a slot name, or a prefix of one followed by *"),

@@ -819,8 +819,9 @@ fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result
     })
 }
 
-/// PostgreSQL's rule for replication slot names.
-fn check_slot_name(name: &str) -> Result<(), String> {
+/// PostgreSQL's rule for replication slot names (also what makes a name safe as a
+/// directory under `pg_replslot`).
+pub fn check_slot_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 63 {
         return Err("must be 1 to 63 characters".into());
     }

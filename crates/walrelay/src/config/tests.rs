@@ -400,6 +400,22 @@ fn ha_config_defaults_and_errors_name_the_key() {
             .to_string();
         assert!(e.contains(key), "{api}: {e}");
     }
+    // Logical slots kept on replicas: names, prefixes with `*`, or `*` alone.
+    let slots = |list: &str| {
+        ha::HaConfig::parse(
+            &HA_MINIMAL.replace(
+                "[cluster]\n",
+                &format!("[cluster]\nlogical_slots = {list}\n"),
+            ),
+            Path::new("n.toml"),
+        )
+    };
+    let c = slots(r#"["*", "walrelay*", "debezium"]"#).unwrap();
+    assert!(c.cluster.keeps_logical_slot("anything"));
+    for bad in [r#"["Mixed*"]"#, r#"[""]"#, r#"["a-b"]"#] {
+        let e = slots(bad).unwrap_err().to_string();
+        assert!(e.contains("cluster.logical_slots"), "{bad}: {e}");
+    }
     // ctl reads `[cluster]` and `[api]`, whatever else the file holds.
     let ctl = ha::CtlConfig::parse(&format!("{HA_MINIMAL}{HA_API}"), Path::new("n.toml")).unwrap();
     assert_eq!(ctl.api.token.as_deref(), Some("t0ken"));

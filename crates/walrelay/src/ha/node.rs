@@ -528,13 +528,8 @@ impl Node {
     /// `pg_replslot`: PostgreSQL loads it at the next start.
     pub fn place_slot_state(&self, name: &str, state: &[u8]) -> Result<(), NodeError> {
         self.refuse_while_running("place a slot")?;
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        {
-            return Err(NodeError::Other(format!("{name:?} is not a slot name")));
-        }
+        crate::config::check_slot_name(name)
+            .map_err(|why| NodeError::Other(format!("slot {name:?}: {why}")))?;
         let dir = self.server.data_dir().join("pg_replslot").join(name);
         self.server.create_dir_owned(&dir)?;
         self.server.write_owned(&dir.join("state"), state, 0o600)?;
