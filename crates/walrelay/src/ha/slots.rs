@@ -34,48 +34,30 @@ pub enum MemberSlotPlan {
     Drop(String),
 }
 
-/// A physical slot on the primary: name, in use, invalidated.
-pub type PhysicalSlot = (String, bool, bool);
-
 /// The slots to make or drop for `members` (the others in etcd now), given the physical
-/// slots that exist and those whose member has been gone long enough (`departed`: only
+/// slots that exist (`existing`, logical ones left out) and those whose member has been gone long enough (`departed`: only
 /// names once seen as members, so a slot someone else made, for a backup tool, stays). A
 /// member that is briefly away (restarting) keeps its slot, so it finds its WAL kept.
 pub fn member_slot_plan(
     members: &[String],
-    existing: &[PhysicalSlot],
+    existing: &[LocalSlot],
     departed: &[String],
 ) -> Vec<MemberSlotPlan> {
     let mut plan: Vec<MemberSlotPlan> = members
         .iter()
-        .filter_map(|name| match existing.iter().find(|(n, _, _)| n == name) {
+        .filter_map(|name| match existing.iter().find(|s| s.name == *name) {
             None => Some(MemberSlotPlan::Create(name.clone())),
-            Some((_, false, true)) => Some(MemberSlotPlan::Recreate(name.clone())),
+            Some(s) if !s.active && s.lost => Some(MemberSlotPlan::Recreate(name.clone())),
             Some(_) => None,
         })
         .collect();
     plan.extend(
         existing
             .iter()
-            .filter(|(n, active, _)| !active && !members.contains(n) && departed.contains(n))
-            .map(|(n, _, _)| MemberSlotPlan::Drop(n.clone())),
+            .filter(|s| !s.active && !members.contains(&s.name) && departed.contains(&s.name))
+            .map(|s| MemberSlotPlan::Drop(s.name.clone())),
     );
     plan
-}
-
-/// The primary's physical slots.
-pub async fn physical_slots(client: &Client) -> Result<Vec<PhysicalSlot>, NodeError> {
-    Ok(client
-        .query(
-            "SELECT slot_name::text, active, coalesce(wal_status = 'lost', false)
-               FROM pg_replication_slots WHERE slot_type = 'physical'",
-            &[],
-        )
-        .await
-        .map_err(sql)?
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect())
 }
 
 pub async fn carry_out(client: &Client, plan: &[MemberSlotPlan]) -> Result<(), NodeError> {
@@ -104,7 +86,7 @@ async fn create_physical(client: &Client, name: &str) -> Result<(), NodeError> {
     Ok(())
 }
 
-async fn drop_slot(client: &Client, name: &str) -> Result<(), NodeError> {
+pub async fn drop_slot(client: &Client, name: &str) -> Result<(), NodeError> {
     client
         .execute("SELECT pg_drop_replication_slot($1)", &[&name])
         .await
@@ -112,39 +94,15 @@ async fn drop_slot(client: &Client, name: &str) -> Result<(), NodeError> {
     Ok(())
 }
 
-/// A slot on the primary and the WAL it holds: name, in use, bytes.
-pub type HeldWal = (String, bool, i64);
-
-/// Every slot on the primary with the bytes of WAL it holds back.
-pub async fn held_wal(client: &Client) -> Result<Vec<HeldWal>, NodeError> {
-    Ok(client
-        .query(
-            "SELECT slot_name::text, active,
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
-               FROM pg_replication_slots WHERE restart_lsn IS NOT NULL
-              ORDER BY slot_name",
-            &[],
-        )
-        .await
-        .map_err(sql)?
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect())
-}
-
 /// The slots over `limit`, and whether each is dropped now (`drop` set and not in use: a
 /// slot in use is being read, and dropping it would only break its reader).
-pub fn over_limit(slots: &[HeldWal], limit: u64, drop: bool) -> Vec<(String, i64, bool)> {
+pub fn over_limit(slots: &[LocalSlot], limit: u64, drop: bool) -> Vec<(String, i64, bool)> {
     slots
         .iter()
-        .filter(|(_, _, held)| *held > 0 && *held as u64 > limit)
-        .map(|(name, active, held)| (name.clone(), *held, drop && !active))
+        .filter_map(|s| Some((s, s.held_bytes?)))
+        .filter(|(_, held)| *held > 0 && *held as u64 > limit)
+        .map(|(s, held)| (s.name.clone(), held, drop && !s.active))
         .collect()
-}
-
-/// Drop a slot on the primary.
-pub async fn drop_on_primary(client: &Client, name: &str) -> Result<(), NodeError> {
-    drop_slot(client, name).await
 }
 
 /// The primary's logical slots the cluster keeps on its replicas.
@@ -155,7 +113,7 @@ pub async fn logical_slots(
     Ok(slots_here(client)
         .await?
         .into_iter()
-        .filter(|s| s.logical && cluster.keeps_logical_slot(&s.name))
+        .filter(|s| s.logical && !s.temporary && cluster.keeps_logical_slot(&s.name))
         .map(|s| LogicalSlot {
             name: s.name,
             plugin: s.plugin,
@@ -166,17 +124,22 @@ pub async fn logical_slots(
         .collect())
 }
 
-/// A slot of this server (not temporary): its name, whether logical, in use, restart and
-/// confirmed positions; a logical one's plugin and database.
+/// A slot of this server, as `pg_replication_slots` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LocalSlot {
     pub name: String,
     pub logical: bool,
+    pub temporary: bool,
     pub active: bool,
+    /// PostgreSQL invalidated it (`wal_status = 'lost'`).
+    pub lost: bool,
     pub restart_lsn: Lsn,
     pub confirmed_flush: Lsn,
+    /// A logical slot's output plugin and database.
     pub plugin: String,
     pub database: String,
+    /// On a primary, the bytes of WAL it holds back (none without a restart position).
+    pub held_bytes: Option<i64>,
 }
 
 /// What a replica does about its slots this loop.
@@ -210,7 +173,10 @@ pub fn copy_plan(
     ours: impl Fn(&LocalSlot) -> bool,
 ) -> CopyPlan {
     let mut plan = CopyPlan::default();
-    for l in local.iter().filter(|l| !l.active && ours(l)) {
+    for l in local
+        .iter()
+        .filter(|l| !l.active && !l.temporary && ours(l))
+    {
         let original = primary.iter().find(|p| p.name == l.name);
         match original {
             Some(p) if l.logical => {
@@ -225,7 +191,7 @@ pub fn copy_plan(
     for p in primary {
         let kept = local
             .iter()
-            .any(|l| l.name == p.name && !plan.drop.contains(&l.name));
+            .any(|l| l.name == p.name && !l.temporary && !plan.drop.contains(&l.name));
         if kept {
             continue;
         }
@@ -252,14 +218,18 @@ pub fn copy_plan(
     plan
 }
 
-/// This server's slots.
+/// This server's slots: the one query behind the primary's upkeep (members' slots, the
+/// WAL they hold, the logical slots it publishes) and a replica's copies.
 pub async fn slots_here(client: &Client) -> Result<Vec<LocalSlot>, NodeError> {
     let rows = client
         .query(
-            "SELECT slot_name::text, slot_type = 'logical', active,
+            "SELECT slot_name::text, slot_type = 'logical', temporary, active,
+                    coalesce(wal_status = 'lost', false),
                     coalesce(restart_lsn, '0/0')::text, coalesce(confirmed_flush_lsn, '0/0')::text,
-                    coalesce(plugin::text, ''), coalesce(database::text, '')
-               FROM pg_replication_slots WHERE NOT temporary
+                    coalesce(plugin::text, ''), coalesce(database::text, ''),
+                    CASE WHEN NOT pg_is_in_recovery()
+                         THEN pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint END
+               FROM pg_replication_slots
               ORDER BY slot_name",
             &[],
         )
@@ -270,11 +240,14 @@ pub async fn slots_here(client: &Client) -> Result<Vec<LocalSlot>, NodeError> {
         .map(|r| LocalSlot {
             name: r.get(0),
             logical: r.get(1),
-            active: r.get(2),
-            restart_lsn: r.get::<_, String>(3).parse().unwrap_or_default(),
-            confirmed_flush: r.get::<_, String>(4).parse().unwrap_or_default(),
-            plugin: r.get(5),
-            database: r.get(6),
+            temporary: r.get(2),
+            active: r.get(3),
+            lost: r.get(4),
+            restart_lsn: r.get::<_, String>(5).parse().unwrap_or_default(),
+            confirmed_flush: r.get::<_, String>(6).parse().unwrap_or_default(),
+            plugin: r.get(7),
+            database: r.get(8),
+            held_bytes: r.get(9),
         })
         .collect())
 }
@@ -302,10 +275,6 @@ fn segment_start(log_and_segment: &str, segment_size: u64) -> Option<Lsn> {
     let log = u64::from_str_radix(log_and_segment.get(..8)?, 16).ok()?;
     let segment = u64::from_str_radix(log_and_segment.get(8..16)?, 16).ok()?;
     Some(Lsn((log << 32) + segment * segment_size))
-}
-
-pub async fn drop_local(client: &Client, name: &str) -> Result<(), NodeError> {
-    drop_slot(client, name).await
 }
 
 /// Move a copy forward; an error if its WAL is gone (then it is dropped and copied anew).
@@ -340,9 +309,9 @@ pub fn describe_copies(
     primary
         .iter()
         .map(|p| {
-            let copy = local
-                .iter()
-                .find(|l| l.name == p.name && l.logical && !plan.drop.contains(&l.name));
+            let copy = local.iter().find(|l| {
+                l.name == p.name && l.logical && !l.temporary && !plan.drop.contains(&l.name)
+            });
             let problem = failed
                 .iter()
                 .chain(&plan.waiting)
@@ -378,6 +347,15 @@ mod tests {
         }
     }
 
+    fn physical(name: &str, active: bool, lost: bool) -> LocalSlot {
+        LocalSlot {
+            name: name.into(),
+            active,
+            lost,
+            ..Default::default()
+        }
+    }
+
     fn local(name: &str, logical: bool, restart: u64, confirmed: u64) -> LocalSlot {
         LocalSlot {
             name: name.into(),
@@ -392,13 +370,13 @@ mod tests {
     fn every_member_gets_a_usable_slot_and_only_a_departed_ones_is_dropped() {
         let members = ["n2".to_string(), "n3".into(), "n4".into()];
         let existing = [
-            ("n2".to_string(), true, false),
+            physical("n2", true, false),
             // Invalidated but its replica still holds it: left until it lets go.
-            ("n3".into(), true, true),
+            physical("n3", true, true),
             // Not in etcd now, but not gone long: kept for its restart.
-            ("n8".into(), false, false),
+            physical("n8", false, false),
             // Gone long enough: dropped.
-            ("n9".into(), false, false),
+            physical("n9", false, false),
         ];
         assert_eq!(
             member_slot_plan(&members, &existing, &["n9".into()]),
@@ -407,7 +385,7 @@ mod tests {
                 MemberSlotPlan::Drop("n9".into())
             ]
         );
-        let lost = [("n2".to_string(), false, true)];
+        let lost = [physical("n2", false, true)];
         assert_eq!(
             member_slot_plan(&members[..1], &lost, &[]),
             [MemberSlotPlan::Recreate("n2".into())]
@@ -467,10 +445,18 @@ mod tests {
 
     #[test]
     fn slots_over_the_limit_are_named_and_only_unused_ones_dropped() {
+        let holding = |name: &str, active: bool, held: i64| LocalSlot {
+            name: name.into(),
+            active,
+            held_bytes: Some(held),
+            ..Default::default()
+        };
         let held = [
-            ("idle".to_string(), false, 5_000_000),
-            ("busy".into(), true, 5_000_000),
-            ("small".into(), false, 10),
+            holding("idle", false, 5_000_000),
+            holding("busy", true, 5_000_000),
+            holding("small", false, 10),
+            // A replica's slot: no figure, nothing said.
+            local("walrelay", true, 0, 0),
         ];
         assert_eq!(
             over_limit(&held, 1_000_000, true),

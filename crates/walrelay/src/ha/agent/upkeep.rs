@@ -71,16 +71,19 @@ impl Agent {
             .map(|m| m.name.clone())
             .collect();
         let client = self.node.sql().await?;
-        let existing = slots::physical_slots(client).await?;
+        let existing: Vec<slots::LocalSlot> = slots::slots_here(client)
+            .await?
+            .into_iter()
+            .filter(|s| !s.logical)
+            .collect();
         let now = Instant::now();
-        self.absent_since.retain(|name, _| {
-            existing.iter().any(|(n, _, _)| n == name) && !members.contains(name)
-        });
-        for (name, _, _) in existing
+        self.absent_since
+            .retain(|name, _| existing.iter().any(|s| s.name == *name) && !members.contains(name));
+        for s in existing
             .iter()
-            .filter(|(n, _, _)| !members.contains(n) && self.known_members.contains(n))
+            .filter(|s| !members.contains(&s.name) && self.known_members.contains(&s.name))
         {
-            self.absent_since.entry(name.clone()).or_insert(now);
+            self.absent_since.entry(s.name.clone()).or_insert(now);
         }
         let grace = self.config.cluster.drop_slots_of_departed_after;
         let departed: Vec<String> = self
@@ -101,7 +104,7 @@ impl Agent {
         };
         let drop = self.config.cluster.drop_slots_over_limit;
         let client = self.node.sql().await?;
-        let held = slots::held_wal(client).await?;
+        let held = slots::slots_here(client).await?;
         for (name, bytes, now) in slots::over_limit(&held, limit, drop) {
             if now {
                 tracing::error!(
@@ -110,7 +113,7 @@ impl Agent {
                     limit,
                     "dropping a slot that holds more WAL than cluster.slot_wal_limit (drop_slots_over_limit is on); whatever read it must start again"
                 );
-                slots::drop_on_primary(client, &name).await?;
+                slots::drop_slot(client, &name).await?;
             } else {
                 tracing::warn!(
                     slot = name,
@@ -164,7 +167,7 @@ impl Agent {
         });
         let mut failed = Vec::new();
         for name in &plan.drop {
-            slots::drop_local(client, name).await?;
+            slots::drop_slot(client, name).await?;
             tracing::info!(
                 slot = name,
                 "dropped a slot that is no copy of the primary's"
@@ -175,7 +178,7 @@ impl Agent {
                 tracing::warn!(slot = name, error = %e, "advancing a slot copy failed");
                 if e.to_string().contains("removed") {
                     // Its WAL is gone here: copied anew once the primary's slot allows.
-                    slots::drop_local(client, name).await?;
+                    slots::drop_slot(client, name).await?;
                 }
                 failed.push((name.clone(), format!("advancing failed: {e}")));
             }
