@@ -94,19 +94,30 @@ pub enum SessionAttrs {
 }
 
 impl SessionAttrs {
+    const ALL: [SessionAttrs; 3] = [
+        SessionAttrs::Any,
+        SessionAttrs::ReadWrite,
+        SessionAttrs::Primary,
+    ];
+
+    /// As written in a connection string.
+    pub fn name(self) -> &'static str {
+        match self {
+            SessionAttrs::Any => "any",
+            SessionAttrs::ReadWrite => "read-write",
+            SessionAttrs::Primary => "primary",
+        }
+    }
+
     fn parse(s: &str) -> Result<Self, ConnInfoError> {
-        Ok(match s {
-            "any" => SessionAttrs::Any,
-            "read-write" => SessionAttrs::ReadWrite,
-            "primary" => SessionAttrs::Primary,
-            other => {
-                return Err(ConnInfoError::InvalidValue {
-                    key: "target_session_attrs".into(),
-                    value: other.into(),
-                    expected: "any, read-write or primary",
-                })
-            }
-        })
+        Self::ALL
+            .into_iter()
+            .find(|a| a.name() == s)
+            .ok_or_else(|| ConnInfoError::InvalidValue {
+                key: "target_session_attrs".into(),
+                value: s.into(),
+                expected: "any, read-write or primary",
+            })
     }
 }
 

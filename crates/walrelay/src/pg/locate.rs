@@ -28,12 +28,7 @@ pub async fn locate(info: &ConnInfo) -> Result<ConnInfo, PgError> {
         }
     }
     Err(PgError::NoServerFits {
-        attrs: match info.target_session_attrs {
-            SessionAttrs::Any => "any",
-            SessionAttrs::ReadWrite => "read-write",
-            SessionAttrs::Primary => "primary",
-        }
-        .into(),
+        attrs: info.target_session_attrs.name().into(),
         tried: tried.join("; "),
     })
 }
