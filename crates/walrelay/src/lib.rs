@@ -20,3 +20,4 @@ pub mod sink;
 pub mod snapshot;
 pub mod source;
 pub mod task;
+pub mod verify;

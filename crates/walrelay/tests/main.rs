@@ -21,3 +21,4 @@ mod support;
 mod tls;
 mod trigger;
 mod values;
+mod verify;

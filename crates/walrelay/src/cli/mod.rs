@@ -7,6 +7,7 @@ mod ha;
 mod run;
 mod status;
 mod uninstall;
+mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +54,10 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Compare every replicated table between the source and each postgres target while
+    /// replication runs; name the rows that differ; `--repair` puts them right. Exit 0:
+    /// equal, 1: differences, 2: could not compare everything.
+    Verify(verify::VerifyArgs),
     /// Apply a RabbitMQ queue of walrelay events to a PostgreSQL target, exactly once,
     /// until SIGINT/SIGTERM.
     Consume {
@@ -126,6 +131,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 CtlCommand::Switchover { candidate } => ha::switchover(&config, candidate).await,
             }
         }
+        Command::Verify(args) => verify::verify(args).await,
         Command::Status { config } => status::status(&Config::load(&config)?).await,
         Command::Uninstall { config } => uninstall::uninstall(&Config::load(&config)?).await,
     }

@@ -1,0 +1,611 @@
+//! `walrelay verify`: compare every replicated table between the source and each postgres
+//! target while replication runs, and (`--repair`) put right the rows that differ.
+//!
+//! - A table is walked in key ranges of `chunk_rows` rows (the source's key index gives the
+//!   bounds). For each range the target's checksum is read first, then the source's: the
+//!   source then holds everything the target had, so a range whose rows did not change in
+//!   between compares equal at once, with no waiting, even while the target is behind.
+//! - A range that differs is read row by row in rounds: the source first (rows and their
+//!   versions), then — once the target has applied past the source's WAL position of that
+//!   read — the target. A row is reported only when two rounds found it different with the
+//!   same source row version (`compare::Settling`); rows in flight clear themselves.
+//! - Compared is what the target should hold: the set's row filter, column list, renames
+//!   and transforms are applied to the source's rows (`sets::TableShape`).
+//! - A repair writes one proven row on the target in a transaction that first locks the
+//!   target row and then checks that neither side changed since it was proven; see
+//!   `repair`. The relay's later changes to that row then apply after it, in order.
+
+pub mod compare;
+mod repair;
+pub mod sql;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Client;
+use walrelay_model::{Lsn, Row, Value};
+
+use crate::config::{CaptureMethod, Config, PostgresSinkConfig, SinkConfig, TablePattern};
+use crate::pg::{quote, sql as pgsql, PgError};
+use crate::schema::catalog;
+use crate::sets::{ShapedRelation, TableShape};
+pub use compare::Difference;
+use compare::{Key, Settling, SourceRow};
+use sql::{Range, Side};
+
+/// Rounds of row reads for one range before its still-changing rows are reported as such.
+const ROUNDS: usize = 6;
+
+/// How often progress is logged.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+fn pg(what: &'static str) -> impl Fn(tokio_postgres::Error) -> VerifyError {
+    move |e| VerifyError::Pg(PgError::from_sql(what, e))
+}
+
+/// What to compare and how hard to press on the source.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Only these tables (source or target names); all when empty.
+    pub tables: Vec<TablePattern>,
+    pub chunk_rows: usize,
+    /// Most source rows read per second, if bounded.
+    pub rate: Option<u64>,
+    /// Longest wait for a target to apply past a source read.
+    pub wait: Duration,
+    pub repair: bool,
+}
+
+/// One difference, named by its key.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Found {
+    pub key: Vec<String>,
+    #[serde(flatten)]
+    pub difference: Difference,
+    /// The target's names of the columns that differ (a changed row).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub column_names: Vec<String>,
+    /// What a repair did: `inserted`, `updated`, `deleted`, or why it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repair: Option<String>,
+}
+
+impl Found {
+    pub fn repaired(&self) -> bool {
+        matches!(
+            self.repair.as_deref(),
+            Some("inserted" | "updated" | "deleted")
+        )
+    }
+}
+
+/// The result for one table on one target.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TableReport {
+    pub sink: String,
+    pub table: String,
+    pub target: String,
+    pub key_columns: Vec<String>,
+    /// Source rows compared (after the set's filter).
+    pub rows: u64,
+    pub chunks: u64,
+    pub differences: Vec<Found>,
+    /// Rows or ranges that kept changing, or a target that did not catch up, so that no
+    /// answer could be given for them.
+    pub unsettled: Vec<String>,
+    /// Why the table was not compared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_compared: Option<String>,
+    /// The target lacks the table (a difference, not a failure to compare).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub missing_table: bool,
+    pub seconds: f64,
+}
+
+impl TableReport {
+    /// Differences left after any repair (a missing table counts).
+    pub fn open_differences(&self) -> usize {
+        self.differences.iter().filter(|f| !f.repaired()).count() + usize::from(self.missing_table)
+    }
+}
+
+/// Compare every table in scope; `each` sees each table's report as it is done.
+pub async fn verify(
+    config: &Config,
+    options: &Options,
+    mut each: impl FnMut(&TableReport),
+) -> Result<Vec<TableReport>, VerifyError> {
+    if config.source.capture == CaptureMethod::Trigger {
+        return Err(VerifyError::Setup(
+            "verify compares against the logical-decoding stream's positions; with capture = \"trigger\" it is not available yet".into(),
+        ));
+    }
+    let sinks: Vec<&PostgresSinkConfig> = config
+        .sinks
+        .iter()
+        .filter_map(|s| match s {
+            SinkConfig::Postgres(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    if sinks.is_empty() {
+        return Err(VerifyError::Setup(
+            "no postgres sink in the configuration: verify compares the source with postgres targets".into(),
+        ));
+    }
+    let info =
+        crate::pg::locate::locate(&config.source.url.resolve().map_err(PgError::from)?).await?;
+    let catalog_session = pgsql::connect(&info).await?;
+    catalog::prepare_session(&catalog_session).await?;
+    let source = pgsql::connect(&info).await?;
+    source
+        .batch_execute(sql::SESSION_SETTINGS)
+        .await
+        .map_err(pg("setting up the source session"))?;
+    let (plan, _) = crate::sets::Plan::resolve(&catalog_session, &config.sets())
+        .await
+        .map_err(|e| VerifyError::Setup(e.to_string()))?;
+    let mut reports = Vec::new();
+    for sink in sinks {
+        let target_info = sink.url.resolve().map_err(PgError::from)?;
+        let target = pgsql::connect(&target_info).await?;
+        target
+            .batch_execute(sql::SESSION_SETTINGS)
+            .await
+            .map_err(pg("setting up the target session"))?;
+        catalog::prepare_session(&target).await?;
+        if options.repair {
+            // As the sink applies: the target's triggers (and `protect`) leave it alone.
+            if let Err(e) = target
+                .batch_execute("SET session_replication_role = replica")
+                .await
+            {
+                tracing::warn!(sink = %sink.name, error = %e, "repairs run with the target's triggers active (the role may not set session_replication_role)");
+            }
+        }
+        let mut ctx = Sides {
+            source: &source,
+            catalog: &catalog_session,
+            target,
+            slot: &config.source.slot,
+            progress: format!("{}/{}", config.source.slot, sink.name),
+            options,
+            nudged: None,
+        };
+        for shape in plan.tables_of(sink.sets.as_deref()) {
+            let wanted = options.tables.is_empty()
+                || options.tables.iter().any(|p| {
+                    p.matches(&shape.source.0, &shape.source.1)
+                        || p.matches(&shape.target.0, &shape.target.1)
+                });
+            if !wanted {
+                continue;
+            }
+            let report = ctx.table(&sink.name, shape).await?;
+            each(&report);
+            reports.push(report);
+        }
+    }
+    if !options.tables.is_empty() && reports.is_empty() {
+        return Err(VerifyError::Setup(
+            "no replicated table matches --table".into(),
+        ));
+    }
+    Ok(reports)
+}
+
+/// The sessions of one source–target pair.
+struct Sides<'a> {
+    source: &'a Client,
+    catalog: &'a Client,
+    target: Client,
+    slot: &'a str,
+    /// The sink's progress record on the target (`slot/sink`).
+    progress: String,
+    options: &'a Options,
+    /// When the source was last given a transaction to move the stream on.
+    nudged: Option<Instant>,
+}
+
+/// One table as compared: both sides' statements and the shaping of source rows.
+struct Table {
+    source: Side,
+    target: Side,
+    /// The target's compared columns (unquoted) and types, for reports and repairs.
+    target_columns: Vec<String>,
+    target_types: Vec<String>,
+    shaper: Option<Arc<ShapedRelation>>,
+}
+
+impl Sides<'_> {
+    async fn table(&mut self, sink: &str, shape: &TableShape) -> Result<TableReport, VerifyError> {
+        let started = Instant::now();
+        let mut report = TableReport {
+            sink: sink.to_string(),
+            table: shape.shown(),
+            target: walrelay_model::QualifiedName {
+                schema: &shape.target.0,
+                name: &shape.target.1,
+            }
+            .to_string(),
+            ..TableReport::default()
+        };
+        let table = match self.prepare(shape, &mut report).await? {
+            Some(t) => t,
+            None => return Ok(report),
+        };
+        let mut after: Option<Vec<String>> = None;
+        let mut said = Instant::now();
+        loop {
+            let (sql, params) = table
+                .source
+                .boundary(after.as_ref(), self.options.chunk_rows);
+            let upto = self
+                .source
+                .query_opt(&sql, &bind(&params))
+                .await
+                .map_err(pg("reading a key range's bound on the source"))?
+                .map(|r| {
+                    (0..table.source.key.len())
+                        .map(|i| r.get(i))
+                        .collect::<Vec<String>>()
+                });
+            let last = upto.is_none();
+            let range = Range { after, upto };
+            self.range(&table, &range, &mut report).await?;
+            report.chunks += 1;
+            if said.elapsed() >= PROGRESS_EVERY {
+                said = Instant::now();
+                tracing::info!(sink, table = %report.table, rows = report.rows, chunks = report.chunks, differences = report.differences.len(), "verifying");
+            }
+            if let Some(rate) = self.options.rate.filter(|r| *r > 0) {
+                let due = Duration::from_secs_f64(report.rows as f64 / rate as f64);
+                if let Some(early) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(early).await;
+                }
+            }
+            if last {
+                break;
+            }
+            after = range.upto;
+        }
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    /// Both sides' statements for `shape`, or `None` (with the report saying why) when the
+    /// table cannot be compared.
+    async fn prepare(
+        &self,
+        shape: &TableShape,
+        report: &mut TableReport,
+    ) -> Result<Option<Table>, VerifyError> {
+        let (schema, name) = &shape.source;
+        let source_def = catalog::read_table(self.catalog, schema, name).await?;
+        let columns: Vec<String> = source_def
+            .data_columns()
+            .filter(|c| shape.keeps(&c.name))
+            .map(|c| c.name.clone())
+            .collect();
+        let key = if shape.key.is_empty() {
+            shape.primary_key.clone()
+        } else {
+            shape.key.clone()
+        };
+        report.key_columns = key
+            .iter()
+            .map(|k| shape.target_column(k).to_string())
+            .collect();
+        if key.is_empty() {
+            report.not_compared = Some(
+                "no primary key or replica identity index: its rows cannot be told apart by key"
+                    .into(),
+            );
+            return Ok(None);
+        }
+        if let Some(k) = key
+            .iter()
+            .find(|k| !shape.keeps(k) || shape.transforms.contains_key(*k))
+        {
+            report.not_compared = Some(format!(
+                "key column {k:?} is not replicated as it is (dropped or transformed), so rows cannot be matched by key"
+            ));
+            return Ok(None);
+        }
+        let target_name = quote::qualified(&shape.target.0, &shape.target.1);
+        let exists: bool = self
+            .target
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&target_name])
+            .await
+            .map_err(pg("looking up the target table"))?
+            .get(0);
+        if !exists {
+            report.missing_table = true;
+            report.not_compared = Some(format!("the target has no table {}", report.target));
+            return Ok(None);
+        }
+        let target_def =
+            catalog::read_table(&self.target, &shape.target.0, &shape.target.1).await?;
+        let target_columns: Vec<String> = columns
+            .iter()
+            .map(|c| shape.target_column(c).to_string())
+            .collect();
+        let mut target_types = Vec::new();
+        for c in &target_columns {
+            match target_def.columns.iter().find(|d| d.name == *c) {
+                Some(d) => target_types.push(d.type_sql.clone()),
+                None => {
+                    report.not_compared = Some(format!("the target table has no column {c:?}"));
+                    return Ok(None);
+                }
+            }
+        }
+        let type_of = |def: &catalog::TableDef, column: &str| {
+            def.columns
+                .iter()
+                .find(|c| c.name == column)
+                .map(|c| c.type_sql.clone())
+                .unwrap_or_else(|| "text".into())
+        };
+        let source_side = Side {
+            table: quote::qualified(schema, name),
+            columns: columns.iter().map(|c| quote::ident(c)).collect(),
+            key: key.iter().map(|k| quote::ident(k)).collect(),
+            key_types: key.iter().map(|k| type_of(&source_def, k)).collect(),
+            filter: shape.filter.clone(),
+        };
+        let target_side = Side {
+            table: target_name,
+            columns: target_columns.iter().map(|c| quote::ident(c)).collect(),
+            key: report.key_columns.iter().map(|k| quote::ident(k)).collect(),
+            key_types: report
+                .key_columns
+                .iter()
+                .map(|k| type_of(&target_def, k))
+                .collect(),
+            filter: None,
+        };
+        let shaper = if shape.changes_values() {
+            let shaper = shape
+                .copy_rows(&columns)
+                .map_err(|e| VerifyError::Setup(e.to_string()))?;
+            Some(Arc::new(shaper))
+        } else {
+            None
+        };
+        Ok(Some(Table {
+            source: source_side,
+            target: target_side,
+            target_columns,
+            target_types,
+            shaper,
+        }))
+    }
+
+    /// Compare one key range, adding what it proves to `report`.
+    async fn range(
+        &mut self,
+        table: &Table,
+        range: &Range,
+        report: &mut TableReport,
+    ) -> Result<(), VerifyError> {
+        // Rows whose values a transform changes can only be compared after shaping, here.
+        if table.shaper.is_none() {
+            let (target_count, target_sum) =
+                self.checksum(&self.target, &table.target, range).await?;
+            let (count, sum) = self.checksum(self.source, &table.source, range).await?;
+            if (count, &sum) == (target_count, &target_sum) {
+                report.rows += count as u64;
+                return Ok(());
+            }
+        }
+        let mut settling = Settling::default();
+        let mut counted = false;
+        for _ in 0..ROUNDS {
+            let source_rows = self.source_rows(table, range).await?;
+            let at = self.source_position().await?;
+            if !counted {
+                report.rows += source_rows.len() as u64;
+                counted = true;
+            }
+            if !self.wait_for_target(at).await? {
+                report.unsettled.push(format!(
+                    "{}: the target did not apply past {at} within {} s (is the relay running?)",
+                    sql::describe(&report.key_columns, range),
+                    self.options.wait.as_secs()
+                ));
+                return Ok(());
+            }
+            let target_rows = self.target_rows(&table.target, range).await?;
+            let found = compare::differences(&source_rows, &target_rows);
+            for (key, difference) in settling.round(found, &source_rows) {
+                let column_names = match &difference {
+                    Difference::Changed { columns } => columns
+                        .iter()
+                        .filter_map(|i| table.target_columns.get(*i).cloned())
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                let repair = if self.options.repair {
+                    let seen = repair::Seen {
+                        source: source_rows.get(&key),
+                        target: target_rows.get(&key),
+                    };
+                    Some(self.repair(table, &key, &difference, seen).await?)
+                } else {
+                    None
+                };
+                report.differences.push(Found {
+                    key,
+                    difference,
+                    column_names,
+                    repair,
+                });
+            }
+            if settling.is_settled() {
+                return Ok(());
+            }
+        }
+        for key in settling.pending() {
+            report.unsettled.push(format!(
+                "key ({}) = ({}): kept changing on the source",
+                report.key_columns.join(", "),
+                key.join(", ")
+            ));
+        }
+        Ok(())
+    }
+
+    async fn checksum(
+        &self,
+        client: &Client,
+        side: &Side,
+        range: &Range,
+    ) -> Result<(i64, String), VerifyError> {
+        let (sql, params) = side.checksum(range);
+        let row = client
+            .query_one(&sql, &bind(&params))
+            .await
+            .map_err(pg("computing a range's checksum"))?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    /// The source's rows of `range` as the target should hold them, with their versions.
+    async fn source_rows(
+        &self,
+        table: &Table,
+        range: &Range,
+    ) -> Result<BTreeMap<Key, SourceRow>, VerifyError> {
+        let (sql, params) = table.source.rows(range, true);
+        let rows = self
+            .source
+            .query(&sql, &bind(&params))
+            .await
+            .map_err(pg("reading rows on the source"))?;
+        Ok(rows
+            .iter()
+            .map(|r| source_row(r, table.source.key.len(), table.shaper.as_deref()))
+            .collect())
+    }
+
+    async fn target_rows(
+        &self,
+        side: &Side,
+        range: &Range,
+    ) -> Result<BTreeMap<Key, Vec<Option<String>>>, VerifyError> {
+        let (sql, params) = side.rows(range, false);
+        let rows = self
+            .target
+            .query(&sql, &bind(&params))
+            .await
+            .map_err(pg("reading rows on the target"))?;
+        let n = side.key.len();
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let key = (0..n).map(|i| r.get(i)).collect();
+                let values = (n..r.len()).map(|i| r.get(i)).collect();
+                (key, values)
+            })
+            .collect())
+    }
+
+    /// A WAL position past every transaction the source's last read saw.
+    async fn source_position(&self) -> Result<Lsn, VerifyError> {
+        let text: String = self
+            .source
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .map_err(pg("reading the source's WAL position"))?
+            .get(0);
+        text.parse().map_err(|_| {
+            VerifyError::Setup(format!("the source's WAL position {text:?} does not parse"))
+        })
+    }
+
+    /// Wait until the target holds everything the source committed before `at`: its
+    /// recorded position, or the slot's confirmed one (every sink holds that), is past it.
+    /// An idle source gets an empty transaction now and then, so that the stream moves
+    /// past `at` (the relay confirms the server's keepalives). `false` when `wait` passed.
+    async fn wait_for_target(&mut self, at: Lsn) -> Result<bool, VerifyError> {
+        let started = Instant::now();
+        loop {
+            let recorded = crate::sink::postgres::progress::recorded(&self.target, &self.progress)
+                .await?
+                .map(|(lsn, _)| lsn)
+                .unwrap_or(Lsn::ZERO);
+            let confirmed: Option<String> = self
+                .source
+                .query_opt(
+                    "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&self.slot],
+                )
+                .await
+                .map_err(pg("reading the slot's position"))?
+                .and_then(|r| r.get(0));
+            let confirmed = confirmed.and_then(|t| t.parse().ok()).unwrap_or(Lsn::ZERO);
+            if recorded.max(confirmed) >= at {
+                return Ok(true);
+            }
+            if started.elapsed() >= self.options.wait {
+                return Ok(false);
+            }
+            if started.elapsed() >= Duration::from_millis(200)
+                && self
+                    .nudged
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+            {
+                // A transaction id and a commit record: WAL the stream passes, which
+                // pgoutput skips (no change) and the server follows with a keepalive.
+                self.source
+                    .batch_execute("SELECT pg_current_xact_id()")
+                    .await
+                    .map_err(pg("moving the source's stream on"))?;
+                self.nudged = Some(Instant::now());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A source row read by `Side::rows` with its version, shaped as the target holds it.
+fn source_row(
+    row: &tokio_postgres::Row,
+    key_len: usize,
+    shaper: Option<&ShapedRelation>,
+) -> (Key, SourceRow) {
+    let key: Key = (0..key_len).map(|i| row.get(i)).collect();
+    let version: String = row.get(key_len);
+    let mut values: Vec<Option<String>> = (key_len + 1..row.len()).map(|i| row.get(i)).collect();
+    if let Some(shaper) = shaper {
+        let shaped = shaper.row(Row(values
+            .into_iter()
+            .map(|v| v.map_or(Value::Null, Value::Text))
+            .collect()));
+        values = shaped
+            .0
+            .into_iter()
+            .map(|v| match v {
+                Value::Text(t) => Some(t),
+                Value::Binary(b) => Some(String::from_utf8_lossy(&b).into_owned()),
+                Value::Null | Value::UnchangedToast => None,
+            })
+            .collect();
+    }
+    (key, SourceRow { version, values })
+}
+
+/// Text parameters as tokio-postgres takes them.
+fn bind(params: &[String]) -> Vec<&(dyn ToSql + Sync)> {
+    params.iter().map(|p| p as &(dyn ToSql + Sync)).collect()
+}
