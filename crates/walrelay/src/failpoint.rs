@@ -25,6 +25,11 @@ pub const AMQP_BEFORE_CONFIRM: FailPoint = FailPoint("amqp-before-confirm");
 /// The source is about to send a standby status update (confirm a position).
 pub const BEFORE_STATUS_UPDATE: FailPoint = FailPoint("before-status-update");
 
+/// `walrelay migrate` recorded a new phase in the target.
+pub const MIGRATE_PHASE_RECORDED: FailPoint = FailPoint("migrate-phase-recorded");
+/// `walrelay migrate` recorded the end of one step of a cutover or rollback.
+pub const MIGRATE_STEP_RECORDED: FailPoint = FailPoint("migrate-step-recorded");
+
 struct Armed {
     name: String,
     at: u64,

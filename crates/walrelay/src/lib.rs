@@ -11,6 +11,7 @@ pub mod ddl;
 pub mod failpoint;
 pub mod format;
 pub mod ha;
+pub mod migrate;
 pub mod origin;
 pub mod pg;
 pub mod pipeline;

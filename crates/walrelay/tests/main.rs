@@ -13,6 +13,7 @@ mod durability;
 mod failover;
 mod fanout;
 mod ha;
+mod migrate;
 mod restart;
 mod schema;
 mod sets;

@@ -178,6 +178,12 @@ impl Relay {
         stderr
     }
 
+    /// `None` while running; once exited, the signal that ended it, if any.
+    pub fn try_wait_signal(&mut self) -> Option<Option<i32>> {
+        use std::os::unix::process::ExitStatusExt;
+        self.child.try_wait().unwrap().map(|s| s.signal())
+    }
+
     /// Still running (has not exited on an error)?
     pub fn assert_running(&mut self) {
         if let Some(status) = self.child.try_wait().unwrap() {

@@ -1,9 +1,10 @@
 //! Commands of the `walrelay` binary.
 
-mod check;
+pub mod check;
 mod consume;
 mod demo;
 mod ha;
+mod migrate;
 mod run;
 mod status;
 mod uninstall;
@@ -53,6 +54,31 @@ pub enum Command {
     Uninstall {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Move the database to the target server: precheck, copy, catch up, verify, then
+    /// wait for `cutover` (and `rollback`), running the stream in the right direction,
+    /// until SIGINT/SIGTERM. Resumes where it stopped.
+    Migrate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Ask the running `walrelay migrate` to switch writes to the target (stop writes on
+    /// the source, drain, verify, sequences, reverse stream, target writable); print the
+    /// write pause.
+    Cutover {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Give up waiting after this long (the migrate process carries on).
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Ask the running `walrelay migrate` to switch writes back to the source after a
+    /// cutover, with nothing written on the target lost.
+    Rollback {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
     /// Compare every replicated table between the source and each postgres target while
     /// replication runs; name the rows that differ; `--repair` puts them right. Exit 0:
@@ -132,6 +158,13 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Verify(args) => verify::verify(args).await,
+        Command::Migrate { config } => migrate::migrate(&Config::load(&config)?).await,
+        Command::Cutover { config, timeout } => {
+            migrate::switch(&Config::load(&config)?, true, timeout).await
+        }
+        Command::Rollback { config, timeout } => {
+            migrate::switch(&Config::load(&config)?, false, timeout).await
+        }
         Command::Status { config } => status::status(&Config::load(&config)?).await,
         Command::Uninstall { config } => uninstall::uninstall(&Config::load(&config)?).await,
     }

@@ -62,6 +62,11 @@ pub async fn status(config: &Config) -> anyhow::Result<ExitCode> {
         }
     }
     print_sets(config, &client).await;
+    match crate::migrate::describe(config).await {
+        Ok(Some(text)) => println!("{text}"),
+        Ok(None) => {}
+        Err(e) => println!("migration: cannot read its record: {e}"),
+    }
     for sink in &config.sinks {
         let (kind, applied) = match sink {
             SinkConfig::Jsonl(j) if j.path == "-" => {

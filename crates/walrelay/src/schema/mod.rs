@@ -204,7 +204,12 @@ async fn check_compatible(target: &Client, def: &TableDef) -> Result<(), SchemaE
     Ok(())
 }
 
-/// Prepare a target session for schema work: names resolved only when qualified.
+/// Prepare a target session for schema work: names resolved only when qualified; writes
+/// allowed where a migration keeps the database read-only for everyone else.
 pub async fn prepare_target_session(target: &Client) -> Result<(), PgError> {
-    catalog::prepare_session(target).await
+    catalog::prepare_session(target).await?;
+    target
+        .batch_execute("SET default_transaction_read_only = off")
+        .await
+        .map_err(|e| PgError::from_sql("setting up the target session", e))
 }

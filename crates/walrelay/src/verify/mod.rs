@@ -180,7 +180,6 @@ pub async fn verify(
             slot: &config.source.slot,
             progress: format!("{}/{}", config.source.slot, sink.name),
             options,
-            nudged: None,
         };
         for shape in plan.tables_of(sink.sets.as_deref()) {
             let wanted = options.tables.is_empty()
@@ -213,8 +212,6 @@ struct Sides<'a> {
     /// The sink's progress record on the target (`slot/sink`).
     progress: String,
     options: &'a Options,
-    /// When the source was last given a transaction to move the stream on.
-    nudged: Option<Instant>,
 }
 
 /// One table as compared: both sides' statements and the shaping of source rows.
@@ -533,48 +530,16 @@ impl Sides<'_> {
         })
     }
 
-    /// Wait until the target holds everything the source committed before `at`: its
-    /// recorded position, or the slot's confirmed one (every sink holds that), is past it.
-    /// An idle source gets an empty transaction now and then, so that the stream moves
-    /// past `at` (the relay confirms the server's keepalives). `false` when `wait` passed.
     async fn wait_for_target(&mut self, at: Lsn) -> Result<bool, VerifyError> {
-        let started = Instant::now();
-        loop {
-            let recorded = crate::sink::postgres::progress::recorded(&self.target, &self.progress)
-                .await?
-                .map(|(lsn, _)| lsn)
-                .unwrap_or(Lsn::ZERO);
-            let confirmed: Option<String> = self
-                .source
-                .query_opt(
-                    "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&self.slot],
-                )
-                .await
-                .map_err(pg("reading the slot's position"))?
-                .and_then(|r| r.get(0));
-            let confirmed = confirmed.and_then(|t| t.parse().ok()).unwrap_or(Lsn::ZERO);
-            if recorded.max(confirmed) >= at {
-                return Ok(true);
-            }
-            if started.elapsed() >= self.options.wait {
-                return Ok(false);
-            }
-            if started.elapsed() >= Duration::from_millis(200)
-                && self
-                    .nudged
-                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
-            {
-                // A transaction id and a commit record: WAL the stream passes, which
-                // pgoutput skips (no change) and the server follows with a keepalive.
-                self.source
-                    .batch_execute("SELECT pg_current_xact_id()")
-                    .await
-                    .map_err(pg("moving the source's stream on"))?;
-                self.nudged = Some(Instant::now());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        Ok(crate::sink::postgres::progress::wait_applied(
+            self.source,
+            &self.target,
+            self.slot,
+            &self.progress,
+            at,
+            self.options.wait,
+        )
+        .await?)
     }
 }
 

@@ -7,8 +7,10 @@
 //! when both sessions have the same settings (`SESSION_SETTINGS`).
 
 /// Both sides print values alike: as the replication session does (`pg::replication`).
+/// Repairs write even where a migration keeps a database read-only for others.
 pub const SESSION_SETTINGS: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; \
-     SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; SET bytea_output = 'hex'";
+     SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; SET bytea_output = 'hex'; \
+     SET default_transaction_read_only = off";
 
 /// One table on one side.
 #[derive(Debug, Clone)]

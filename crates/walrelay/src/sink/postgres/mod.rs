@@ -180,8 +180,11 @@ async fn connect_session(
     let client = sql::connect(info).await?;
     client
         .batch_execute(
+            // Read-write even where a cutover (`migrate`) made the database read-only for
+            // everyone else.
             "SET idle_in_transaction_session_timeout = 0; SET statement_timeout = 0; \
-             SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'",
+             SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; \
+             SET default_transaction_read_only = off",
         )
         .await
         .map_err(|e| PgError::from_sql("setting up the target session", e))?;

@@ -354,6 +354,57 @@ pub async fn recorded(
     })
 }
 
+/// Wait until the target holds everything the source committed before `at`: the sink's
+/// recorded position (`name`), or the slot's confirmed one (every sink holds that), is
+/// past it. An idle source gets an empty transaction now and then, so that the stream
+/// moves past `at` (the relay confirms the server's keepalives). `false` once `timeout`
+/// passed.
+pub async fn wait_applied(
+    source: &Client,
+    target: &Client,
+    slot: &str,
+    name: &str,
+    at: Lsn,
+    timeout: Duration,
+) -> Result<bool, PgError> {
+    let started = Instant::now();
+    let mut nudged: Option<Instant> = None;
+    loop {
+        let recorded = recorded(target, name)
+            .await?
+            .map(|(lsn, _)| lsn)
+            .unwrap_or(Lsn::ZERO);
+        let confirmed: Option<String> = source
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(|e| PgError::from_sql("reading the slot's position", e))?
+            .and_then(|r| r.get(0));
+        let confirmed = confirmed.and_then(|t| t.parse().ok()).unwrap_or(Lsn::ZERO);
+        if recorded.max(confirmed) >= at {
+            return Ok(true);
+        }
+        if started.elapsed() >= timeout {
+            return Ok(false);
+        }
+        if started.elapsed() >= Duration::from_millis(200)
+            && nudged.is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            // A transaction id and a commit record: WAL the stream passes, which pgoutput
+            // skips (no change) and the server follows with a keepalive. Read-write even
+            // where a cutover made the database read-only by default.
+            source
+                .batch_execute("BEGIN READ WRITE; SELECT pg_current_xact_id(); COMMIT")
+                .await
+                .map_err(|e| PgError::from_sql("moving the source's stream on", e))?;
+            nudged = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The origin's position, creating the origin if missing; `None` when the role may not use
 /// origins (they need superuser, or EXECUTE granted on the functions).
 async fn open_origin(client: &Client, name: &str) -> Option<Option<Lsn>> {

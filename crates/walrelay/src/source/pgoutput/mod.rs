@@ -134,9 +134,14 @@ pub async fn prepare(
     if let Some(problem) = setup::server_problems(&facts).into_iter().next() {
         return Err(SourceError::Setup(problem));
     }
-    // walrelay's own changes here (replica identity, publication) are not for the targets.
+    // walrelay's own changes here (replica identity, publication) are not for the targets;
+    // and they are made even where a cutover has made the database read-only for others
+    // (the stream must drain it).
     client
-        .batch_execute(crate::ddl::capture::OWN_DDL)
+        .batch_execute(&format!(
+            "{}; SET default_transaction_read_only = off",
+            crate::ddl::capture::OWN_DDL
+        ))
         .await
         .map_err(|e| SourceError::Pg(PgError::from_sql("setting up the source session", e)))?;
     let (plan, mut tables) = crate::sets::Plan::resolve(&client, sets).await?;
