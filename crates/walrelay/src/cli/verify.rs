@@ -18,7 +18,11 @@ pub struct VerifyArgs {
     /// Rows per compared key range.
     #[arg(long, default_value_t = 10_000)]
     pub chunk_rows: usize,
-    /// Most source rows read per second (default: unbounded).
+    /// Key ranges compared at the same time, each with a session on the source and on
+    /// the target.
+    #[arg(long, default_value_t = 4)]
+    pub jobs: usize,
+    /// Most source rows read per second, all jobs together (default: unbounded).
     #[arg(long)]
     pub rate: Option<u64>,
     /// Longest wait for a target to apply past a source read before a range is reported
@@ -47,6 +51,7 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         chunk_rows: args.chunk_rows,
         rate: args.rate,
         wait: args.wait,
+        jobs: args.jobs,
         repair: args.repair,
     };
     let json = args.json;

@@ -517,6 +517,7 @@ pub(crate) async fn run_verify(
         chunk_rows: 10_000,
         rate: None,
         wait: Duration::from_secs(60),
+        jobs: 4,
         repair: false,
     };
     let reports = verify::verify(config, &options, |_| {}).await?;
@@ -568,10 +569,12 @@ pub async fn ask(
                 "no migration recorded on the target: start `walrelay migrate` first".into(),
             ))
         }
-        Err(Some(phase)) => return Err(MigrateError::Switch(format!(
+        Err(Some(phase)) => {
+            return Err(MigrateError::Switch(format!(
             "the migration is in phase {}: a {what} needs phase {needed} (see `walrelay status`)",
             phase.as_str()
-        ))),
+        )))
+        }
     }
     let started = std::time::Instant::now();
     let mut taken_up = false;

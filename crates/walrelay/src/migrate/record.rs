@@ -260,6 +260,23 @@ pub async fn set_verified(
     Ok(())
 }
 
+/// Each table's change counters on the side that took writes when the record was made,
+/// for the next switch's verification (what changed since).
+pub async fn set_table_changes(
+    client: &Client,
+    name: &str,
+    table_changes: &str,
+) -> Result<(), PgError> {
+    client
+        .execute(
+            "UPDATE walrelay.migration SET table_changes = $2, changed_at = now() WHERE name = $1",
+            &[&name, &table_changes],
+        )
+        .await
+        .map_err(pg("recording the tables' change counters"))?;
+    Ok(())
+}
+
 /// A line for the operator (why a cutover was called off, what a verification found);
 /// `None` clears it.
 pub async fn set_note(client: &Client, name: &str, note: Option<&str>) -> Result<(), PgError> {

@@ -148,13 +148,10 @@ pub(super) async fn switch(
             let to = session(sides.to).await?;
             set_read_only(&to, false).await?;
             let pause = record::set_opened(target, &m.name).await?;
-            if cutover {
-                // The tables' counters on the new source, for the rollback's verification.
-                let counters =
-                    serde_json::to_string(&table_changes(&to).await?).unwrap_or_default();
-                let summary = rec.verify_summary.clone().unwrap_or_default();
-                record::set_verified(target, &m.name, &summary, &counters).await?;
-            }
+            // The tables' counters on the side that takes writes now: the next switch
+            // verifies what changed there since.
+            let counters = serde_json::to_string(&table_changes(&to).await?).unwrap_or_default();
+            record::set_table_changes(target, &m.name, &counters).await?;
             tracing::info!(
                 write_pause_seconds = pause,
                 "{what} done: writes go to the other side now"

@@ -28,6 +28,7 @@ use tokio_postgres::Client;
 use walrelay_model::{Lsn, Row, Value};
 
 use crate::config::{CaptureMethod, Config, PostgresSinkConfig, SinkConfig, TablePattern};
+use crate::pg::conninfo::ConnInfo;
 use crate::pg::{quote, sql as pgsql, PgError};
 use crate::schema::catalog;
 use crate::sets::{ShapedRelation, TableShape};
@@ -63,6 +64,8 @@ pub struct Options {
     pub rate: Option<u64>,
     /// Longest wait for a target to apply past a source read.
     pub wait: Duration,
+    /// Key ranges compared at the same time (each with a session on either side).
+    pub jobs: usize,
     pub repair: bool,
 }
 
@@ -147,38 +150,34 @@ pub async fn verify(
         crate::pg::locate::locate(&config.source.url.resolve().map_err(PgError::from)?).await?;
     let catalog_session = pgsql::connect(&info).await?;
     catalog::prepare_session(&catalog_session).await?;
-    let source = pgsql::connect(&info).await?;
-    source
-        .batch_execute(sql::SESSION_SETTINGS)
-        .await
-        .map_err(pg("setting up the source session"))?;
+    let boundaries = source_session(&info).await?;
     let (plan, _) = crate::sets::Plan::resolve(&catalog_session, &config.sets())
         .await
         .map_err(|e| VerifyError::Setup(e.to_string()))?;
+    let progress_names: Vec<String> = sinks
+        .iter()
+        .map(|s| format!("{}/{}", config.source.slot, s.name))
+        .collect();
     let mut reports = Vec::new();
-    for sink in sinks {
+    for (sink, progress) in sinks.iter().zip(&progress_names) {
         let target_info = sink.url.resolve().map_err(PgError::from)?;
-        let target = pgsql::connect(&target_info).await?;
-        target
-            .batch_execute(sql::SESSION_SETTINGS)
-            .await
-            .map_err(pg("setting up the target session"))?;
-        catalog::prepare_session(&target).await?;
-        if options.repair {
-            // As the sink applies: the target's triggers (and `protect`) leave it alone.
-            if let Err(e) = target
-                .batch_execute("SET session_replication_role = replica")
-                .await
-            {
-                tracing::warn!(sink = %sink.name, error = %e, "repairs run with the target's triggers active (the role may not set session_replication_role)");
-            }
+        let target_catalog = pgsql::connect(&target_info).await?;
+        catalog::prepare_session(&target_catalog).await?;
+        let mut workers = Vec::new();
+        for _ in 0..options.jobs.max(1) {
+            workers.push(Worker {
+                source: source_session(&info).await?,
+                target: target_session(&target_info, &sink.name, options.repair).await?,
+                slot: &config.source.slot,
+                progress,
+                options,
+            });
         }
         let mut ctx = Sides {
-            source: &source,
             catalog: &catalog_session,
-            target,
-            slot: &config.source.slot,
-            progress: format!("{}/{}", config.source.slot, sink.name),
+            boundaries: &boundaries,
+            target_catalog,
+            workers,
             options,
         };
         for shape in plan.tables_of(sink.sets.as_deref()) {
@@ -203,15 +202,62 @@ pub async fn verify(
     Ok(reports)
 }
 
-/// The sessions of one source–target pair.
+/// A session on the source that prints values as the target's does.
+async fn source_session(info: &ConnInfo) -> Result<Client, VerifyError> {
+    let source = pgsql::connect(info).await?;
+    source
+        .batch_execute(sql::SESSION_SETTINGS)
+        .await
+        .map_err(pg("setting up a source session"))?;
+    Ok(source)
+}
+
+/// A session on a target, set up for repairs when asked.
+async fn target_session(info: &ConnInfo, sink: &str, repair: bool) -> Result<Client, VerifyError> {
+    let target = pgsql::connect(info).await?;
+    target
+        .batch_execute(sql::SESSION_SETTINGS)
+        .await
+        .map_err(pg("setting up a target session"))?;
+    if repair {
+        // As the sink applies: the target's triggers (and `protect`) leave it alone.
+        if let Err(e) = target
+            .batch_execute("SET session_replication_role = replica")
+            .await
+        {
+            tracing::warn!(%sink, error = %e, "repairs run with the target's triggers active (the role may not set session_replication_role)");
+        }
+    }
+    Ok(target)
+}
+
+/// The sessions of one source–target pair: catalogs, key-range bounds, and the workers
+/// that compare ranges at the same time.
 struct Sides<'a> {
-    source: &'a Client,
     catalog: &'a Client,
+    /// Walks the key index for the ranges' bounds (one at a time, for all workers).
+    boundaries: &'a Client,
+    target_catalog: Client,
+    workers: Vec<Worker<'a>>,
+    options: &'a Options,
+}
+
+/// One worker's sessions: it compares one key range at a time.
+struct Worker<'a> {
+    source: Client,
     target: Client,
     slot: &'a str,
     /// The sink's progress record on the target (`slot/sink`).
-    progress: String,
+    progress: &'a str,
     options: &'a Options,
+}
+
+/// What one range added to a table's report.
+#[derive(Default)]
+struct Part {
+    rows: u64,
+    differences: Vec<Found>,
+    unsettled: Vec<String>,
 }
 
 /// One table as compared: both sides' statements and the shaping of source rows.
@@ -221,6 +267,8 @@ struct Table {
     /// The target's compared columns (unquoted) and types, for reports and repairs.
     target_columns: Vec<String>,
     target_types: Vec<String>,
+    /// The target's key column names, for reports.
+    key_columns: Vec<String>,
     shaper: Option<Arc<ShapedRelation>>,
 }
 
@@ -241,40 +289,64 @@ impl Sides<'_> {
             Some(t) => t,
             None => return Ok(report),
         };
-        let mut after: Option<Vec<String>> = None;
-        let mut said = Instant::now();
-        loop {
-            let (sql, params) = table
-                .source
-                .boundary(after.as_ref(), self.options.chunk_rows);
-            let upto = self
-                .source
-                .query_opt(&sql, &bind(&params))
-                .await
-                .map_err(pg("reading a key range's bound on the source"))?
-                .map(|r| {
-                    (0..table.source.key.len())
-                        .map(|i| r.get(i))
-                        .collect::<Vec<String>>()
-                });
-            let last = upto.is_none();
-            let range = Range { after, upto };
-            self.range(&table, &range, &mut report).await?;
-            report.chunks += 1;
-            if said.elapsed() >= PROGRESS_EVERY {
-                said = Instant::now();
-                tracing::info!(sink, table = %report.table, rows = report.rows, chunks = report.chunks, differences = report.differences.len(), "verifying");
-            }
-            if let Some(rate) = self.options.rate.filter(|r| *r > 0) {
-                let due = Duration::from_secs_f64(report.rows as f64 / rate as f64);
-                if let Some(early) = due.checked_sub(started.elapsed()) {
-                    tokio::time::sleep(early).await;
+        // The ranges' bounds, one after the other; the workers take them as they come.
+        let walk = tokio::sync::Mutex::new((None::<Vec<String>>, false, 0u64));
+        let parts = std::sync::Mutex::new(Vec::<(u64, Part)>::new());
+        let rows_read = std::sync::atomic::AtomicU64::new(0);
+        let said = std::sync::Mutex::new(Instant::now());
+        let (boundaries, options): (&Client, &Options) = (self.boundaries, self.options);
+        let workers = &mut self.workers;
+        let (table, walk, parts, rows_read, said, report_name) =
+            (&table, &walk, &parts, &rows_read, &said, &report.table);
+        let work = workers.iter_mut().map(|worker| async move {
+            loop {
+                let (n, range) = {
+                    let mut w = walk.lock().await;
+                    if w.1 {
+                        return Ok::<(), VerifyError>(());
+                    }
+                    let (sql, params) = table.source.boundary(w.0.as_ref(), options.chunk_rows);
+                    let upto = boundaries
+                        .query_opt(&sql, &bind(&params))
+                        .await
+                        .map_err(pg("reading a key range's bound on the source"))?
+                        .map(|r| (0..table.source.key.len()).map(|i| r.get(i)).collect::<Vec<String>>());
+                    w.1 = upto.is_none();
+                    let range = Range {
+                        after: std::mem::replace(&mut w.0, upto.clone()),
+                        upto,
+                    };
+                    w.2 += 1;
+                    (w.2, range)
+                };
+                let part = worker.range(table, &range).await?;
+                let read = rows_read.fetch_add(part.rows, std::sync::atomic::Ordering::Relaxed) + part.rows;
+                if let Ok(mut p) = parts.lock() {
+                    p.push((n, part));
+                    let mut said = said.lock().unwrap_or_else(|e| e.into_inner());
+                    if said.elapsed() >= PROGRESS_EVERY {
+                        *said = Instant::now();
+                        tracing::info!(table = %report_name, rows = read, ranges = p.len(), "verifying");
+                    }
+                }
+                if let Some(rate) = options.rate.filter(|r| *r > 0) {
+                    let due = Duration::from_secs_f64(read as f64 / rate as f64);
+                    if let Some(early) = due.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(early).await;
+                    }
                 }
             }
-            if last {
-                break;
-            }
-            after = range.upto;
+        });
+        for result in futures_util::future::join_all(work).await {
+            result?;
+        }
+        let mut parts = std::mem::take(&mut *parts.lock().unwrap_or_else(|e| e.into_inner()));
+        parts.sort_by_key(|(n, _)| *n);
+        for (_, part) in parts {
+            report.rows += part.rows;
+            report.chunks += 1;
+            report.differences.extend(part.differences);
+            report.unsettled.extend(part.unsettled);
         }
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
@@ -321,7 +393,7 @@ impl Sides<'_> {
         }
         let target_name = quote::qualified(&shape.target.0, &shape.target.1);
         let exists: bool = self
-            .target
+            .target_catalog
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&target_name])
             .await
             .map_err(pg("looking up the target table"))?
@@ -332,7 +404,7 @@ impl Sides<'_> {
             return Ok(None);
         }
         let target_def =
-            catalog::read_table(&self.target, &shape.target.0, &shape.target.1).await?;
+            catalog::read_table(&self.target_catalog, &shape.target.0, &shape.target.1).await?;
         let target_columns: Vec<String> = columns
             .iter()
             .map(|c| shape.target_column(c).to_string())
@@ -385,25 +457,24 @@ impl Sides<'_> {
             target: target_side,
             target_columns,
             target_types,
+            key_columns: report.key_columns.clone(),
             shaper,
         }))
     }
+}
 
-    /// Compare one key range, adding what it proves to `report`.
-    async fn range(
-        &mut self,
-        table: &Table,
-        range: &Range,
-        report: &mut TableReport,
-    ) -> Result<(), VerifyError> {
+impl Worker<'_> {
+    /// Compare one key range: what it proves.
+    async fn range(&mut self, table: &Table, range: &Range) -> Result<Part, VerifyError> {
+        let mut part = Part::default();
         // Rows whose values a transform changes can only be compared after shaping, here.
         if table.shaper.is_none() {
             let (target_count, target_sum) =
                 self.checksum(&self.target, &table.target, range).await?;
-            let (count, sum) = self.checksum(self.source, &table.source, range).await?;
+            let (count, sum) = self.checksum(&self.source, &table.source, range).await?;
             if (count, &sum) == (target_count, &target_sum) {
-                report.rows += count as u64;
-                return Ok(());
+                part.rows += count as u64;
+                return Ok(part);
             }
         }
         let mut settling = Settling::default();
@@ -412,16 +483,16 @@ impl Sides<'_> {
             let source_rows = self.source_rows(table, range).await?;
             let at = self.source_position().await?;
             if !counted {
-                report.rows += source_rows.len() as u64;
+                part.rows += source_rows.len() as u64;
                 counted = true;
             }
             if !self.wait_for_target(at).await? {
-                report.unsettled.push(format!(
+                part.unsettled.push(format!(
                     "{}: the target did not apply past {at} within {} s (is the relay running?)",
-                    sql::describe(&report.key_columns, range),
+                    sql::describe(&table.key_columns, range),
                     self.options.wait.as_secs()
                 ));
-                return Ok(());
+                return Ok(part);
             }
             let target_rows = self.target_rows(&table.target, range).await?;
             let found = compare::differences(&source_rows, &target_rows);
@@ -442,7 +513,7 @@ impl Sides<'_> {
                 } else {
                     None
                 };
-                report.differences.push(Found {
+                part.differences.push(Found {
                     key,
                     difference,
                     column_names,
@@ -450,17 +521,17 @@ impl Sides<'_> {
                 });
             }
             if settling.is_settled() {
-                return Ok(());
+                return Ok(part);
             }
         }
         for key in settling.pending() {
-            report.unsettled.push(format!(
+            part.unsettled.push(format!(
                 "key ({}) = ({}): kept changing on the source",
-                report.key_columns.join(", "),
+                table.key_columns.join(", "),
                 key.join(", ")
             ));
         }
-        Ok(())
+        Ok(part)
     }
 
     async fn checksum(
@@ -532,10 +603,10 @@ impl Sides<'_> {
 
     async fn wait_for_target(&mut self, at: Lsn) -> Result<bool, VerifyError> {
         Ok(crate::sink::postgres::progress::wait_applied(
-            self.source,
+            &self.source,
             &self.target,
             self.slot,
-            &self.progress,
+            self.progress,
             at,
             self.options.wait,
         )

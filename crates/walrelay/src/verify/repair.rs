@@ -12,7 +12,7 @@
 use tokio_postgres::types::ToSql;
 
 use super::compare::{Difference, Key, SourceRow};
-use super::{bind, pg, source_row, sql, Sides, Table, VerifyError};
+use super::{bind, pg, source_row, sql, Table, VerifyError, Worker};
 
 /// What the comparison that proved a difference saw on each side.
 pub struct Seen<'a> {
@@ -20,7 +20,7 @@ pub struct Seen<'a> {
     pub target: Option<&'a Vec<Option<String>>>,
 }
 
-impl Sides<'_> {
+impl Worker<'_> {
     /// Repair one difference; returns what was done (`inserted`, `updated`, `deleted`) or
     /// why nothing was.
     pub(super) async fn repair(
