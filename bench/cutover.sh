@@ -77,13 +77,14 @@ CONF
     probe &
     probe_pid=$!
     pgbench -n -c 4 -j 2 -T 40 -p "$SRC_PORT" "$BENCH_DB" >"$LOG_DIR/cutover-pgbench.log" 2>&1 &
+    pgbench_pid=$!
     sleep 10
     cut=$("$WALRELAY_BIN" cutover --config "$dir/move.toml" 2>&1 | tail -1)
     sleep 10
     back=$("$WALRELAY_BIN" rollback --config "$dir/move.toml" 2>&1 | tail -1)
     sleep 3
     touch "$dir/probe.stop"; wait "$probe_pid"
-    wait
+    wait "$pgbench_pid"   # ended by the fence: its clients' sessions are terminated
     # The probe's pauses: first refused write on side A, then first accepted on side B.
     pauses=$(awk '
       $3 == "refused" && !(($2) in first_refused) && seen_ok[$2] { first_refused[$2] = $1 }

@@ -260,6 +260,31 @@ async fn migrate_then_cutover_and_rollback_under_writes_lose_nothing() {
         "{status}"
     );
 
+    // A row changed behind the relay's back on the target calls the cutover off before
+    // any write waits; repaired, the cutover goes ahead.
+    s.target
+        .batch_execute("UPDATE events SET amount = -1 WHERE id = 4242")
+        .await
+        .unwrap();
+    let (code, out) = switch("cutover", &s.cfg).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("called off") && out.contains("public.events"),
+        "{out}"
+    );
+    assert_eq!(phase(&s.target).await.as_deref(), Some("ready"));
+    assert!(!refuses_writes(&s.source_pg.url("app")).await);
+    let repair = std::process::Command::new(BIN)
+        .args(["verify", "--repair", "--config"])
+        .arg(&s.cfg)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&repair.stdout);
+    assert!(
+        said.contains("(id) = (4242): differs in amount -> updated"),
+        "{said}"
+    );
+
     let (code, out) = switch("cutover", &s.cfg).await;
     assert_eq!(code, Some(0), "{out}\n{}", migrate.stderr());
     assert!(out.contains("write pause"), "{out}");
@@ -382,6 +407,7 @@ async fn a_migrate_killed_after_each_phase_and_each_cutover_step_resumes() {
     assert_eq!(
         steps,
         [
+            "cutover/verified",
             "cutover/fence",
             "cutover/drain",
             "cutover/sequences",

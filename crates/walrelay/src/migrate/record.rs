@@ -77,10 +77,12 @@ impl Phase {
 /// The steps of a cutover or rollback, in order; each is recorded once done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
+    /// The tables changed since the last verification compared, while writes go on.
+    Verified,
     /// Writes stopped on the side giving up its role; the hand-off position read.
     Fence,
     /// The other side applied everything before the hand-off; the old stream stopped and
-    /// the tables changed since the last verification compared.
+    /// the row counts of the tables changed since the verification compared.
     Drain,
     /// Every sequence on the side taking over is past the other's.
     Sequences,
@@ -92,6 +94,7 @@ pub enum Step {
 impl Step {
     pub fn as_str(self) -> &'static str {
         match self {
+            Step::Verified => "verified",
             Step::Fence => "fence",
             Step::Drain => "drain",
             Step::Sequences => "sequences",
@@ -100,9 +103,15 @@ impl Step {
     }
 
     pub fn parse(text: &str) -> Option<Step> {
-        [Step::Fence, Step::Drain, Step::Sequences, Step::Stream]
-            .into_iter()
-            .find(|s| s.as_str() == text)
+        [
+            Step::Verified,
+            Step::Fence,
+            Step::Drain,
+            Step::Sequences,
+            Step::Stream,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
     }
 }
 
@@ -325,7 +334,13 @@ mod tests {
         for p in Phase::ALL {
             assert_eq!(Phase::parse(p.as_str()), Some(p));
         }
-        for s in [Step::Fence, Step::Drain, Step::Sequences, Step::Stream] {
+        for s in [
+            Step::Verified,
+            Step::Fence,
+            Step::Drain,
+            Step::Sequences,
+            Step::Stream,
+        ] {
             assert_eq!(Step::parse(s.as_str()), Some(s));
         }
         assert!(Phase::Ready.forward() && Phase::Cutover.forward() && Phase::RolledBack.forward());

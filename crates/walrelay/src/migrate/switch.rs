@@ -2,12 +2,14 @@
 //! steps that are each recorded once done, so that a crash in the middle resumes at the
 //! next one. Each step can run again without harm.
 //!
+//! 0. **verify** the tables changed since the last verification, while writes go on (the
+//!    comparison waits for rows in flight); a difference calls the switch off.
 //! 1. **fence** the side giving up its role: new sessions read-only by default
 //!    (`ALTER DATABASE ... SET default_transaction_read_only = on`), every other client
 //!    session ended (`pg_terminate_backend`, waiting until each is gone, so that no commit
 //!    of theirs lands later); then its WAL position is the hand-off.
 //! 2. **drain**: the running stream applies everything before the hand-off on the other
-//!    side, then stops; the tables changed since the last verification are compared. A
+//!    side, then stops; the tables changed since step 0 are counted on both sides. A
 //!    difference calls the switch off: the fence comes down and the stream goes on.
 //! 3. **sequences**: each sequence on the side taking over is set past the other's value.
 //! 4. **stream**: on the side taking over, the new stream's publication and slot (its
@@ -75,6 +77,27 @@ pub(super) async fn switch(
     let from = session(sides.from).await?;
     match rec.step {
         None => {
+            // While writes go on (the comparison waits for rows in flight): a difference
+            // calls the switch off before anyone waits.
+            run_stream(m, running, cutover).await?;
+            let counters = table_changes(&from).await?;
+            let changed = changed_tables(m, target, &counters, sides.old).await?;
+            if !changed.is_empty() {
+                tracing::info!(
+                    tables = changed.len(),
+                    "{what}: verifying the tables changed since the last verification"
+                );
+                let (equal, summary) = run_verify(sides.old, &changed).await?;
+                if !equal {
+                    return call_off(m, target, &from, cutover, &summary).await;
+                }
+            }
+            let counters = serde_json::to_string(&counters).unwrap_or_default();
+            record::set_table_changes(target, &m.name, &counters).await?;
+            record::set_step(target, &m.name, Step::Verified).await?;
+            Ok(None)
+        }
+        Some(Step::Verified) => {
             let ended = fence(&from).await?;
             let handoff = current_position(&from).await?;
             record::set_fenced(target, &m.name, handoff).await?;
@@ -119,7 +142,9 @@ pub(super) async fn switch(
                 .await;
             }
             stop_stream(running).await?;
-            if let Some(differences) = verify_changed(m, target, &from, sides.old).await? {
+            let to_counters = table_changes(&from).await?;
+            let changed = changed_tables(m, target, &to_counters, sides.old).await?;
+            if let Some(differences) = compare_counts(&from, &to, &changed).await? {
                 run_stream(m, running, cutover).await?;
                 return call_off(m, target, &from, cutover, &differences).await;
             }
@@ -220,28 +245,21 @@ async fn fence(client: &Client) -> Result<i64, PgError> {
     Ok(ended)
 }
 
-/// Compare the tables changed since the last verification (a cutover: counted on the
-/// source since the verify phase; a rollback: on the target since the cutover). A
-/// summary of what differs, if anything does.
-async fn verify_changed(
+/// The replicated tables (of `stream`) whose change counters on the side taking writes
+/// (`now`) moved since the record's (the last verification's, or the last switch's).
+async fn changed_tables(
     m: &Migration,
     target: &Client,
-    from: &Client,
+    now: &std::collections::BTreeMap<String, i64>,
     stream: &Config,
-) -> Result<Option<String>, MigrateError> {
+) -> Result<Vec<String>, MigrateError> {
     let before: std::collections::BTreeMap<String, i64> = record::read(target, &m.name)
         .await?
         .and_then(|r| r.table_changes)
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_default();
-    let now = table_changes(from).await?;
-    let changed: Vec<String> = now
-        .iter()
-        .filter(|(table, n)| before.get(*table) != Some(n))
-        .map(|(table, _)| table.clone())
-        .collect();
     let sets = stream.sets();
-    let replicated_table = |qualified: &str| {
+    let replicated = |qualified: &str| {
         let Some((schema, name)) = crate::config::TablePattern::parse(qualified)
             .ok()
             .and_then(|p| p.exact().map(|(s, n)| (s.to_string(), n.to_string())))
@@ -255,19 +273,37 @@ async fn verify_changed(
                 .any(|pattern| pattern.matches(&schema, &name))
         })
     };
-    let replicated: Vec<String> = changed
-        .into_iter()
-        .filter(|t| replicated_table(t))
-        .collect();
-    if replicated.is_empty() {
-        return Ok(None);
+    Ok(now
+        .iter()
+        .filter(|(table, n)| before.get(*table) != Some(n) && replicated(table))
+        .map(|(table, _)| table.clone())
+        .collect())
+}
+
+/// Under the fence, with everything applied: the row counts of `tables` (quoted names, as
+/// `table_changes` gives them) on both sides. A full comparison here would hold writes
+/// for as long as the tables take to read; the rows were compared before the fence.
+async fn compare_counts(
+    from: &Client,
+    to: &Client,
+    tables: &[String],
+) -> Result<Option<String>, PgError> {
+    let mut differ = Vec::new();
+    for table in tables {
+        let sql = format!("SELECT count(*) FROM {table}");
+        let (a, b) = tokio::join!(from.query_one(&sql, &[]), to.query_one(&sql, &[]));
+        let count = |r: Result<tokio_postgres::Row, tokio_postgres::Error>| {
+            r.map(|row| row.get::<_, i64>(0))
+                .map_err(|e| PgError::from_sql(format!("counting the rows of {table}"), e))
+        };
+        let (a, b) = (count(a)?, count(b)?);
+        if a != b {
+            differ.push(format!(
+                "{table}: {a} rows on the side giving up writes, {b} on the other"
+            ));
+        }
     }
-    tracing::info!(
-        tables = replicated.len(),
-        "verifying the tables changed since the last verification"
-    );
-    let (equal, summary) = run_verify(stream, &replicated).await?;
-    Ok((!equal).then_some(summary))
+    Ok((!differ.is_empty()).then(|| differ.join("; ")))
 }
 
 /// Each used sequence's last value, by quoted qualified name.
