@@ -423,14 +423,28 @@ async fn a_migrate_killed_after_each_phase_and_each_cutover_step_resumes() {
     stop.store(true, Ordering::Relaxed);
     app.await.unwrap();
     let acked = acked.lock().unwrap().clone();
-    let source_pg_ids = ids(&s.source).await;
-    let target_ids = ids(&s.target).await;
     // Written on the source before the cutover: on the target; written on the target
-    // after: back on the source.
-    let lost: Vec<&(i64, usize)> = acked
-        .iter()
-        .filter(|(id, _)| !target_ids.contains(id) || !source_pg_ids.contains(id))
-        .collect();
-    assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
+    // after: back on the source, once the reverse stream has caught up.
+    let (source, target) = (&s.source, &s.target);
+    let lost = |source_ids: std::collections::HashSet<i64>,
+                target_ids: std::collections::HashSet<i64>| {
+        acked
+            .iter()
+            .filter(|(id, _)| !target_ids.contains(id) || !source_ids.contains(id))
+            .copied()
+            .collect::<Vec<_>>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let missing = lost(ids(source).await, ids(target).await);
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "acknowledged and lost: {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     migrate.stop().await;
 }

@@ -52,6 +52,7 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         rate: args.rate,
         wait: args.wait,
         jobs: args.jobs,
+        ranges: None,
         repair: args.repair,
     };
     let json = args.json;

@@ -488,7 +488,8 @@ async fn verify_and_record(
 ) -> Result<bool, MigrateError> {
     let source = session(&m.source).await?;
     let counters = table_changes(&source).await?;
-    let (equal, summary) = run_verify(&m.forward, only).await?;
+    let verified = run_verify(&m.forward, only, None).await?;
+    let (equal, summary) = (verified.equal(), verified.summary);
     let counters = serde_json::to_string(&counters).unwrap_or_default();
     record::set_verified(target, &m.name, &summary, &counters).await?;
     if equal {
@@ -500,11 +501,30 @@ async fn verify_and_record(
     Ok(equal)
 }
 
-/// Verify `config`'s tables (`only` by name, or all); a one-line summary.
+/// What a verification found, for the migration's decisions.
+pub(crate) struct Verified {
+    /// Differences proven (a missing table counts).
+    pub differences: usize,
+    /// Tables that could not be compared (no key).
+    pub not_compared: usize,
+    /// Key ranges left unsettled (rows that kept changing, a target that did not catch
+    /// up), by table, to compare again.
+    pub unsettled: std::collections::BTreeMap<String, Vec<verify::sql::Range>>,
+    pub summary: String,
+}
+
+impl Verified {
+    pub fn equal(&self) -> bool {
+        self.differences == 0 && self.not_compared == 0 && self.unsettled.is_empty()
+    }
+}
+
+/// Verify `config`'s tables (`only` by name, or all; `ranges`: only those).
 pub(crate) async fn run_verify(
     config: &Config,
     only: &[String],
-) -> Result<(bool, String), MigrateError> {
+    ranges: Option<std::collections::BTreeMap<String, Vec<verify::sql::Range>>>,
+) -> Result<Verified, MigrateError> {
     let mut tables = Vec::new();
     for t in only {
         tables.push(
@@ -518,26 +538,43 @@ pub(crate) async fn run_verify(
         rate: None,
         wait: Duration::from_secs(60),
         jobs: 4,
+        ranges,
         repair: false,
     };
     let reports = verify::verify(config, &options, |_| {}).await?;
     let rows: u64 = reports.iter().map(|r| r.rows).sum();
-    let open: usize = reports
+    let differences: usize = reports
         .iter()
         .map(verify::TableReport::open_differences)
         .sum();
-    let unsure = reports
+    let not_compared = reports
         .iter()
-        .filter(|r| !r.unsettled.is_empty() || r.not_compared.is_some())
+        .filter(|r| r.not_compared.is_some() && !r.missing_table)
         .count();
-    let mut summary = format!("{} tables, {rows} rows: {open} differences", reports.len());
-    if unsure > 0 {
-        summary += &format!(", {unsure} tables not fully compared");
+    let unsettled: std::collections::BTreeMap<String, Vec<verify::sql::Range>> = reports
+        .iter()
+        .filter(|r| !r.unsettled_ranges.is_empty())
+        .map(|r| (r.table.clone(), r.unsettled_ranges.clone()))
+        .collect();
+    let mut summary = format!(
+        "{} tables, {rows} rows: {differences} differences",
+        reports.len()
+    );
+    if not_compared > 0 {
+        summary += &format!(", {not_compared} tables without a key not compared");
+    }
+    if !unsettled.is_empty() {
+        summary += &format!(", rows still changing in {} tables", unsettled.len());
     }
     for r in reports.iter().filter(|r| r.open_differences() > 0).take(5) {
         summary += &format!("; {}: {}", r.table, r.open_differences());
     }
-    Ok((open == 0 && unsure == 0, summary))
+    Ok(Verified {
+        differences,
+        not_compared,
+        unsettled,
+        summary,
+    })
 }
 
 /// How a cutover or rollback asked for by `ask` ended.

@@ -19,6 +19,7 @@ const CREATE_SQL: &str = "CREATE SCHEMA IF NOT EXISTS walrelay;
          verified_at timestamptz,
          verify_summary text,
          table_changes text,
+         recheck text,
          note text,
          changed_at timestamptz NOT NULL DEFAULT now())";
 
@@ -128,6 +129,8 @@ pub struct Record {
     pub verify_summary: Option<String>,
     /// Each table's change counters when it was last verified (JSON).
     pub table_changes: Option<String>,
+    /// Key ranges a switch's verification left unsettled, to compare under the fence (JSON).
+    pub recheck: Option<String>,
     pub note: Option<String>,
 }
 
@@ -156,7 +159,7 @@ pub async fn read(client: &Client, name: &str) -> Result<Option<Record>, PgError
         .query_opt(
             "SELECT phase, step, requested, handoff_lsn::text, pause_seconds,
                     to_char(verified_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC',
-                    verify_summary, table_changes, note
+                    verify_summary, table_changes, note, recheck
              FROM walrelay.migration WHERE name = $1",
             &[&name],
         )
@@ -174,6 +177,7 @@ pub async fn read(client: &Client, name: &str) -> Result<Option<Record>, PgError
         verify_summary: r.get(6),
         table_changes: r.get(7),
         note: r.get(8),
+        recheck: r.get(9),
     }))
 }
 
@@ -283,6 +287,17 @@ pub async fn set_table_changes(
         )
         .await
         .map_err(pg("recording the tables' change counters"))?;
+    Ok(())
+}
+
+pub async fn set_recheck(client: &Client, name: &str, recheck: &str) -> Result<(), PgError> {
+    client
+        .execute(
+            "UPDATE walrelay.migration SET recheck = $2, changed_at = now() WHERE name = $1",
+            &[&name, &recheck],
+        )
+        .await
+        .map_err(pg("recording the ranges to compare again"))?;
     Ok(())
 }
 

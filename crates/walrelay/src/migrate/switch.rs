@@ -82,18 +82,23 @@ pub(super) async fn switch(
             run_stream(m, running, cutover).await?;
             let counters = table_changes(&from).await?;
             let changed = changed_tables(m, target, &counters, sides.old).await?;
+            // Rows that kept changing are compared again under the fence (`recheck`).
+            let mut recheck = std::collections::BTreeMap::new();
             if !changed.is_empty() {
                 tracing::info!(
                     tables = changed.len(),
                     "{what}: verifying the tables changed since the last verification"
                 );
-                let (equal, summary) = run_verify(sides.old, &changed).await?;
-                if !equal {
-                    return call_off(m, target, &from, cutover, &summary).await;
+                let verified = run_verify(sides.old, &changed, None).await?;
+                if verified.differences > 0 || verified.not_compared > 0 {
+                    return call_off(m, target, &from, cutover, &verified.summary).await;
                 }
+                recheck = verified.unsettled;
             }
             let counters = serde_json::to_string(&counters).unwrap_or_default();
             record::set_table_changes(target, &m.name, &counters).await?;
+            let recheck = serde_json::to_string(&recheck).unwrap_or_default();
+            record::set_recheck(target, &m.name, &recheck).await?;
             record::set_step(target, &m.name, Step::Verified).await?;
             Ok(None)
         }
@@ -141,13 +146,26 @@ pub(super) async fn switch(
                 )
                 .await;
             }
-            stop_stream(running).await?;
-            let to_counters = table_changes(&from).await?;
-            let changed = changed_tables(m, target, &to_counters, sides.old).await?;
+            // With everything applied, and the stream still running (verify waits on its
+            // position): the rows left unsettled before the fence, and the row counts of
+            // the tables written since.
+            let recheck: std::collections::BTreeMap<String, Vec<crate::verify::sql::Range>> = rec
+                .recheck
+                .as_deref()
+                .and_then(|t| serde_json::from_str(t).ok())
+                .unwrap_or_default();
+            if !recheck.is_empty() {
+                let verified = run_verify(sides.old, &[], Some(recheck)).await?;
+                if !verified.equal() {
+                    return call_off(m, target, &from, cutover, &verified.summary).await;
+                }
+            }
+            let counters = table_changes(&from).await?;
+            let changed = changed_tables(m, target, &counters, sides.old).await?;
             if let Some(differences) = compare_counts(&from, &to, &changed).await? {
-                run_stream(m, running, cutover).await?;
                 return call_off(m, target, &from, cutover, &differences).await;
             }
+            stop_stream(running).await?;
             tracing::info!(%handoff, "{what}: everything before the hand-off applied");
             record::set_step(target, &m.name, Step::Drain).await?;
             Ok(None)

@@ -66,6 +66,9 @@ pub struct Options {
     pub wait: Duration,
     /// Key ranges compared at the same time (each with a session on either side).
     pub jobs: usize,
+    /// Only these key ranges of these tables (by source name, as reports show it), instead
+    /// of every range of every table: a second look at what was left unsettled.
+    pub ranges: Option<std::collections::BTreeMap<String, Vec<Range>>>,
     pub repair: bool,
 }
 
@@ -106,6 +109,9 @@ pub struct TableReport {
     /// Rows or ranges that kept changing, or a target that did not catch up, so that no
     /// answer could be given for them.
     pub unsettled: Vec<String>,
+    /// The key ranges of `unsettled`, to compare again later (`Options::ranges`).
+    #[serde(skip)]
+    pub unsettled_ranges: Vec<Range>,
     /// Why the table was not compared.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub not_compared: Option<String>,
@@ -186,6 +192,11 @@ pub async fn verify(
                     p.matches(&shape.source.0, &shape.source.1)
                         || p.matches(&shape.target.0, &shape.target.1)
                 });
+            let wanted = wanted
+                && options
+                    .ranges
+                    .as_ref()
+                    .is_none_or(|r| r.contains_key(&shape.shown()));
             if !wanted {
                 continue;
             }
@@ -258,6 +269,8 @@ struct Part {
     rows: u64,
     differences: Vec<Found>,
     unsettled: Vec<String>,
+    /// The range compared, when something in it was left unsettled.
+    unsettled_range: Option<Range>,
 }
 
 /// One table as compared: both sides' statements and the shaping of source rows.
@@ -295,6 +308,7 @@ impl Sides<'_> {
         let rows_read = std::sync::atomic::AtomicU64::new(0);
         let said = std::sync::Mutex::new(Instant::now());
         let (boundaries, options): (&Client, &Options) = (self.boundaries, self.options);
+        let given: Option<&Vec<Range>> = options.ranges.as_ref().and_then(|r| r.get(&report.table));
         let workers = &mut self.workers;
         let (table, walk, parts, rows_read, said, report_name) =
             (&table, &walk, &parts, &rows_read, &said, &report.table);
@@ -305,6 +319,14 @@ impl Sides<'_> {
                     if w.1 {
                         return Ok::<(), VerifyError>(());
                     }
+                    if let Some(given) = given {
+                        let Some(range) = given.get(w.2 as usize) else {
+                            w.1 = true;
+                            return Ok(());
+                        };
+                        w.2 += 1;
+                        (w.2, range.clone())
+                    } else {
                     let (sql, params) = table.source.boundary(w.0.as_ref(), options.chunk_rows);
                     let upto = boundaries
                         .query_opt(&sql, &bind(&params))
@@ -318,6 +340,7 @@ impl Sides<'_> {
                     };
                     w.2 += 1;
                     (w.2, range)
+                    }
                 };
                 let part = worker.range(table, &range).await?;
                 let read = rows_read.fetch_add(part.rows, std::sync::atomic::Ordering::Relaxed) + part.rows;
@@ -347,6 +370,7 @@ impl Sides<'_> {
             report.chunks += 1;
             report.differences.extend(part.differences);
             report.unsettled.extend(part.unsettled);
+            report.unsettled_ranges.extend(part.unsettled_range);
         }
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
@@ -492,6 +516,7 @@ impl Worker<'_> {
                     sql::describe(&table.key_columns, range),
                     self.options.wait.as_secs()
                 ));
+                part.unsettled_range = Some(range.clone());
                 return Ok(part);
             }
             let target_rows = self.target_rows(&table.target, range).await?;
@@ -530,6 +555,7 @@ impl Worker<'_> {
                 table.key_columns.join(", "),
                 key.join(", ")
             ));
+            part.unsettled_range = Some(range.clone());
         }
         Ok(part)
     }

@@ -28,7 +28,7 @@ pub struct Side {
 }
 
 /// A key range: after `after` (exclusive), up to `upto` (inclusive); open where `None`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Range {
     pub after: Option<Vec<String>>,
     pub upto: Option<Vec<String>>,
