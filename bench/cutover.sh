@@ -76,7 +76,7 @@ CONF
     }
     probe &
     probe_pid=$!
-    pgbench -n -c 4 -j 2 -T 40 -p "$SRC_PORT" "$BENCH_DB" >"$LOG_DIR/cutover-pgbench.log" 2>&1 &
+    pgbench -n -c 4 -j 2 -T 40 -P 5 -p "$SRC_PORT" "$BENCH_DB" >"$LOG_DIR/cutover-pgbench.log" 2>&1 &
     pgbench_pid=$!
     sleep 10
     cut=$("$WALRELAY_BIN" cutover --config "$dir/move.toml" 2>&1 | tail -1)
@@ -95,7 +95,7 @@ CONF
     read -r probe_cut probe_back <<<"$pauses"
     walrelay_cut=$(sed -n 's/.*write pause \([0-9.]*\) s.*/\1/p' <<<"$cut")
     walrelay_back=$(sed -n 's/.*write pause \([0-9.]*\) s.*/\1/p' <<<"$back")
-    tps=$(sed -n 's/^progress: 10.0 s, \([0-9.]*\) tps.*/\1/p' "$LOG_DIR/cutover-pgbench.log" | head -1)
+    tps=$(sed -n 's/^progress: 5.0 s, \([0-9.]*\) tps.*/\1/p' "$LOG_DIR/cutover-pgbench.log" | head -1)
     line=$(jq -c -n --argjson ready "$t_ready" --arg cut "$cut" --arg back "$back" \
       --argjson wc "${walrelay_cut:-null}" --argjson wb "${walrelay_back:-null}" \
       --argjson pc "${probe_cut:-null}" --argjson pb "${probe_back:-null}" --argjson tps "${tps:-null}" \
