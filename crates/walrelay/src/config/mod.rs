@@ -619,6 +619,17 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The `postgres` sinks, in the file's order.
+    pub fn postgres_sinks(&self) -> Vec<&PostgresSinkConfig> {
+        self.sinks
+            .iter()
+            .filter_map(|s| match s {
+                SinkConfig::Postgres(p) => Some(p),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Read, parse and validate a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         Self::parse(&read_file(path)?, path)

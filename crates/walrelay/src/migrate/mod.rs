@@ -69,14 +69,7 @@ impl Migration {
                 "migrate needs capture = \"logical\" (the reverse stream is logical decoding on the new server)".into(),
             ));
         }
-        let sinks: Vec<&PostgresSinkConfig> = config
-            .sinks
-            .iter()
-            .filter_map(|s| match s {
-                SinkConfig::Postgres(p) => Some(p),
-                _ => None,
-            })
-            .collect();
+        let sinks = config.postgres_sinks();
         let [sink] = sinks[..] else {
             return Err(MigrateError::Config(format!(
                 "migrate needs exactly one postgres sink, the new server (this configuration has {})",
@@ -489,9 +482,14 @@ async fn verify_and_record(
     let source = session(&m.source).await?;
     let counters = table_changes(&source).await?;
     let verified = run_verify(&m.forward, only, None).await?;
-    let (equal, summary) = (verified.equal(), verified.summary);
+    // Rows that kept changing (hot rows under writes) are no difference found: they are
+    // compared again at the cutover.
+    let equal = verified.differences == 0 && verified.not_compared == 0;
+    let summary = verified.summary;
     let counters = serde_json::to_string(&counters).unwrap_or_default();
     record::set_verified(target, &m.name, &summary, &counters).await?;
+    let recheck = serde_json::to_string(&verified.unsettled).unwrap_or_default();
+    record::set_recheck(target, &m.name, &recheck).await?;
     if equal {
         tracing::info!(%summary, "verified");
     } else {
@@ -564,7 +562,10 @@ pub(crate) async fn run_verify(
         summary += &format!(", {not_compared} tables without a key not compared");
     }
     if !unsettled.is_empty() {
-        summary += &format!(", rows still changing in {} tables", unsettled.len());
+        summary += &format!(
+            ", rows still changing in {} tables (compared again at the cutover)",
+            unsettled.len()
+        );
     }
     for r in reports.iter().filter(|r| r.open_differences() > 0).take(5) {
         summary += &format!("; {}: {}", r.table, r.open_differences());
@@ -668,4 +669,60 @@ pub async fn describe(config: &Config) -> Result<Option<String>, MigrateError> {
         text += &format!("\n         note: {n}");
     }
     Ok(Some(text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra_source: &str, sets: &str, sinks: &str) -> Config {
+        let text = format!(
+            "[source]\nurl = \"postgresql://rep@old/app\"\n{extra_source}\n{sets}\n{sinks}"
+        );
+        Config::parse(&text, std::path::Path::new("move.toml")).unwrap()
+    }
+
+    const TARGET: &str = "[[sink]]\ntype = \"postgres\"\nurl = \"postgresql://rep@new/app\"\n";
+
+    fn refused(c: &Config) -> String {
+        match Migration::new(c) {
+            Err(MigrateError::Config(why)) => why,
+            Err(e) => panic!("not a configuration error: {e}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    #[test]
+    fn the_reverse_stream_runs_from_the_target_into_the_source_with_nothing_to_copy() {
+        let m = Migration::new(&config("tables = [\"public.*\"]", "", TARGET)).unwrap();
+        assert_eq!(m.name, "walrelay/postgres");
+        assert_eq!(m.reverse_name, "walrelay_reverse/postgres");
+        assert_eq!(m.reverse.source.slot, "walrelay_reverse");
+        assert_eq!(m.reverse.source.publication, "walrelay_reverse");
+        assert_eq!(m.reverse.source.url.resolve().unwrap().hosts[0].0, "new");
+        let sink = &m.reverse.postgres_sinks()[0];
+        assert_eq!(sink.url.resolve().unwrap().hosts[0].0, "old");
+        assert!(!m.reverse.snapshot.enabled);
+        assert_eq!(m.reverse.ddl.mode, DdlMode::Off);
+        assert!(m.forward.snapshot.enabled);
+    }
+
+    #[test]
+    fn what_a_migration_cannot_carry_back_is_refused() {
+        let tables = "tables = [\"public.*\"]";
+        let jsonl = "[[sink]]\ntype = \"jsonl\"\npath = \"-\"\n";
+        assert!(refused(&config(tables, "", jsonl)).contains("exactly one postgres sink"));
+        assert!(refused(&config(tables, "", &format!("{TARGET}{jsonl}"))).contains("one sink only"));
+        assert!(
+            refused(&config(tables, "", &format!("{TARGET}protect = true\n"))).contains("protect")
+        );
+        let filtered = "[[set]]\nname = \"s\"\ntables = [\"public.t\"]\n\n[[set.table]]\nname = \"public.t\"\nwhere = \"id > 5\"\n";
+        assert!(refused(&config("", filtered, TARGET)).contains("filtered, reshaped or renamed"));
+        assert!(refused(&config(
+            &format!("{tables}\ncapture = \"trigger\""),
+            "",
+            TARGET
+        ))
+        .contains("logical"));
+    }
 }

@@ -82,8 +82,13 @@ pub(super) async fn switch(
             run_stream(m, running, cutover).await?;
             let counters = table_changes(&from).await?;
             let changed = changed_tables(m, target, &counters, sides.old).await?;
-            // Rows that kept changing are compared again under the fence (`recheck`).
-            let mut recheck = std::collections::BTreeMap::new();
+            // Rows that kept changing, now or in the last verification, are compared
+            // again under the fence (`recheck`).
+            let mut recheck: std::collections::BTreeMap<String, Vec<crate::verify::sql::Range>> =
+                rec.recheck
+                    .as_deref()
+                    .and_then(|t| serde_json::from_str(t).ok())
+                    .unwrap_or_default();
             if !changed.is_empty() {
                 tracing::info!(
                     tables = changed.len(),
@@ -93,7 +98,9 @@ pub(super) async fn switch(
                 if verified.differences > 0 || verified.not_compared > 0 {
                     return call_off(m, target, &from, cutover, &verified.summary).await;
                 }
-                recheck = verified.unsettled;
+                for (table, ranges) in verified.unsettled {
+                    recheck.entry(table).or_default().extend(ranges);
+                }
             }
             let counters = serde_json::to_string(&counters).unwrap_or_default();
             record::set_table_changes(target, &m.name, &counters).await?;
@@ -195,6 +202,8 @@ pub(super) async fn switch(
             // verifies what changed there since.
             let counters = serde_json::to_string(&table_changes(&to).await?).unwrap_or_default();
             record::set_table_changes(target, &m.name, &counters).await?;
+            // Compared under the fence: nothing left for the next switch.
+            record::set_recheck(target, &m.name, "{}").await?;
             tracing::info!(
                 write_pause_seconds = pause,
                 "{what} done: writes go to the other side now"

@@ -26,7 +26,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use walrelay_model::Lsn;
 
-use crate::config::{Config, PostgresSinkConfig, SinkConfig};
+use crate::config::Config;
 use crate::pg::conninfo::ConnInfo;
 use crate::pg::replication::ReplicationConnection;
 use crate::pg::{quote, sql, PgError};
@@ -114,14 +114,7 @@ pub async fn copy_for_sinks(
     if !config.snapshot.enabled {
         return Ok(Lsn::ZERO);
     }
-    let sinks: Vec<&PostgresSinkConfig> = config
-        .sinks
-        .iter()
-        .filter_map(|s| match s {
-            SinkConfig::Postgres(p) => Some(p),
-            _ => None,
-        })
-        .collect();
+    let sinks = config.postgres_sinks();
     if sinks.is_empty() {
         return Ok(Lsn::ZERO);
     }

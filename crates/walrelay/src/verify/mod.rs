@@ -27,7 +27,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 use walrelay_model::{Lsn, Row, Value};
 
-use crate::config::{CaptureMethod, Config, PostgresSinkConfig, SinkConfig, TablePattern};
+use crate::config::{CaptureMethod, Config, TablePattern};
 use crate::pg::conninfo::ConnInfo;
 use crate::pg::{quote, sql as pgsql, PgError};
 use crate::schema::catalog;
@@ -139,14 +139,7 @@ pub async fn verify(
             "verify compares against the logical-decoding stream's positions; with capture = \"trigger\" it is not available yet".into(),
         ));
     }
-    let sinks: Vec<&PostgresSinkConfig> = config
-        .sinks
-        .iter()
-        .filter_map(|s| match s {
-            SinkConfig::Postgres(p) => Some(p),
-            _ => None,
-        })
-        .collect();
+    let sinks = config.postgres_sinks();
     if sinks.is_empty() {
         return Err(VerifyError::Setup(
             "no postgres sink in the configuration: verify compares the source with postgres targets".into(),
