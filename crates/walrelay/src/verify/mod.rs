@@ -256,6 +256,59 @@ struct Worker<'a> {
     options: &'a Options,
 }
 
+/// Where the walk along a table's key stands: the last bound, whether it is done, and how
+/// many ranges it gave out (their order in the report).
+#[derive(Default)]
+struct Walk {
+    after: Option<Vec<String>>,
+    done: bool,
+    given_out: u64,
+}
+
+impl Walk {
+    /// The next range (numbered): of `given`, or up to `rows` rows past the last bound,
+    /// read on `boundaries`. Holding the walk while it runs keeps the bounds in order.
+    async fn next(
+        &mut self,
+        boundaries: &Client,
+        table: &Table,
+        given: Option<&Vec<Range>>,
+        rows: usize,
+    ) -> Result<Option<(u64, Range)>, VerifyError> {
+        if self.done {
+            return Ok(None);
+        }
+        let range = match given {
+            Some(given) => match given.get(self.given_out as usize) {
+                Some(range) => range.clone(),
+                None => {
+                    self.done = true;
+                    return Ok(None);
+                }
+            },
+            None => {
+                let (sql, params) = table.source.boundary(self.after.as_ref(), rows);
+                let upto = boundaries
+                    .query_opt(&sql, &bind(&params))
+                    .await
+                    .map_err(pg("reading a key range's bound on the source"))?
+                    .map(|r| {
+                        (0..table.source.key.len())
+                            .map(|i| r.get(i))
+                            .collect::<Vec<String>>()
+                    });
+                self.done = upto.is_none();
+                Range {
+                    after: std::mem::replace(&mut self.after, upto.clone()),
+                    upto,
+                }
+            }
+        };
+        self.given_out += 1;
+        Ok(Some((self.given_out, range)))
+    }
+}
+
 /// What one range added to a table's report.
 #[derive(Default)]
 struct Part {
@@ -296,53 +349,37 @@ impl Sides<'_> {
             None => return Ok(report),
         };
         // The ranges' bounds, one after the other; the workers take them as they come.
-        let walk = tokio::sync::Mutex::new((None::<Vec<String>>, false, 0u64));
+        let walk = tokio::sync::Mutex::new(Walk::default());
         let parts = std::sync::Mutex::new(Vec::<(u64, Part)>::new());
         let rows_read = std::sync::atomic::AtomicU64::new(0);
         let said = std::sync::Mutex::new(Instant::now());
         let (boundaries, options): (&Client, &Options) = (self.boundaries, self.options);
-        let given: Option<&Vec<Range>> = options.ranges.as_ref().and_then(|r| r.get(&report.table));
-        let workers = &mut self.workers;
+        let given = options.ranges.as_ref().and_then(|r| r.get(&report.table));
         let (table, walk, parts, rows_read, said, report_name) =
             (&table, &walk, &parts, &rows_read, &said, &report.table);
-        let work = workers.iter_mut().map(|worker| async move {
+        let work = self.workers.iter_mut().map(|worker| async move {
             loop {
-                let (n, range) = {
-                    let mut w = walk.lock().await;
-                    if w.1 {
-                        return Ok::<(), VerifyError>(());
-                    }
-                    if let Some(given) = given {
-                        let Some(range) = given.get(w.2 as usize) else {
-                            w.1 = true;
-                            return Ok(());
-                        };
-                        w.2 += 1;
-                        (w.2, range.clone())
-                    } else {
-                    let (sql, params) = table.source.boundary(w.0.as_ref(), options.chunk_rows);
-                    let upto = boundaries
-                        .query_opt(&sql, &bind(&params))
-                        .await
-                        .map_err(pg("reading a key range's bound on the source"))?
-                        .map(|r| (0..table.source.key.len()).map(|i| r.get(i)).collect::<Vec<String>>());
-                    w.1 = upto.is_none();
-                    let range = Range {
-                        after: std::mem::replace(&mut w.0, upto.clone()),
-                        upto,
-                    };
-                    w.2 += 1;
-                    (w.2, range)
-                    }
+                let next = {
+                    let mut walk = walk.lock().await;
+                    walk.next(boundaries, table, given, options.chunk_rows)
+                        .await?
+                };
+                let Some((n, range)) = next else {
+                    return Ok::<(), VerifyError>(());
                 };
                 let part = worker.range(table, &range).await?;
-                let read = rows_read.fetch_add(part.rows, std::sync::atomic::Ordering::Relaxed) + part.rows;
-                if let Ok(mut p) = parts.lock() {
+                let read = rows_read.fetch_add(part.rows, std::sync::atomic::Ordering::Relaxed)
+                    + part.rows;
+                let ranges = {
+                    let mut p = parts.lock().unwrap_or_else(|e| e.into_inner());
                     p.push((n, part));
+                    p.len()
+                };
+                {
                     let mut said = said.lock().unwrap_or_else(|e| e.into_inner());
                     if said.elapsed() >= PROGRESS_EVERY {
                         *said = Instant::now();
-                        tracing::info!(table = %report_name, rows = read, ranges = p.len(), "verifying");
+                        tracing::info!(table = %report_name, rows = read, ranges, "verifying");
                     }
                 }
                 if let Some(rate) = options.rate.filter(|r| *r > 0) {
