@@ -30,6 +30,16 @@ pub struct SetConfig {
     pub sequences: Vec<TablePattern>,
 }
 
+impl SetConfig {
+    /// Every pattern that puts tables in the set: `tables`, and the tables named by
+    /// `[[set.table]]`.
+    pub fn patterns(&self) -> impl Iterator<Item = &TablePattern> {
+        self.tables
+            .iter()
+            .chain(self.options.iter().map(|o| &o.name))
+    }
+}
+
 /// `[[set.table]]`: how one table is replicated.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -307,7 +307,7 @@ async fn step(
         Phase::Incremental => {
             run_stream(m, running, true).await?;
             let source = session(&m.source).await?;
-            let at = current_position(&source).await?;
+            let at = crate::sink::postgres::progress::wal_insert_position(&source).await?;
             let caught_up = crate::sink::postgres::progress::wait_applied(
                 &source,
                 target,
@@ -443,16 +443,6 @@ async fn copies_done(m: &Migration, target: &Client) -> Result<bool, MigrateErro
     Ok(states
         .values()
         .all(|s| matches!(s, crate::snapshot::state::CopyState::Done(_))))
-}
-
-pub(crate) async fn current_position(client: &Client) -> Result<walrelay_model::Lsn, MigrateError> {
-    let text: String = client
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .map_err(|e| PgError::from_sql("reading the WAL position", e))?
-        .get(0);
-    text.parse()
-        .map_err(|_| MigrateError::Switch(format!("WAL position {text:?} does not parse")))
 }
 
 /// Each table's count of rows inserted, updated and deleted so far (`pg_stat_user_tables`),

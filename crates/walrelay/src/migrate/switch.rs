@@ -23,12 +23,13 @@ use tokio_postgres::Client;
 
 use super::record::{self, Phase, Record, Step};
 use super::{
-    check_stream, current_position, run_stream, run_verify, session, set_read_only, stop_stream,
-    table_changes, MigrateError, Migration, Running,
+    check_stream, run_stream, run_verify, session, set_read_only, stop_stream, table_changes,
+    MigrateError, Migration, Running,
 };
 use crate::config::Config;
 use crate::pg::conninfo::ConnInfo;
 use crate::pg::PgError;
+use crate::sink::postgres::progress::wal_insert_position;
 use crate::source::pgoutput::setup;
 
 /// Longest wait for the stream to apply everything before the hand-off.
@@ -111,7 +112,7 @@ pub(super) async fn switch(
         }
         Some(Step::Verified) => {
             let ended = fence(&from).await?;
-            let handoff = current_position(&from).await?;
+            let handoff = wal_insert_position(&from).await?;
             record::set_fenced(target, &m.name, handoff).await?;
             tracing::info!(%handoff, sessions_ended = ended, "{what}: writes stopped");
             record::set_step(target, &m.name, Step::Fence).await?;
@@ -293,12 +294,8 @@ async fn changed_tables(
         else {
             return false;
         };
-        sets.iter().any(|set| {
-            set.tables
-                .iter()
-                .chain(set.options.iter().map(|o| &o.name))
-                .any(|pattern| pattern.matches(&schema, &name))
-        })
+        sets.iter()
+            .any(|set| set.patterns().any(|p| p.matches(&schema, &name)))
     };
     Ok(now
         .iter()

@@ -83,8 +83,7 @@ impl Plan {
         let mut selected = Vec::new();
         let mut targets: HashMap<(String, String), (String, String)> = HashMap::new();
         for set in sets {
-            let mut patterns: Vec<TablePattern> = set.tables.clone();
-            patterns.extend(set.options.iter().map(|o| o.name.clone()));
+            let patterns: Vec<TablePattern> = set.patterns().cloned().collect();
             let hash_key = set.hash_key.as_ref().map(|k| shape::HashKey::new(&k.0));
             plan.patterns
                 .push((set.name.clone(), set.tables.clone(), hash_key.clone()));

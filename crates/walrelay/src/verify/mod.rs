@@ -535,7 +535,8 @@ impl Worker<'_> {
         let mut counted = false;
         for _ in 0..ROUNDS {
             let source_rows = self.source_rows(table, range).await?;
-            let at = self.source_position().await?;
+            // Past every transaction the read saw.
+            let at = crate::sink::postgres::progress::wal_insert_position(&self.source).await?;
             if !counted {
                 part.rows += source_rows.len() as u64;
                 counted = true;
@@ -642,19 +643,6 @@ impl Worker<'_> {
                 (key, values)
             })
             .collect())
-    }
-
-    /// A WAL position past every transaction the source's last read saw.
-    async fn source_position(&self) -> Result<Lsn, VerifyError> {
-        let text: String = self
-            .source
-            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-            .await
-            .map_err(pg("reading the source's WAL position"))?
-            .get(0);
-        text.parse().map_err(|_| {
-            VerifyError::Setup(format!("the source's WAL position {text:?} does not parse"))
-        })
     }
 
     async fn wait_for_target(&mut self, at: Lsn) -> Result<bool, VerifyError> {

@@ -354,6 +354,20 @@ pub async fn recorded(
     })
 }
 
+/// The source's WAL insert position: past every transaction committed (visible or not)
+/// when it is read, so a target that applied past it holds all an earlier read saw.
+pub async fn wal_insert_position(source: &Client) -> Result<Lsn, PgError> {
+    let text: String = source
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .map_err(|e| PgError::from_sql("reading the WAL position", e))?
+        .get(0);
+    text.parse().map_err(|_| PgError::Protocol {
+        target: "the source".into(),
+        detail: format!("WAL position {text:?} does not parse"),
+    })
+}
+
 /// Wait until the target holds everything the source committed before `at`: the sink's
 /// recorded position (`name`), or the slot's confirmed one (every sink holds that), is
 /// past it. An idle source gets an empty transaction now and then, so that the stream
