@@ -21,13 +21,16 @@ const SCHEMA: &str = "
     INSERT INTO events (account, amount) SELECT g % 1000 + 1, g FROM generate_series(1, 200000) g;
 ";
 
+/// Each acknowledged event id with the server that took it (0: source, 1: target).
+type Acked = Arc<Mutex<Vec<(i64, usize)>>>;
+
 /// An application writing events one at a time to whichever of the two servers accepts
 /// them: on a refused write or a lost session it tries the other. Returns each
 /// acknowledged event id with the server (0: source, 1: target) that took it.
 fn application(
     urls: [String; 2],
     stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<Vec<(i64, usize)>>>,
+    acked: Acked,
 ) -> tokio::task::JoinHandle<()> {
     walrelay::task::spawn_named("test-application", async move {
         let mut current = 0usize;
@@ -186,9 +189,22 @@ async fn scene() -> Scene {
     }
 }
 
+/// `application` writing to the scene's two servers: its stop flag, what it had
+/// acknowledged, its task.
+fn start_application(s: &Scene) -> (Arc<AtomicBool>, Acked, tokio::task::JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let task = application(
+        [s.source_pg.url("app"), s.target_pg.url("app")],
+        stop.clone(),
+        acked.clone(),
+    );
+    (stop, acked, task)
+}
+
 /// After a cutover: the old side refuses writes, the new side's sequences are past every
 /// id the old side handed out, and writes on the new side reach the old one.
-async fn assert_cut_over(s: &Scene, acked: &Arc<Mutex<Vec<(i64, usize)>>>) {
+async fn assert_cut_over(s: &Scene, acked: &Acked) {
     assert!(refuses_writes(&s.source_pg.url("app")).await);
     let before: i64 = acked
         .lock()
@@ -242,13 +258,7 @@ async fn assert_cut_over(s: &Scene, acked: &Arc<Mutex<Vec<(i64, usize)>>>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_then_cutover_and_rollback_under_writes_lose_nothing() {
     let s = scene().await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    let app = application(
-        [s.source_pg.url("app"), s.target_pg.url("app")],
-        stop.clone(),
-        acked.clone(),
-    );
+    let (stop, acked, app) = start_application(&s);
     let mut migrate = Relay::spawn("migrate", &s.cfg, Stdio::null());
     wait_for_phase(&s.target, "ready", &mut migrate).await;
     // Until the cutover the target takes no writes but walrelay's.
@@ -330,13 +340,7 @@ async fn migrate_then_cutover_and_rollback_under_writes_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migrate_killed_after_each_phase_and_each_cutover_step_resumes() {
     let s = scene().await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    let app = application(
-        [s.source_pg.url("app"), s.target_pg.url("app")],
-        stop.clone(),
-        acked.clone(),
-    );
+    let (stop, acked, app) = start_application(&s);
     // Each run records one more phase and is killed right after (-9, by a fail point).
     let mut seen = Vec::new();
     loop {

@@ -154,7 +154,7 @@ fn print_table(r: &TableReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::verify::Found;
+    use crate::verify::{Found, Repair};
 
     #[test]
     fn differences_outrank_what_could_not_be_compared() {
@@ -163,21 +163,23 @@ mod tests {
             unsettled: vec!["x".into()],
             ..TableReport::default()
         };
-        let found = |repair: Option<&str>| TableReport {
+        let found = |repair: Option<Repair>| TableReport {
             differences: vec![Found {
                 key: vec!["1".into()],
                 difference: Difference::Missing,
                 column_names: vec![],
-                repair: repair.map(str::to_string),
+                repair,
             }],
             ..TableReport::default()
         };
         assert_eq!(exit_code(std::slice::from_ref(&equal)), 0);
         assert_eq!(exit_code(&[equal.clone(), unsettled.clone()]), 2);
         assert_eq!(exit_code(&[unsettled.clone(), found(None)]), 1);
-        assert_eq!(exit_code(&[found(Some("inserted"))]), 0);
+        assert_eq!(exit_code(&[found(Some(Repair::Inserted))]), 0);
         assert_eq!(
-            exit_code(&[found(Some("skipped: the source row changed meanwhile"))]),
+            exit_code(&[found(Some(Repair::Skipped(
+                "the source row changed meanwhile"
+            )))]),
             1
         );
         let missing = TableReport {

@@ -34,6 +34,7 @@ use crate::schema::catalog;
 use crate::sets::{ShapedRelation, TableShape};
 pub use compare::Difference;
 use compare::{Key, Settling, SourceRow};
+pub use repair::Repair;
 use sql::{Range, Side};
 
 /// Rounds of row reads for one range before its still-changing rows are reported as such.
@@ -81,16 +82,16 @@ pub struct Found {
     /// The target's names of the columns that differ (a changed row).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub column_names: Vec<String>,
-    /// What a repair did: `inserted`, `updated`, `deleted`, or why it did not.
+    /// What a repair did, or why it did not.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub repair: Option<String>,
+    pub repair: Option<Repair>,
 }
 
 impl Found {
     pub fn repaired(&self) -> bool {
         matches!(
-            self.repair.as_deref(),
-            Some("inserted" | "updated" | "deleted")
+            self.repair,
+            Some(Repair::Inserted | Repair::Updated | Repair::Deleted)
         )
     }
 }

@@ -14,6 +14,33 @@ use tokio_postgres::types::ToSql;
 use super::compare::{Difference, Key, SourceRow};
 use super::{bind, pg, source_row, sql, Table, VerifyError, Worker};
 
+/// What a repair did, or why it did nothing; shown (and in JSON) as `inserted`,
+/// `updated`, `deleted` or `skipped: why`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Repair {
+    Inserted,
+    Updated,
+    Deleted,
+    Skipped(&'static str),
+}
+
+impl std::fmt::Display for Repair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Repair::Inserted => f.write_str("inserted"),
+            Repair::Updated => f.write_str("updated"),
+            Repair::Deleted => f.write_str("deleted"),
+            Repair::Skipped(why) => write!(f, "skipped: {why}"),
+        }
+    }
+}
+
+impl serde::Serialize for Repair {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 /// What the comparison that proved a difference saw on each side.
 pub struct Seen<'a> {
     pub source: Option<&'a SourceRow>,
@@ -29,7 +56,7 @@ impl Worker<'_> {
         key: &Key,
         difference: &Difference,
         seen: Seen<'_>,
-    ) -> Result<String, VerifyError> {
+    ) -> Result<Repair, VerifyError> {
         let writes = sql::writes(&table.target, &table.target_types);
         let key_params = bind(key);
         let tx = self
@@ -46,7 +73,9 @@ impl Worker<'_> {
             .map_err(pg("locking the target row"))?
             .map(|r| (0..r.len()).map(|i| r.get(i)).collect());
         if now.as_ref() != seen.target {
-            return Ok("skipped: the target row changed meanwhile; verify again".into());
+            return Ok(Repair::Skipped(
+                "the target row changed meanwhile; verify again",
+            ));
         }
         let source_now = self
             .source
@@ -55,27 +84,27 @@ impl Worker<'_> {
             .map_err(pg("reading the source row"))?
             .map(|r| source_row(&r, table.source.key.len(), table.shaper.as_deref()).1);
         if source_now.as_ref().map(|r| &r.version) != seen.source.map(|r| &r.version) {
-            return Ok(
-                "skipped: the source row changed meanwhile (in flight); verify again".into(),
-            );
+            return Ok(Repair::Skipped(
+                "the source row changed meanwhile (in flight); verify again",
+            ));
         }
         let done = match (difference, source_now) {
             (Difference::Extra, None) => {
                 tx.execute(&writes.delete, &key_params)
                     .await
                     .map_err(pg("deleting a row on the target"))?;
-                "deleted"
+                Repair::Deleted
             }
             (Difference::Missing, Some(row)) => {
                 let params = nullable(&row.values);
                 tx.execute(&writes.insert, &params)
                     .await
                     .map_err(pg("inserting a row on the target"))?;
-                "inserted"
+                Repair::Inserted
             }
             (Difference::Changed { .. }, Some(row)) => {
                 let Some(update) = &writes.update else {
-                    return Ok("skipped: only key columns, nothing to update".into());
+                    return Ok(Repair::Skipped("only key columns, nothing to update"));
                 };
                 let mut params: Vec<&(dyn ToSql + Sync)> = writes
                     .update_columns
@@ -86,14 +115,14 @@ impl Worker<'_> {
                 tx.execute(update, &params)
                     .await
                     .map_err(pg("updating a row on the target"))?;
-                "updated"
+                Repair::Updated
             }
-            _ => return Ok("skipped: the rows changed meanwhile; verify again".into()),
+            _ => return Ok(Repair::Skipped("the rows changed meanwhile; verify again")),
         };
         tx.commit()
             .await
             .map_err(pg("committing a repair on the target"))?;
-        Ok(done.into())
+        Ok(done)
     }
 }
 
