@@ -383,15 +383,42 @@ async fn the_slot_of_a_member_gone_for_good_is_dropped_and_others_stay() {
 }
 
 /// `slot_wal_limit` with `drop_slots_over_limit`: a logical slot no one reads, holding more
-/// WAL than the limit, is dropped with an error in the log; the members' slots, in use,
-/// stay.
+/// WAL than the limit, is dropped with an error in the log. The members' slots stay: the
+/// one in use, and the one of a replica killed before the WAL grew, idle and over the limit
+/// too, which keeps the WAL its replica needs (a slot made anew would start past it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unused_slot_over_the_wal_limit_is_dropped_loudly() {
-    let cluster = Cluster::start(3, "slot_wal_limit = 4194304\ndrop_slots_over_limit = true");
+    let mut cluster = Cluster::start(3, "slot_wal_limit = 4194304\ndrop_slots_over_limit = true");
     let leader = cluster.wait_for_leader(None, "a bootstrapped leader").await;
     create_table_and_wait_on_replicas(&cluster, &leader).await;
     let port = cluster.node(&leader).port;
     let primary = must_connect(port).await;
+    let down = cluster
+        .nodes
+        .iter()
+        .find(|n| n.name != leader)
+        .unwrap()
+        .name
+        .clone();
+    cluster.kill9(&down).await;
+    let restart_lsn_of_down = || async {
+        must_connect(port)
+            .await
+            .query_opt(
+                "SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+                &[&down],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get::<_, String>(0))
+    };
+    let held_for_down = cluster
+        .wait(
+            "the killed replica's slot to be idle",
+            Duration::from_secs(60),
+            restart_lsn_of_down,
+        )
+        .await;
     primary
         .batch_execute("SELECT pg_create_logical_replication_slot('forgotten', 'pgoutput')")
         .await
@@ -424,4 +451,11 @@ async fn an_unused_slot_over_the_wal_limit_is_dropped_loudly() {
             "{slots:?}"
         );
     }
+    // Not dropped and made anew: it still holds the WAL from where its replica stopped.
+    assert_eq!(
+        restart_lsn_of_down().await,
+        Some(held_for_down),
+        "{}",
+        cluster.dump_logs()
+    );
 }

@@ -94,14 +94,26 @@ pub async fn drop_slot(client: &Client, name: &str) -> Result<(), NodeError> {
     Ok(())
 }
 
-/// The slots over `limit`, and whether each is dropped now (`drop` set and not in use: a
-/// slot in use is being read, and dropping it would only break its reader).
-pub fn over_limit(slots: &[LocalSlot], limit: u64, drop: bool) -> Vec<(String, i64, bool)> {
+/// The slots over `limit`, and whether each is dropped now: `drop` set, not in use (a slot
+/// in use is being read, and dropping it would only break its reader) and not a member's.
+/// A member's slot is idle while its replica restarts or is being cloned — a base backup
+/// alone switches WAL segments, up to 16 MB at once — and one made anew starts at the
+/// current position, past the WAL that replica still needs; `drop_slots_of_departed_after`
+/// and PostgreSQL's `max_slot_wal_keep_size` bound what members' slots hold.
+pub fn over_limit(
+    slots: &[LocalSlot],
+    limit: u64,
+    drop: bool,
+    members: &[String],
+) -> Vec<(String, i64, bool)> {
     slots
         .iter()
         .filter_map(|s| Some((s, s.held_bytes?)))
         .filter(|(_, held)| *held > 0 && *held as u64 > limit)
-        .map(|(s, held)| (s.name.clone(), held, drop && !s.active))
+        .map(|(s, held)| {
+            let member = !s.logical && members.contains(&s.name);
+            (s.name.clone(), held, drop && !s.active && !member)
+        })
         .collect()
 }
 
@@ -455,17 +467,21 @@ mod tests {
             holding("idle", false, 5_000_000),
             holding("busy", true, 5_000_000),
             holding("small", false, 10),
+            // A member's slot while its replica is being cloned: named, kept.
+            holding("n2", false, 16_000_000),
             // A replica's slot: no figure, nothing said.
             local("walrelay", true, 0, 0),
         ];
+        let members = ["n2".to_string(), "n3".to_string()];
         assert_eq!(
-            over_limit(&held, 1_000_000, true),
+            over_limit(&held, 1_000_000, true, &members),
             [
                 ("idle".to_string(), 5_000_000, true),
-                ("busy".into(), 5_000_000, false)
+                ("busy".into(), 5_000_000, false),
+                ("n2".into(), 16_000_000, false)
             ]
         );
-        assert!(over_limit(&held, 1_000_000, false)
+        assert!(over_limit(&held, 1_000_000, false, &members)
             .iter()
             .all(|(_, _, d)| !d));
     }

@@ -97,15 +97,18 @@ impl Agent {
     }
 
     /// `cluster.slot_wal_limit`: report every slot holding more WAL, and drop it if so
-    /// configured and no one uses it.
+    /// configured, no one uses it and it is no member's (see `slots::over_limit`).
     async fn limit_slot_wal(&mut self) -> Result<(), AgentError> {
         let Some(limit) = self.config.cluster.slot_wal_limit else {
             return Ok(());
         };
         let drop = self.config.cluster.drop_slots_over_limit;
+        // Every member seen, not only those in etcd now: one briefly gone keeps its slot
+        // until `drop_slots_of_departed_after` (`keep_member_slots`).
+        let members: Vec<String> = self.known_members.iter().cloned().collect();
         let client = self.node.sql().await?;
         let held = slots::slots_here(client).await?;
-        for (name, bytes, now) in slots::over_limit(&held, limit, drop) {
+        for (name, bytes, now) in slots::over_limit(&held, limit, drop, &members) {
             if now {
                 tracing::error!(
                     slot = name,
