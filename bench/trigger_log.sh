@@ -56,7 +56,7 @@ done
 log_sample() {
   q "$SRC_PORT" "SELECT (SELECT count(*) FROM walrelay_capture.log_1) + (SELECT count(*) FROM walrelay_capture.log_2),
        pg_total_relation_size('walrelay_capture.log_1') + pg_total_relation_size('walrelay_capture.log_2'),
-       (SELECT last_value FROM walrelay_capture.log_seq),
+       (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM walrelay_capture.log_seq),
        (SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), t.lsn)::bigint FROM walrelay_capture.consumers c
           JOIN walrelay_capture.ticks t ON t.id = c.tick)" | tr '|' ' '
 }

@@ -111,6 +111,27 @@ impl Source {
     }
 }
 
+/// A relay config capturing `tables` of `source` by triggers (`extra`: more `[source]`
+/// settings), applying to the `app` database of `target`.
+pub fn trigger_config(
+    dir: &std::path::Path,
+    source: &Source,
+    tables: &[&str],
+    extra: &str,
+    target: &TestPg,
+) -> std::path::PathBuf {
+    relay_config_file(
+        dir,
+        &source.owner_url(),
+        tables,
+        &format!("capture = \"trigger\"\n{extra}"),
+        &format!(
+            "[[sink]]\ntype = \"postgres\"\nurl = \"{}\"\n",
+            target.url("app")
+        ),
+    )
+}
+
 pub fn odd_table() -> String {
     walrelay::pg::quote::qualified(ODD_SCHEMA, ODD_TABLE)
 }
@@ -380,15 +401,12 @@ async fn trigger_capture_replicates_to_postgres_through_kills() {
         // Empty until a table is created there between two runs.
         "later.*",
     ];
-    let config = relay_config_file(
+    let config = trigger_config(
         dir.path(),
-        &source.owner_url(),
+        &source,
         &tables,
-        "capture = \"trigger\"\nstatus_interval = \"200ms\"\nlog_rotation = \"1s\"",
-        &format!(
-            "[[sink]]\ntype = \"postgres\"\nurl = \"{}\"\n",
-            target_pg.url("app")
-        ),
+        "status_interval = \"200ms\"\nlog_rotation = \"1s\"",
+        &target_pg,
     );
     let all = ["orders", "nokey", "counter", "load", &odd_table()];
     let mut relay = Relay::start(&config);
@@ -601,15 +619,12 @@ async fn rows_logged_before_an_alter_table_read_with_their_columns() {
     let target_pg = TestPg::start();
     let target = target_pg.create_db("app").await;
     let dir = tempfile::tempdir().unwrap();
-    let config = relay_config_file(
+    let config = trigger_config(
         dir.path(),
-        &source.owner_url(),
+        &source,
         &["public.orders"],
-        "capture = \"trigger\"\nstatus_interval = \"200ms\"\nlog_rotation = \"1s\"",
-        &format!(
-            "[[sink]]\ntype = \"postgres\"\nurl = \"{}\"\n",
-            target_pg.url("app")
-        ),
+        "status_interval = \"200ms\"\nlog_rotation = \"1s\"",
+        &target_pg,
     );
     let mut relay = Relay::start(&config);
     wait_until_created(&target, &["orders"], &mut relay).await;
@@ -1044,4 +1059,154 @@ async fn every_type_comes_out_of_the_log_exactly() {
     assert_eq!(inserts[0]["types"]["m"], "public.mood");
     wait_until_equal(admin, &target, &["v"], &mut relay).await;
     relay.stop().await;
+}
+
+/// `walrelay status` with trigger capture shows the log's consumer in place of a slot:
+/// not installed before the first run; capturing, with its confirmed tick and the log's
+/// size, while the relay runs; not capturing, with the sink behind, once it stopped and
+/// the source wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_log_consumer() {
+    let source = Source::start().await;
+    let load = LoadTarget::new(&source, 100).await;
+    let (target, config) = (&load.target, &load.config);
+    let status = || {
+        let o = walrelay_with_config("status", config);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let before = status();
+    assert!(
+        before.contains("consumer walrelay (trigger capture): not installed yet"),
+        "{before}"
+    );
+    assert!(!before.contains("slot "), "{before}");
+
+    let mut relay = load.start(&source).await;
+    source
+        .clerk
+        .batch_execute("UPDATE load SET v = 'y' WHERE id = 1")
+        .await
+        .unwrap();
+    wait_until_equal(&source.admin, target, &["load"], &mut relay).await;
+    let running = status();
+    let consumer = running
+        .lines()
+        .find(|l| l.starts_with("consumer walrelay (trigger capture): capturing (pid "))
+        .unwrap_or_else(|| panic!("{running}"));
+    assert!(
+        consumer.contains("; confirmed ")
+            && consumer.contains("(tick at 20")
+            && consumer.contains("; log "),
+        "{consumer}"
+    );
+    let sink = running
+        .lines()
+        .find(|l| l.starts_with("sink     postgres (postgres"))
+        .unwrap_or_else(|| panic!("{running}"));
+    assert!(
+        sink.contains("applied ") && sink.ends_with(", 0 s"),
+        "{sink}"
+    );
+
+    relay.stop().await;
+    source
+        .clerk
+        .batch_execute("UPDATE load SET v = 'z' WHERE id = 2")
+        .await
+        .unwrap();
+    let stopped = status();
+    assert!(
+        stopped.contains("consumer walrelay (trigger capture): not capturing: walrelay is stopped"),
+        "{stopped}"
+    );
+    let sink = stopped
+        .lines()
+        .find(|l| l.starts_with("sink     postgres (postgres"))
+        .unwrap_or_else(|| panic!("{stopped}"));
+    assert!(!sink.ends_with(", 0 s"), "{sink}");
+}
+
+/// The first change logged after the installation is shipped when no notification comes
+/// (it was written while the relay polled, so the writer did not notify): the relay's look
+/// at the log must see the first number the log's sequence hands out (a new sequence's
+/// `last_value` is 1 before and after its first `nextval`). Found by CI: the change waited
+/// for the next write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_change_after_installing_is_found_without_a_notification() {
+    let source = Source::start().await;
+    let load = LoadTarget::new(&source, 1).await;
+    let target = &load.target;
+    let mut relay = load.start(&source).await;
+    // Writers notify only while `wake` is 1; the relay, idle, would set it so. Off by
+    // hand, the relay has only its looks at the log to find the change.
+    source
+        .admin
+        .batch_execute("SELECT setval('walrelay_capture.wake', 0, true)")
+        .await
+        .unwrap();
+    let logged: i64 = source
+        .admin
+        .query_one(
+            "SELECT (SELECT count(*) FROM walrelay_capture.log_1)
+                  + (SELECT count(*) FROM walrelay_capture.log_2)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, 0, "nothing logged before the change");
+    source
+        .clerk
+        .batch_execute("UPDATE load SET v = 'y' WHERE id = 1")
+        .await
+        .unwrap();
+    wait_until_equal(&source.admin, target, &["load"], &mut relay).await;
+    relay.stop().await;
+}
+
+/// `rows` rows in the source's `load`, a new target for them and a trigger-capture relay's
+/// config (an idle relay looks at the log every 200 ms), not started yet.
+struct LoadTarget {
+    _server: TestPg,
+    target: tokio_postgres::Client,
+    _dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+}
+
+impl LoadTarget {
+    async fn new(source: &Source, rows: i32) -> LoadTarget {
+        source
+            .clerk
+            .execute(
+                "INSERT INTO load SELECT g, 'x' FROM generate_series(1, $1) g",
+                &[&rows],
+            )
+            .await
+            .unwrap();
+        let server = TestPg::start();
+        let target = server.create_db("app").await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = trigger_config(
+            dir.path(),
+            source,
+            &["public.load"],
+            "status_interval = \"200ms\"",
+            &server,
+        );
+        LoadTarget {
+            _server: server,
+            target,
+            _dir: dir,
+            config,
+        }
+    }
+
+    /// The relay, started and done copying (`load` equal on both sides).
+    async fn start(&self, source: &Source) -> Relay {
+        let mut relay = Relay::start(&self.config);
+        wait_until_created(&self.target, &["load"], &mut relay).await;
+        wait_until_equal(&source.admin, &self.target, &["load"], &mut relay).await;
+        relay
+    }
 }

@@ -114,6 +114,34 @@ pub async fn ticks_after(
     rows.iter().map(tick_of).collect()
 }
 
+/// The first recorded tick of `consumer` whose snapshot sees every transaction `snapshot`
+/// sees (taken later, or with nothing committed in between), and whether the consumer
+/// has confirmed it: a sink holding that tick's batch holds all those transactions.
+pub async fn first_tick_seeing(
+    client: &Client,
+    consumer: &str,
+    snapshot: &str,
+) -> Result<Option<(Tick, bool)>, BatchError> {
+    let row = client
+        .query_opt(
+            &format!(
+                "WITH v AS (SELECT $2::text::pg_snapshot AS s)
+                 SELECT {TICK_COLUMNS}, t.id <= coalesce(c.tick, 0)
+                   FROM walrelay_capture.ticks t CROSS JOIN v
+                   LEFT JOIN walrelay_capture.consumers c ON c.name = t.consumer
+                  WHERE t.consumer = $1
+                    AND pg_snapshot_xmax(t.snapshot) >= pg_snapshot_xmax(v.s)
+                    AND NOT EXISTS (SELECT FROM pg_snapshot_xip(t.snapshot) x
+                                     WHERE x < pg_snapshot_xmax(v.s) AND pg_visible_in_snapshot(x, v.s))
+                  ORDER BY t.id LIMIT 1"
+            ),
+            &[&consumer, &snapshot],
+        )
+        .await
+        .map_err(pg("reading the ticks"))?;
+    row.map(|r| Ok((tick_of(&r)?, r.get(3)))).transpose()
+}
+
 /// The relations of the captured tables, by their number in the log (each entry the
 /// registry keeps for them: rows logged before an ALTER TABLE have the columns of their
 /// entry), described as pgoutput would (type names, key columns; all columns are the key

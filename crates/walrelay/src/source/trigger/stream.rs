@@ -166,6 +166,19 @@ pub async fn prepare(cfg: &SourceConfig, sets: &[SetConfig]) -> Result<Prepared,
     })
 }
 
+/// How many log rows have been numbered: the log sequence's last value, or 0 before its
+/// first `nextval` (a new sequence's `last_value` is already 1 then, so reading it alone
+/// the first row logged after an installation would look like no change at all).
+const LOGGED: &str =
+    "(SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM walrelay_capture.log_seq)";
+
+/// The server processes holding the lock of consumer `$1` (a relay capturing as it), as
+/// one text: `NULL` when none does.
+const CONSUMER_LOCK_HOLDERS: &str = "(SELECT string_agg(l.pid::text, ', ') FROM pg_locks l
+      WHERE l.locktype = 'advisory' AND l.granted
+        AND l.classid::int = hashtext('walrelay_capture')
+        AND l.objid::int = hashtext($1))";
+
 /// The consumer's lock, held by this session for the run: one relay per consumer. A
 /// relay killed a moment ago may leave a server session that still holds it until the
 /// server notices; wait for that as for a slot's previous consumer.
@@ -175,11 +188,10 @@ async fn take_consumer_lock(client: &Client, consumer: &str) -> Result<(), Sourc
     loop {
         let row = client
             .query_one(
-                "SELECT pg_try_advisory_lock(hashtext('walrelay_capture'), hashtext($1)),
-                        (SELECT string_agg(l.pid::text, ', ') FROM pg_locks l
-                          WHERE l.locktype = 'advisory' AND l.granted
-                            AND l.classid::int = hashtext('walrelay_capture')
-                            AND l.objid::int = hashtext($1))",
+                &format!(
+                    "SELECT pg_try_advisory_lock(hashtext('walrelay_capture'), hashtext($1)),
+                            {CONSUMER_LOCK_HOLDERS}"
+                ),
                 &[&consumer],
             )
             .await
@@ -200,6 +212,56 @@ async fn take_consumer_lock(client: &Client, consumer: &str) -> Result<(), Sourc
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Where a consumer of the log stands, for `walrelay status`.
+#[derive(Debug)]
+pub struct ConsumerState {
+    /// The server process of the relay capturing as this consumer (its lock), if any.
+    pub capturing_pid: Option<String>,
+    /// The last tick whose batch every sink held, when the consumer has one.
+    pub confirmed: Option<Tick>,
+    /// Both log tables with their indexes.
+    pub log_bytes: i64,
+}
+
+/// The state of `consumer`, or `None` when the capture's schema is not installed.
+pub async fn consumer_state(
+    client: &Client,
+    consumer: &str,
+) -> Result<Option<ConsumerState>, SourceError> {
+    let installed: bool = client
+        .query_one(
+            "SELECT to_regclass('walrelay_capture.consumers') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(pg("looking for the capture's schema"))?
+        .get(0);
+    if !installed {
+        return Ok(None);
+    }
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT {CONSUMER_LOCK_HOLDERS},
+                        (SELECT tick FROM walrelay_capture.consumers WHERE name = $1),
+                        pg_total_relation_size('walrelay_capture.log_1')
+                          + pg_total_relation_size('walrelay_capture.log_2')"
+            ),
+            &[&consumer],
+        )
+        .await
+        .map_err(pg("reading the log's consumer"))?;
+    let confirmed = match row.get::<_, Option<i64>>(1) {
+        Some(id) => Some(batch::tick_by_id(client, id).await?),
+        None => None,
+    };
+    Ok(Some(ConsumerState {
+        capturing_pid: row.get(0),
+        confirmed,
+        log_bytes: row.get(2),
+    }))
 }
 
 pub struct TriggerSource {
@@ -333,9 +395,11 @@ impl TriggerSource {
         let row = self
             .client
             .query_one(
-                "SELECT (SELECT last_value FROM walrelay_capture.log_seq),
-                        EXISTS (SELECT FROM walrelay_capture.ticks t, pg_snapshot_xip(t.snapshot) x
-                                 WHERE t.id = $1 AND pg_visible_in_snapshot(x, pg_current_snapshot()))",
+                &format!(
+                    "SELECT {LOGGED},
+                            EXISTS (SELECT FROM walrelay_capture.ticks t, pg_snapshot_xip(t.snapshot) x
+                                     WHERE t.id = $1 AND pg_visible_in_snapshot(x, pg_current_snapshot()))"
+                ),
                 &[&self.last_tick],
             )
             .await
@@ -375,7 +439,7 @@ impl TriggerSource {
     async fn logged(&self) -> Result<i64, SourceError> {
         Ok(self
             .client
-            .query_one("SELECT last_value FROM walrelay_capture.log_seq", &[])
+            .query_one(&format!("SELECT {LOGGED}"), &[])
             .await
             .map_err(pg("reading the log's sequence"))?
             .get(0))
