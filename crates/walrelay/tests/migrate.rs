@@ -300,6 +300,15 @@ async fn migrate_then_cutover_and_rollback_under_writes_lose_nothing() {
     assert!(out.contains("write pause"), "{out}");
     println!("{}", out.trim());
     assert_cut_over(&s, &acked).await;
+    // status reports the stream that runs: from the new server back into the old one.
+    let status = walrelay_with_config("status", &s.cfg);
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(
+        status.contains("cut over: the stream runs from the new server back to the old one")
+            && status.contains("slot     walrelay_reverse: streaming")
+            && status.contains("phase cut_over"),
+        "{status}"
+    );
 
     let (code, out) = switch("rollback", &s.cfg).await;
     assert_eq!(code, Some(0), "{out}\n{}", migrate.stderr());

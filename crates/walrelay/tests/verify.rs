@@ -114,16 +114,22 @@ fn table<'a>(doc: &'a J, target: &str) -> &'a J {
         .unwrap_or_else(|| panic!("no {target} in {doc}"))
 }
 
-/// Updates random rows of `t` (ids 1..=200000) one transaction at a time until `stop`.
-fn writer(client: tokio_postgres::Client, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<i64> {
+/// Updates spread rows of `table` (ids 1..=`rows`, column `v`) one transaction at a time
+/// until `stop`.
+fn writer(
+    client: tokio_postgres::Client,
+    table: &'static str,
+    rows: i64,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<i64> {
     walrelay::task::spawn_named("test-writes", async move {
         let mut i = 0i64;
         while !stop.load(Ordering::Relaxed) {
             i += 1;
             client
                 .batch_execute(&format!(
-                    "UPDATE t SET n = n + 1, v = 'w{i}' WHERE id = {}",
-                    (i * 7919) % 200_000 + 1
+                    "UPDATE {table} SET v = 'w{i}' WHERE id = {}",
+                    (i * 7919) % rows + 1
                 ))
                 .await
                 .unwrap();
@@ -135,6 +141,27 @@ fn writer(client: tokio_postgres::Client, stop: Arc<AtomicBool>) -> tokio::task:
 
 fn signal(relay: &Relay, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(relay.pid()), signal).unwrap();
+}
+
+/// `verify --json ARGS` run while the relay stops applying for 3 s (SIGSTOP, then
+/// SIGCONT): the target is behind for every range the source's writes touch meanwhile.
+async fn verify_while_paused(
+    cfg: &std::path::Path,
+    args: &[&str],
+    relay: &Relay,
+) -> (Option<i32>, J) {
+    signal(relay, nix::sys::signal::Signal::SIGSTOP);
+    let verifying = {
+        let mut c = verify_command(cfg, args);
+        c.arg("--json");
+        tokio::task::spawn_blocking(move || c.output().unwrap())
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    signal(relay, nix::sys::signal::Signal::SIGCONT);
+    let out = verifying.await.unwrap();
+    let doc: J = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.code(), doc)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,19 +207,9 @@ async fn verify_names_what_differs_in_a_million_rows_ignores_what_is_in_flight_a
     // And on the source, under a write load, a relay that stops applying for a while: the
     // target is behind for every range the writes touch.
     let stop = Arc::new(AtomicBool::new(false));
-    let writes = writer(src_pg.client("app").await, stop.clone());
+    let writes = writer(src_pg.client("app").await, "t", 200_000, stop.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    signal(&relay, nix::sys::signal::Signal::SIGSTOP);
-    let verifying = {
-        let mut c = verify_command(&cfg, &only_keyed);
-        c.arg("--json");
-        tokio::task::spawn_blocking(move || c.output().unwrap())
-    };
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    signal(&relay, nix::sys::signal::Signal::SIGCONT);
-    let out = verifying.await.unwrap();
-    let doc: J = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let (code, doc) = verify_while_paused(&cfg, &only_keyed, &relay).await;
     let expected = vec![
         (
             "public.eu_people".to_string(),
@@ -205,7 +222,7 @@ async fn verify_names_what_differs_in_a_million_rows_ignores_what_is_in_flight_a
         ("public.t".into(), "missing".into(), "700002".into()),
     ];
     assert_eq!(found(&doc), expected, "{doc}");
-    assert_eq!(out.status.code(), Some(1), "{doc}");
+    assert_eq!(code, Some(1), "{doc}");
     let changed = table(&doc, "public.eu_people")["differences"]
         .as_array()
         .unwrap()
@@ -313,4 +330,113 @@ async fn verify_says_it_cannot_tell_when_the_relay_does_not_catch_up() {
         (out.status.code(), (), ())
     };
     assert_eq!(code, Some(2));
+}
+
+/// Trigger capture (a source at `wal_level = replica`, a non-superuser owner): the position
+/// a round waits for is a batch. A difference on an idle source is proven within `--wait`
+/// (the idle relay, which ticks only when notified, is woken); differences are named, and
+/// nothing in flight, while a writer runs and the relay stops for 3 s; `--repair` puts
+/// them right; with the relay stopped, ranges are left unsettled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_with_trigger_capture_waits_for_batches() {
+    let source = crate::trigger::Source::start().await;
+    source
+        .clerk
+        .batch_execute("INSERT INTO load SELECT g, 'row ' || g FROM generate_series(1, 20000) g")
+        .await
+        .unwrap();
+    let target_pg = TestPg::start();
+    let target = target_pg.create_db("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    // The idle relay looks at the log only every 30 s: a tick within --wait needs the
+    // notification.
+    let cfg = crate::trigger::trigger_config(
+        dir.path(),
+        &source,
+        &["public.load"],
+        "status_interval = \"30s\"",
+        &target_pg,
+    );
+    let mut relay = Relay::start(&cfg);
+    wait_for_count(&target, "SELECT count(*) FROM load", 20_000, "the copy").await;
+    let (code, doc, stderr) = run_verify(&cfg, &[]).await;
+    assert_eq!((code, found(&doc)), (Some(0), vec![]), "{doc}\n{stderr}");
+    assert_eq!(table(&doc, "public.load")["rows"], 20_000, "{doc}");
+
+    target
+        .batch_execute("UPDATE load SET v = 'tampered' WHERE id = 15001")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (code, doc, stderr) = run_verify(&cfg, &["--wait", "20s"]).await;
+    assert_eq!(
+        (code, found(&doc)),
+        (
+            Some(1),
+            vec![("public.load".into(), "changed".into(), "15001".into())]
+        ),
+        "{doc}\n{stderr}"
+    );
+
+    target
+        .batch_execute(
+            "DELETE FROM load WHERE id = 16002; INSERT INTO load VALUES (20005, 'extra')",
+        )
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clerk = tokio_postgres::connect(
+        &format!(
+            "postgresql://clerk:cl3rk@127.0.0.1:{}/app",
+            source.pg.port()
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .map(|(client, conn)| {
+        walrelay::task::spawn_named("test-conn", conn);
+        client
+    })
+    .unwrap();
+    let writes = writer(clerk, "load", 5_000, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, doc) = verify_while_paused(&cfg, &["--chunk-rows", "1000"], &relay).await;
+    assert_eq!(
+        found(&doc),
+        vec![
+            (
+                "public.load".to_string(),
+                "changed".to_string(),
+                "15001".to_string()
+            ),
+            ("public.load".into(), "extra".into(), "20005".into()),
+            ("public.load".into(), "missing".into(), "16002".into()),
+        ],
+        "{doc}"
+    );
+    assert_eq!(code, Some(1), "{doc}");
+
+    let (code, doc, stderr) = run_verify(&cfg, &["--repair"]).await;
+    assert_eq!(code, Some(0), "{doc}\n{stderr}");
+    assert_eq!(found(&doc).len(), 3, "{doc}");
+    stop.store(true, Ordering::Relaxed);
+    assert!(writes.await.unwrap() > 0);
+    let (code, doc, _) = run_verify(&cfg, &[]).await;
+    assert_eq!((code, found(&doc)), (Some(0), vec![]), "{doc}");
+    wait_until_equal(&source.admin, &target, &["load"], &mut relay).await;
+
+    // No relay: what the source changed since cannot be settled.
+    relay.stop().await;
+    source
+        .clerk
+        .batch_execute("UPDATE load SET v = 'later' WHERE id = 7")
+        .await
+        .unwrap();
+    let (code, doc, stderr) = run_verify(&cfg, &["--wait", "2s"]).await;
+    assert_eq!((code, found(&doc)), (Some(2), vec![]), "{doc}\n{stderr}");
+    let unsettled = table(&doc, "public.load")["unsettled"].to_string();
+    assert!(
+        unsettled.contains("did not apply past the source's snapshot"),
+        "{doc}"
+    );
 }

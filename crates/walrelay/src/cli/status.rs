@@ -1,22 +1,33 @@
-//! `walrelay status`: where the slot and each sink stand, and how far behind the source.
+//! `walrelay status`: where the slot (with trigger capture, the log's consumer) and each
+//! sink stand, and how far behind the source.
 //!
 //! A sink's lag in bytes is the source WAL after the later of its own position and the
-//! slot's confirmed position (everything before that is durable in every sink). Its lag in
-//! seconds is 0 when it is caught up (nothing after its position, or walrelay is streaming
-//! and the sink holds all the slot confirmed), and otherwise the age of the last source
-//! commit it holds.
+//! slot's (or the consumer's) confirmed position (everything before that is durable in
+//! every sink). Its lag in seconds is 0 when it is caught up (nothing after its position,
+//! or walrelay is running and the sink holds all that was confirmed), and otherwise the
+//! age of the last source commit (or tick) it holds.
 
 use std::process::ExitCode;
 
 use walrelay_model::Lsn;
 
-use crate::config::{Config, SinkConfig};
+use crate::config::{CaptureMethod, Config, SinkConfig};
 use crate::format::json::line_position;
 use crate::pg::sql;
 use crate::sink::postgres::progress;
 use crate::source::pgoutput::setup;
+use crate::source::trigger::stream;
 
-pub async fn status(config: &Config) -> anyhow::Result<ExitCode> {
+pub async fn status(configured: &Config) -> anyhow::Result<ExitCode> {
+    // After a migration's cutover the configured slot is gone: the stream to report runs
+    // from the new server back into the old one.
+    let reverse = crate::migrate::cut_over_stream(configured)
+        .await
+        .unwrap_or_default();
+    if reverse.is_some() {
+        println!("cut over: the stream runs from the new server back to the old one");
+    }
+    let config = reverse.as_ref().unwrap_or(configured);
     let info = crate::pg::locate::locate(&config.source.url.resolve()?).await?;
     let client = sql::connect(&info).await?;
     let current: Lsn = client
@@ -26,7 +37,30 @@ pub async fn status(config: &Config) -> anyhow::Result<ExitCode> {
         .parse()?;
     println!("source   {}; current WAL {current}", info.describe());
     let slot_name = &config.source.slot;
-    let slot = setup::slot_info(&client, slot_name).await?;
+    // Everything before `confirmed` is durable in every sink; `streaming`: a relay runs.
+    let (confirmed, streaming) = match config.source.capture {
+        CaptureMethod::Logical => print_slot(&client, slot_name, current).await?,
+        CaptureMethod::Trigger => print_consumer(&client, slot_name, current).await?,
+    };
+    print_sets(config, &client).await;
+    match crate::migrate::describe(configured).await {
+        Ok(Some(text)) => println!("{text}"),
+        Ok(None) => {}
+        Err(e) => println!("migration: cannot read its record: {e}"),
+    }
+    for sink in &config.sinks {
+        print_sink(sink, slot_name, current, confirmed, streaming).await?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The slot's line; its confirmed position, and whether a relay streams from it.
+async fn print_slot(
+    client: &tokio_postgres::Client,
+    slot_name: &str,
+    current: Lsn,
+) -> anyhow::Result<(Lsn, bool)> {
+    let slot = setup::slot_info(client, slot_name).await?;
     let confirmed = slot
         .as_ref()
         .and_then(|s| s.confirmed_flush)
@@ -61,96 +95,134 @@ pub async fn status(config: &Config) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    print_sets(config, &client).await;
-    match crate::migrate::describe(config).await {
-        Ok(Some(text)) => println!("{text}"),
-        Ok(None) => {}
-        Err(e) => println!("migration: cannot read its record: {e}"),
-    }
-    for sink in &config.sinks {
-        let (kind, applied) = match sink {
-            SinkConfig::Jsonl(j) if j.path == "-" => {
-                println!(
-                    "sink     {} (jsonl, standard output): no position kept",
-                    j.name
-                );
-                continue;
-            }
-            SinkConfig::Jsonl(j) => (format!("jsonl {}", j.path), jsonl_position(&j.path)),
-            SinkConfig::Amqp(a) => {
-                println!(
-                    "sink     {} (amqp {}, exchange {}): confirmed up to the slot's position",
-                    a.name,
-                    a.url.redacted(),
-                    a.exchange
-                );
-                continue;
-            }
-            SinkConfig::Postgres(p) => {
-                let target = p.url.resolve()?;
-                let progress_name = format!("{slot_name}/{}", p.name);
-                let applied = match sql::connect(&target).await {
-                    Ok(c) => {
-                        if let Some(n) =
-                            crate::sink::postgres::conflict::logged(&c, &progress_name).await
-                        {
-                            println!(
-                                "conflicts {} (postgres {}): {n} resolved (walrelay.conflicts)",
-                                p.name,
-                                target.describe()
-                            );
-                        }
-                        progress::recorded(&c, &progress_name).await?
-                    }
-                    Err(e) => {
+    Ok((confirmed, slot.is_some_and(|s| s.active_pid.is_some())))
+}
+
+/// Trigger capture: the log's consumer (`source.slot`) in place of a slot: whether a relay
+/// captures, the last batch every sink held (its tick's time and position), and the log's
+/// size. Returns that batch's end and whether a relay captures.
+async fn print_consumer(
+    client: &tokio_postgres::Client,
+    consumer: &str,
+    current: Lsn,
+) -> anyhow::Result<(Lsn, bool)> {
+    let Some(state) = stream::consumer_state(client, consumer).await? else {
+        println!("consumer {consumer} (trigger capture): not installed yet (walrelay run installs the log and the triggers)");
+        return Ok((Lsn::ZERO, false));
+    };
+    let running = match &state.capturing_pid {
+        Some(pid) => format!("capturing (pid {pid})"),
+        None => "not capturing: walrelay is stopped; the log keeps the changes for it".into(),
+    };
+    let confirmed = state.confirmed.map_or(Lsn::ZERO, |t| t.end());
+    let at = state
+        .confirmed
+        .and_then(|t| chrono::DateTime::from_timestamp_micros(t.at.unix_micros()))
+        .map(|t| {
+            format!(
+                " (tick at {}, {:.1} s ago)",
+                t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                (chrono::Utc::now() - t).num_milliseconds() as f64 / 1000.0
+            )
+        })
+        .unwrap_or_default();
+    println!(
+        "consumer {consumer} (trigger capture): {running}; confirmed {confirmed}{at}, {} behind; log {}",
+        bytes(current.bytes_since(confirmed)),
+        bytes(state.log_bytes.max(0) as u64)
+    );
+    Ok((confirmed, state.capturing_pid.is_some()))
+}
+
+/// One sink's line: what it applied and how far behind the source it is.
+async fn print_sink(
+    sink: &SinkConfig,
+    slot_name: &str,
+    current: Lsn,
+    confirmed: Lsn,
+    streaming: bool,
+) -> anyhow::Result<()> {
+    let (kind, applied) = match sink {
+        SinkConfig::Jsonl(j) if j.path == "-" => {
+            println!(
+                "sink     {} (jsonl, standard output): no position kept",
+                j.name
+            );
+            return Ok(());
+        }
+        SinkConfig::Jsonl(j) => (format!("jsonl {}", j.path), jsonl_position(&j.path)),
+        SinkConfig::Amqp(a) => {
+            println!(
+                "sink     {} (amqp {}, exchange {}): confirmed up to the slot's position",
+                a.name,
+                a.url.redacted(),
+                a.exchange
+            );
+            return Ok(());
+        }
+        SinkConfig::Postgres(p) => {
+            let target = p.url.resolve()?;
+            let progress_name = format!("{slot_name}/{}", p.name);
+            let applied = match sql::connect(&target).await {
+                Ok(c) => {
+                    if let Some(n) =
+                        crate::sink::postgres::conflict::logged(&c, &progress_name).await
+                    {
                         println!(
-                            "sink     {} (postgres {}): cannot connect: {e}",
+                            "conflicts {} (postgres {}): {n} resolved (walrelay.conflicts)",
                             p.name,
                             target.describe()
                         );
-                        continue;
                     }
-                };
-                (format!("postgres {}", target.describe()), applied)
-            }
-        };
-        let name = sink.name();
-        match applied {
-            None => println!(
-                "sink     {name} ({kind}): nothing applied yet; lag {}",
-                bytes(current.bytes_since(confirmed))
-            ),
-            Some((lsn, commit_time)) => {
-                let effective = lsn.max(confirmed);
-                let streaming = slot.as_ref().is_some_and(|s| s.active_pid.is_some());
-                let caught_up = current <= effective || (streaming && lsn >= confirmed);
-                let seconds = if caught_up {
-                    "0 s".to_string()
-                } else {
-                    commit_time
-                        .as_deref()
-                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                        .map(|t| {
-                            format!(
-                                "{:.1} s",
-                                (chrono::Utc::now() - t.with_timezone(&chrono::Utc))
-                                    .num_milliseconds() as f64
-                                    / 1000.0
-                            )
-                        })
-                        .unwrap_or_else(|| "unknown s".into())
-                };
-                println!(
-                    "sink     {name} ({kind}): applied {lsn}{}; lag {}, {seconds}",
-                    commit_time
-                        .map(|t| format!(" (source commit {t})"))
-                        .unwrap_or_default(),
-                    bytes(current.bytes_since(effective)),
-                );
-            }
+                    progress::recorded(&c, &progress_name).await?
+                }
+                Err(e) => {
+                    println!(
+                        "sink     {} (postgres {}): cannot connect: {e}",
+                        p.name,
+                        target.describe()
+                    );
+                    return Ok(());
+                }
+            };
+            (format!("postgres {}", target.describe()), applied)
+        }
+    };
+    let name = sink.name();
+    match applied {
+        None => println!(
+            "sink     {name} ({kind}): nothing applied yet; lag {}",
+            bytes(current.bytes_since(confirmed))
+        ),
+        Some((lsn, commit_time)) => {
+            let effective = lsn.max(confirmed);
+            let caught_up = current <= effective || (streaming && lsn >= confirmed);
+            let seconds = if caught_up {
+                "0 s".to_string()
+            } else {
+                commit_time
+                    .as_deref()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| {
+                        format!(
+                            "{:.1} s",
+                            (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_milliseconds()
+                                as f64
+                                / 1000.0
+                        )
+                    })
+                    .unwrap_or_else(|| "unknown s".into())
+            };
+            println!(
+                "sink     {name} ({kind}): applied {lsn}{}; lag {}, {seconds}",
+                commit_time
+                    .map(|t| format!(" (source commit {t})"))
+                    .unwrap_or_default(),
+                bytes(current.bytes_since(effective)),
+            );
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// Each set: its tables as the source has them now (with where each goes and how it is

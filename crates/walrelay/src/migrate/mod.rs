@@ -632,6 +632,20 @@ pub async fn ask(
     }
 }
 
+/// Once a cutover is done, the stream that runs is the reverse one (the new server into the
+/// old): its configuration, for `walrelay status` to report; `None` before a cutover,
+/// after a rollback, and when `config` is not a migration's.
+pub async fn cut_over_stream(config: &Config) -> Result<Option<Config>, MigrateError> {
+    let Ok(m) = Migration::new(config) else {
+        return Ok(None);
+    };
+    let target = sql::connect(&m.target).await?;
+    Ok(match record::read(&target, &m.name).await? {
+        Some(rec) if rec.phase == Phase::CutOver => Some(m.reverse),
+        _ => None,
+    })
+}
+
 /// The migration's record for `status`, if there is one.
 pub async fn describe(config: &Config) -> Result<Option<String>, MigrateError> {
     let Ok(m) = Migration::new(config) else {

@@ -6,9 +6,11 @@
 //!   source then holds everything the target had, so a range whose rows did not change in
 //!   between compares equal at once, with no waiting, even while the target is behind.
 //! - A range that differs is read row by row in rounds: the source first (rows and their
-//!   versions), then — once the target has applied past the source's WAL position of that
-//!   read — the target. A row is reported only when two rounds found it different with the
-//!   same source row version (`compare::Settling`); rows in flight clear themselves.
+//!   versions), then — once the target has applied past the source's position after that
+//!   read (the WAL insert position, or with trigger capture the session's snapshot, which
+//!   a tick must see) — the target. A row is reported only when two rounds found it
+//!   different with the same source row version (`compare::Settling`); rows in flight
+//!   clear themselves.
 //! - Compared is what the target should hold: the set's row filter, column list, renames
 //!   and transforms are applied to the source's rows (`sets::TableShape`).
 //! - A repair writes one proven row on the target in a transaction that first locks the
@@ -135,11 +137,6 @@ pub async fn verify(
     options: &Options,
     mut each: impl FnMut(&TableReport),
 ) -> Result<Vec<TableReport>, VerifyError> {
-    if config.source.capture == CaptureMethod::Trigger {
-        return Err(VerifyError::Setup(
-            "verify compares against the logical-decoding stream's positions; with capture = \"trigger\" it is not available yet".into(),
-        ));
-    }
     let sinks = config.postgres_sinks();
     if sinks.is_empty() {
         return Err(VerifyError::Setup(
@@ -169,6 +166,7 @@ pub async fn verify(
                 source: source_session(&info).await?,
                 target: target_session(&target_info, &sink.name, options.repair).await?,
                 slot: &config.source.slot,
+                capture: config.source.capture,
                 progress,
                 options,
             });
@@ -251,7 +249,9 @@ struct Sides<'a> {
 struct Worker<'a> {
     source: Client,
     target: Client,
+    /// The slot, or with trigger capture the log's consumer.
     slot: &'a str,
+    capture: CaptureMethod,
     /// The sink's progress record on the target (`slot/sink`).
     progress: &'a str,
     options: &'a Options,
@@ -536,13 +536,12 @@ impl Worker<'_> {
         let mut counted = false;
         for _ in 0..ROUNDS {
             let source_rows = self.source_rows(table, range).await?;
-            // Past every transaction the read saw.
-            let at = crate::sink::postgres::progress::wal_insert_position(&self.source).await?;
+            let at = self.source_mark().await?;
             if !counted {
                 part.rows += source_rows.len() as u64;
                 counted = true;
             }
-            if !self.wait_for_target(at).await? {
+            if !self.wait_for_target(&at).await? {
                 part.unsettled.push(format!(
                     "{}: the target did not apply past {at} within {} s (is the relay running?)",
                     sql::describe(&table.key_columns, range),
@@ -646,16 +645,91 @@ impl Worker<'_> {
             .collect())
     }
 
-    async fn wait_for_target(&mut self, at: Lsn) -> Result<bool, VerifyError> {
-        Ok(crate::sink::postgres::progress::wait_applied(
-            &self.source,
-            &self.target,
-            self.slot,
-            self.progress,
-            at,
-            self.options.wait,
-        )
-        .await?)
+    /// Where the source stands just after a read: past every transaction the read saw.
+    async fn source_mark(&self) -> Result<Mark, VerifyError> {
+        Ok(match self.capture {
+            CaptureMethod::Logical => {
+                Mark::Wal(crate::sink::postgres::progress::wal_insert_position(&self.source).await?)
+            }
+            CaptureMethod::Trigger => Mark::Snapshot(
+                self.source
+                    .query_one("SELECT pg_current_snapshot()::text", &[])
+                    .await
+                    .map_err(pg("reading the source's snapshot"))?
+                    .get(0),
+            ),
+        })
+    }
+
+    /// Wait until the target holds every transaction `at` is past; `false` after
+    /// `Options::wait`.
+    async fn wait_for_target(&mut self, at: &Mark) -> Result<bool, VerifyError> {
+        match at {
+            Mark::Wal(lsn) => Ok(crate::sink::postgres::progress::wait_applied(
+                &self.source,
+                &self.target,
+                self.slot,
+                self.progress,
+                *lsn,
+                self.options.wait,
+            )
+            .await?),
+            Mark::Snapshot(snapshot) => self.wait_for_batch(snapshot).await,
+        }
+    }
+
+    /// Trigger capture: the first tick that sees all `snapshot` sees, applied on the target
+    /// (its recorded position past the tick's) or confirmed by the log's consumer. The
+    /// relay ticks on its own while writers log; an idle one ticks when notified, which a
+    /// wait does now and then.
+    async fn wait_for_batch(&mut self, snapshot: &str) -> Result<bool, VerifyError> {
+        use crate::source::trigger::{batch, install::CHANNEL};
+        let started = Instant::now();
+        let mut notified: Option<Instant> = None;
+        loop {
+            let tick = batch::first_tick_seeing(&self.source, self.slot, snapshot)
+                .await
+                .map_err(|e| match e {
+                    batch::BatchError::Pg(e) => VerifyError::Pg(e),
+                    other => VerifyError::Setup(other.to_string()),
+                })?;
+            if let Some((tick, confirmed)) = tick {
+                let recorded =
+                    crate::sink::postgres::progress::recorded(&self.target, self.progress)
+                        .await?
+                        .map(|(lsn, _)| lsn);
+                if confirmed || recorded.is_some_and(|r| r >= tick.end()) {
+                    return Ok(true);
+                }
+            } else if notified.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                self.source
+                    .execute("SELECT pg_notify($1, '')", &[&CHANNEL])
+                    .await
+                    .map_err(pg("waking the relay"))?;
+                notified = Some(Instant::now());
+            }
+            if started.elapsed() >= self.options.wait {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// How far the source was when rows were read, in the terms of the capture method.
+enum Mark {
+    /// The WAL insert position (logical decoding: the slot and the sinks' positions pass it).
+    Wal(Lsn),
+    /// The session's snapshot (trigger capture: a tick that sees it closes a batch).
+    Snapshot(String),
+}
+
+impl std::fmt::Display for Mark {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mark::Wal(lsn) => write!(f, "{lsn}"),
+            Mark::Snapshot(s) => write!(f, "the source's snapshot {s}"),
+        }
     }
 }
 
