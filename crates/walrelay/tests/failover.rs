@@ -276,6 +276,163 @@ async fn a_transaction_reaches_the_target_only_once_the_synchronous_standby_has_
     }
 }
 
+/// `pg_receivewal --synchronous` under an application name: a real walsender client that
+/// flushes and confirms every record at once, standing in for a synchronous standby;
+/// killed when dropped (then its WAL directory goes).
+struct FakeStandby {
+    child: std::process::Child,
+    _wal: tempfile::TempDir,
+}
+
+impl FakeStandby {
+    fn start(source: &TestPg, name: &str) -> FakeStandby {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = walrelay::pg::local::find_bindir().unwrap();
+        let url = format!("{}&application_name={name}", source.url("postgres"));
+        let child = std::process::Command::new(bin.join("pg_receivewal"))
+            .args(["--synchronous", "--no-loop", "--no-password", "-D"])
+            .arg(dir.path())
+            .args(["-d", &url])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting pg_receivewal");
+        FakeStandby { child, _wal: dir }
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).unwrap();
+    }
+}
+
+impl Drop for FakeStandby {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Quorum commit (`ANY n (…)`, as CloudNativePG and Patroni's quorum mode set it): every
+/// standby shows `quorum`, none `sync`, and PostgreSQL releases a commit once n of them
+/// have it. The relay does the same: with ANY 1 a commit reaches the target while one
+/// standby is frozen; with ANY 2 it waits for the frozen one as the commit does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_quorum_commit_a_transaction_reaches_the_target_once_enough_standbys_have_it() {
+    use nix::sys::signal::Signal;
+    let source = TestPg::start();
+    let target = TestPg::start();
+    let db = source.create_db("app").await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (0)")
+        .await
+        .unwrap();
+    let target_db = target.create_db("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = postgres_config(
+        dir.path(),
+        &source.url("app"),
+        &target.url("app"),
+        &["public.t"],
+        "",
+    );
+    let mut relay = Relay::start(&cfg);
+    crate::support::wait_until_streaming(&db, &mut relay).await;
+    wait_for_count(&target_db, "SELECT count(*) FROM t", 1, "the copy").await;
+
+    let _s1 = FakeStandby::start(&source, "s1");
+    let s2 = FakeStandby::start(&source, "s2");
+    let set_standbys = |names: &'static str| {
+        let db = &db;
+        async move {
+            db.batch_execute(&format!(
+                "ALTER SYSTEM SET synchronous_standby_names = '{names}'"
+            ))
+            .await
+            .unwrap();
+            db.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+        }
+    };
+    set_standbys("ANY 1 (s1, s2)").await;
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'quorum'",
+        2,
+        "both standbys in the quorum",
+    )
+    .await;
+    db.execute("INSERT INTO t VALUES (1)", &[]).await.unwrap();
+    wait_for_count(
+        &target_db,
+        "SELECT count(*) FROM t WHERE id = 1",
+        1,
+        "a commit the quorum has",
+    )
+    .await;
+
+    // One standby frozen: one of two still makes ANY 1.
+    s2.signal(Signal::SIGSTOP);
+    db.execute("INSERT INTO t VALUES (2)", &[]).await.unwrap();
+    wait_for_count(
+        &target_db,
+        "SELECT count(*) FROM t WHERE id = 2",
+        1,
+        "a commit one of two standbys has, under ANY 1",
+    )
+    .await;
+
+    // ANY 2 with one frozen: the commit waits, and so does the relay.
+    set_standbys("ANY 2 (s1, s2)").await;
+    let writer = source.client("app").await;
+    let insert = walrelay::task::spawn_named("waiting-insert", async move {
+        writer.execute("INSERT INTO t VALUES (3)", &[]).await
+    });
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+        1,
+        "the commit to wait for the second standby",
+    )
+    .await;
+    let flushed: String = db
+        .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    walrelay_testkit::wait_for("the commit sent to the relay", Duration::from_secs(60), || async {
+        db.query_one(
+            "SELECT coalesce(bool_or(sent_lsn >= $1::text::pg_lsn), false) FROM pg_stat_replication WHERE application_name NOT IN ('s1', 's2')",
+            &[&flushed],
+        )
+        .await
+        .ok()?
+        .get::<_, bool>(0)
+        .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!insert.is_finished(), "the commit should still wait for s2");
+    let n: i64 = target_db
+        .query_one("SELECT count(*) FROM t WHERE id = 3", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        n,
+        0,
+        "held back until two standbys have it:\n{}",
+        relay.stderr()
+    );
+    s2.signal(Signal::SIGCONT);
+    insert.await.unwrap().unwrap();
+    wait_for_count(
+        &target_db,
+        "SELECT count(*) FROM t WHERE id = 3",
+        1,
+        "the row once both standbys have it",
+    )
+    .await;
+    relay.stop().await;
+}
+
 /// A slot gone from the source while the target holds what came through it (a failover to
 /// a node without its copy, a slot dropped by hand): a new slot would start now and skip
 /// what was committed in between, so the relay makes none and says so. Emptying the

@@ -8,7 +8,9 @@
 //! for ones already applied. PostgreSQL 17 holds its own walsenders back
 //! (`synchronized_standby_slots`); this gate does the same in the relay, for every
 //! version: nothing reaches a sink (commit, message or keepalive position) until the
-//! synchronous standby has flushed past it.
+//! synchronous standbys have flushed past it — as PostgreSQL releases a waiting commit to
+//! its client: with `FIRST n (…)` (or a plain list, n = 1) once all n synchronous
+//! standbys have it, with `ANY n (…)` (quorum) once n of the candidates have it.
 //!
 //! Without a synchronous standby configured, everything passes, and the setting is looked
 //! at again only every `UNNAMED_RECHECK`, not for every batch (a query per batch cost
@@ -25,12 +27,14 @@ use walrelay_model::{Event, Lsn};
 use super::SourceError;
 use crate::pg::{sql, ConnInfo, PgError};
 
-/// Whether a synchronous standby is asked for, and how far every commit is safe from a
-/// failover: the synchronous standby's flush position (a standby decoding, PostgreSQL 16+:
-/// nothing to wait for).
+/// Whether a synchronous standby is asked for (a standby decoding, PostgreSQL 16+: nothing
+/// to wait for), the setting, and the flush positions of the standbys a commit waits on
+/// (`sync` under `FIRST`, `quorum` under `ANY`), highest first.
 const SAFE_POSITION: &str =
     "SELECT NOT pg_is_in_recovery() AND current_setting('synchronous_standby_names') <> '',
-         (SELECT max(flush_lsn) FROM pg_stat_replication WHERE sync_state = 'sync')::text";
+         current_setting('synchronous_standby_names'),
+         (SELECT array_agg(flush_lsn::text ORDER BY flush_lsn DESC) FROM pg_stat_replication
+           WHERE sync_state IN ('sync', 'quorum') AND flush_lsn IS NOT NULL)";
 
 /// How long "no synchronous standby" is taken for granted (see the module's comment).
 const UNNAMED_RECHECK: Duration = Duration::from_millis(100);
@@ -90,13 +94,46 @@ impl StandbyGate {
             return Ok(true);
         }
         self.unnamed_until = None;
-        // None: a standby is named but none is connected (commits wait on the primary too).
-        let safe: Option<String> = row.get(1);
-        self.safe = self
-            .safe
-            .max(safe.and_then(|s| s.parse().ok()).unwrap_or(Lsn::ZERO));
+        let setting: String = row.get(1);
+        let flushed: Vec<Lsn> = row
+            .get::<_, Option<Vec<String>>>(2)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|l| l.parse().ok())
+            .collect();
+        if let Some(safe) = released_position(&flushed, standbys_a_commit_waits_for(&setting)) {
+            self.safe = self.safe.max(safe);
+        }
         Ok(lsn <= self.safe)
     }
+}
+
+/// How far PostgreSQL has released waiting commits, given the flush positions of the
+/// standbys they wait on, highest first: the `n`th highest (under `FIRST n` exactly the n
+/// synchronous standbys are listed, so it is their lowest). `None` while fewer than `n`
+/// are connected: commits wait on the primary too.
+fn released_position(flushed: &[Lsn], n: usize) -> Option<Lsn> {
+    flushed.get(n.max(1) - 1).copied()
+}
+
+/// The number of standbys a commit waits for under `synchronous_standby_names`:
+/// `[FIRST] n (names)` or `ANY n (names)` give n; a plain list of names (or `*`) gives 1.
+/// The keywords are PostgreSQL's, case-insensitive; a name that merely looks like one is
+/// still a name, as in PostgreSQL's grammar (a number must follow, then a parenthesis).
+fn standbys_a_commit_waits_for(setting: &str) -> usize {
+    let s = setting.trim_start();
+    let after_keyword = ["first", "any"].iter().find_map(|k| {
+        let head = s.get(..k.len())?;
+        let rest = &s[k.len()..];
+        (head.eq_ignore_ascii_case(k) && rest.starts_with(|c: char| c.is_ascii_whitespace()))
+            .then(|| rest.trim_start())
+    });
+    let s = after_keyword.unwrap_or(s);
+    let digits = s.len() - s.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+    if digits == 0 || !s[digits..].trim_start().starts_with('(') {
+        return 1;
+    }
+    s[..digits].parse().unwrap_or(1)
 }
 
 /// The highest position in `batch` that a sink could make durable or record: commits,
@@ -112,4 +149,40 @@ pub fn gate_position(batch: &[Event]) -> Lsn {
         })
         .max()
         .unwrap_or(Lsn::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_number_of_standbys_a_commit_waits_for_is_read_as_postgresql_does() {
+        for (setting, n) in [
+            ("s1", 1),
+            ("s1, s2", 1),
+            ("*", 1),
+            ("2 (s1, s2, s3)", 2),
+            ("FIRST 2 (s1, s2, s3)", 2),
+            ("first 3(s1,s2,s3)", 3),
+            ("ANY 2 (s1, s2, s3)", 2),
+            ("  any   1 ( \"s 1\", s2)", 1),
+            // Names, not keywords.
+            ("first", 1),
+            ("any, first", 1),
+            ("\"2\"", 1),
+        ] {
+            assert_eq!(standbys_a_commit_waits_for(setting), n, "{setting}");
+        }
+    }
+
+    #[test]
+    fn commits_are_released_at_the_nth_highest_flush() {
+        let l = |n: u64| Lsn(n);
+        let flushed = [l(300), l(200), l(100)];
+        assert_eq!(released_position(&flushed, 1), Some(l(300)));
+        assert_eq!(released_position(&flushed, 2), Some(l(200)));
+        assert_eq!(released_position(&flushed, 3), Some(l(100)));
+        assert_eq!(released_position(&flushed, 4), None);
+        assert_eq!(released_position(&[], 1), None);
+    }
 }
