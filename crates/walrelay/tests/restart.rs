@@ -286,3 +286,60 @@ async fn a_crash_after_commit_before_the_status_update_repeats_nothing() {
 async fn a_crash_before_a_status_update_loses_nothing() {
     crash_at_failpoint(walrelay::failpoint::BEFORE_STATUS_UPDATE.name(), 5).await;
 }
+
+/// A target database set to `synchronous_commit = off`: its COMMIT returns before the WAL
+/// is written, so a target crash right after the relay confirmed the source would lose the
+/// transaction for good (the source does not send it again). The relay's sessions commit
+/// with `on` there: after a crash (immediate stop, with the WAL writer held to every 10 s)
+/// the row is on the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_crash_loses_nothing_confirmed_where_synchronous_commit_is_off() {
+    let source_pg = TestPg::start();
+    let target_pg = TestPg::builder().setting("wal_writer_delay", "10s").start();
+    let source = source_pg.create_db("app").await;
+    source
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let target = target_pg.create_db("app").await;
+    target
+        .batch_execute("ALTER DATABASE app SET synchronous_commit = off")
+        .await
+        .unwrap();
+    drop(target);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = postgres_config(
+        dir.path(),
+        &source_pg.url("app"),
+        &target_pg.url("app"),
+        &["public.t"],
+        "",
+    );
+    let mut relay = Relay::start(&cfg);
+    wait_until_streaming(&source, &mut relay).await;
+    source
+        .batch_execute("INSERT INTO t VALUES (1, 'confirmed before the crash')")
+        .await
+        .unwrap();
+    let committed = current_lsn(&source).await;
+    wait_for(
+        "the source confirmed past the insert",
+        Duration::from_secs(60),
+        || async { (confirmed_flush(&source, "walrelay").await >= committed).then_some(()) },
+    )
+    .await;
+    let log = relay.stop().await;
+    assert!(
+        log.contains("synchronous_commit = off"),
+        "the relay says it commits with on:\n{log}"
+    );
+    target_pg.stop(walrelay::pg::local::StopMode::Immediate);
+    target_pg.server.start().unwrap();
+    let target = target_pg.client("app").await;
+    let n: i64 = target
+        .query_one("SELECT count(*) FROM t WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "the confirmed row survives the target's crash");
+}

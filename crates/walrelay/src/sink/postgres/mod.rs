@@ -188,6 +188,24 @@ async fn connect_session(
         )
         .await
         .map_err(|e| PgError::from_sql("setting up the target session", e))?;
+    // The source is confirmed once the target's COMMIT returns: with the target's
+    // `synchronous_commit = off` (a database's or role's setting) that COMMIT is not yet
+    // durable, and a target crash would lose what the source then frees. Other settings
+    // (`local`, `remote_apply`, ...) are the DBA's and stay.
+    let forced: Option<tokio_postgres::Row> = client
+        .query_opt(
+            "SELECT set_config('synchronous_commit', 'on', false) \
+              WHERE current_setting('synchronous_commit') = 'off'",
+            &[],
+        )
+        .await
+        .map_err(|e| PgError::from_sql("setting synchronous_commit", e))?;
+    if forced.is_some() {
+        tracing::info!(
+            target = %info.describe(),
+            "the target has synchronous_commit = off: walrelay's apply sessions commit with on, so that nothing confirmed to the source can be lost"
+        );
+    }
     // The fence finds a killed relay's sessions by this name (`progress::fence`).
     client
         .execute(
