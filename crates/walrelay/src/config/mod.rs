@@ -413,8 +413,11 @@ impl AmqpUrl {
             return "<not a URL>".into();
         };
         let rest = &s[scheme_end..];
-        let authority_end = rest.find('/').unwrap_or(rest.len());
-        match rest[..authority_end].rfind('@') {
+        // The credentials end at the last '@' before the query, not at the first '/': a
+        // password may hold an unencoded '/' (the URL is then invalid, and this is what
+        // the error shows). A vhost with an '@' only hides more.
+        let query = rest.find('?').unwrap_or(rest.len());
+        match rest[..query].rfind('@') {
             Some(at) => {
                 let userinfo = &rest[..at];
                 let user = userinfo.split(':').next().unwrap_or_default();

@@ -489,3 +489,24 @@ fn trigger_capture_refuses_what_it_does_not_take_yet() {
     ))
     .unwrap();
 }
+
+#[test]
+fn an_amqp_url_is_shown_without_its_password_even_one_holding_a_slash() {
+    for (url, shown) in [
+        (
+            "amqp://relay:s3cret@rabbit:5672/%2f",
+            "amqp://relay:***@rabbit:5672/%2f",
+        ),
+        (
+            "amqps://relay:Ab/cd99@rabbit/vhost",
+            "amqps://relay:***@rabbit/vhost",
+        ),
+        ("amqp://rabbit/%2f", "amqp://rabbit/%2f"),
+    ] {
+        assert_eq!(AmqpUrl(url.into()).redacted(), shown);
+    }
+    let err = AmqpUrl("amqp://relay:Ab/cd99@rabbit/vhost".into())
+        .check()
+        .unwrap_err();
+    assert!(!err.contains("cd99"), "{err}");
+}

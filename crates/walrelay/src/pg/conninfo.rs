@@ -286,6 +286,16 @@ fn parse_uri(s: &str) -> Result<BTreeMap<String, String>, ConnInfoError> {
         Some((a, p)) => (a, Some(p)),
         None => (rest, None),
     };
+    // An '@' past the host part with none in it: most likely a password holding '/' or '?',
+    // which end the host part as in libpq. Taken apart, its pieces would show up as a port,
+    // a database name or a parameter in messages, so it is refused without echoing any.
+    if !authority.contains('@')
+        && (path.is_some_and(|p| p.contains('@')) || query.is_some_and(|q| q.contains('@')))
+    {
+        return Err(ConnInfoError::Syntax(
+            "an '@' after the host part of the URI: percent-encode a '/' or '?' in the password (%2F, %3F), or an '@' elsewhere (%40)".into(),
+        ));
+    }
     let hostport = match authority.rsplit_once('@') {
         Some((userinfo, hp)) => {
             let (user, password) = match userinfo.split_once(':') {
@@ -656,6 +666,24 @@ mod tests {
     }
     fn empty_env() -> FakeEnv {
         FakeEnv(HashMap::new(), None)
+    }
+
+    #[test]
+    fn a_password_with_a_slash_or_question_mark_is_refused_without_echoing_it() {
+        for url in [
+            "postgresql://relay:Ab/cd99@db.example/app",
+            "postgresql://relay:Ab?cd99@db.example/app",
+            "postgres://relay:12/3499@db.example:5432/app?sslmode=require",
+        ] {
+            let err = parse_uri(url).unwrap_err().to_string();
+            assert!(err.contains("percent-encode"), "{err}");
+            assert!(!err.contains("cd99") && !err.contains("3499"), "{err}");
+        }
+        // Encoded, and an '@' in a parameter after proper credentials: fine.
+        let ok =
+            parse_uri("postgresql://relay:Ab%2Fcd@db.example/app?application_name=a@b").unwrap();
+        assert_eq!(ok["password"], "Ab/cd");
+        assert_eq!(ok["application_name"], "a@b");
     }
 
     #[test]
