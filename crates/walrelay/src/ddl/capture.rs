@@ -73,7 +73,9 @@ DECLARE
 BEGIN
     PERFORM set_config('walrelay.dropped', '', true);
     IF coalesce(current_setting('walrelay.own_ddl', true), '') = 'on'
-       OR tag LIKE '% PUBLICATION' OR tag LIKE '% SUBSCRIPTION' OR tag LIKE '% EVENT TRIGGER' THEN
+       OR tag LIKE '% PUBLICATION' OR tag LIKE '% SUBSCRIPTION' OR tag LIKE '% EVENT TRIGGER'
+       -- A user mapping's options hold a password: never written to the WAL as a message.
+       OR tag LIKE '% USER MAPPING' THEN
         RETURN;
     END IF;
     SELECT coalesce(jsonb_agg(jsonb_build_object(
