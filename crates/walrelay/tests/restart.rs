@@ -147,9 +147,15 @@ async fn a_streamed_transaction_sent_again_is_skipped_where_it_is_held() {
 /// Item 2: the relay is killed while its target session waits inside a commit; the new
 /// relay waits for that session to end before it reads the position, then goes on. Run
 /// with a superuser target (progress in a replication origin and the row) and with a plain
-/// role (the row only).
-async fn restart_while_the_old_session_commits(plain_role: bool) {
-    let (source_pg, target_pg) = (TestPg::start(), TestPg::start());
+/// role (the row only), and with a large transaction PostgreSQL streams, whose commit
+/// waits in a session of its own while the killed relay's main session, and its lock, are
+/// gone. The sink's name is long and not ASCII: PostgreSQL cuts and rewrites such an
+/// application name, and the fence must still find the old session.
+async fn restart_while_the_old_session_commits(plain_role: bool, streamed: bool) {
+    let source_pg = TestPg::builder()
+        .setting("logical_decoding_work_mem", "64kB")
+        .start();
+    let target_pg = TestPg::start();
     let source = source_pg.create_db("app").await;
     let target = target_pg.create_db("app").await;
     not_walrelay(&target).await;
@@ -178,7 +184,7 @@ async fn restart_while_the_old_session_commits(plain_role: bool) {
         &source_pg.url("app"),
         &target_url,
         &["public.t"],
-        "",
+        "name = \"entrepôt-européen-des-ventes-de-la-région-nord-et-des-îles\"",
     );
     let mut relay = Relay::start(&cfg);
     wait_until_streaming(&source, &mut relay).await;
@@ -191,11 +197,20 @@ async fn restart_while_the_old_session_commits(plain_role: bool) {
     let lock = target_pg.client("app").await;
     not_walrelay(&lock).await;
     block_progress_writes(&lock).await;
-    for id in 11..=20 {
+    if streamed {
         source
-            .execute("INSERT INTO t VALUES ($1, 'in the commit')", &[&id])
+            .batch_execute(
+                "INSERT INTO t SELECT g, repeat('in the commit ', 20) FROM generate_series(11, 5000) g",
+            )
             .await
             .unwrap();
+    } else {
+        for id in 11..=20 {
+            source
+                .execute("INSERT INTO t VALUES ($1, 'in the commit')", &[&id])
+                .await
+                .unwrap();
+        }
     }
     wait_for_blocked_commit(&target).await;
     relay.kill9().await;
@@ -224,7 +239,7 @@ async fn restart_while_the_old_session_commits(plain_role: bool) {
     lock.batch_execute("COMMIT").await.unwrap();
     wait_until_equal(&source, &target, &["t"], &mut relay).await;
     source
-        .batch_execute("INSERT INTO t SELECT g, 'after' FROM generate_series(21, 30) g")
+        .batch_execute("INSERT INTO t SELECT g, 'after' FROM generate_series(5001, 5010) g")
         .await
         .unwrap();
     wait_until_equal(&source, &target, &["t"], &mut relay).await;
@@ -238,12 +253,17 @@ async fn restart_while_the_old_session_commits(plain_role: bool) {
 
 #[tokio::test]
 async fn a_restart_waits_for_the_killed_relays_commit_with_a_replication_origin() {
-    restart_while_the_old_session_commits(false).await;
+    restart_while_the_old_session_commits(false, false).await;
 }
 
 #[tokio::test]
 async fn a_restart_waits_for_the_killed_relays_commit_with_the_progress_row_only() {
-    restart_while_the_old_session_commits(true).await;
+    restart_while_the_old_session_commits(true, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_waits_for_the_killed_relays_streamed_commit() {
+    restart_while_the_old_session_commits(true, true).await;
 }
 
 /// Kill the relay at the fail point `name` (its `n`th hit) under a write load, restart it,

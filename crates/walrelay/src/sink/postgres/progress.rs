@@ -17,6 +17,8 @@
 
 use std::time::{Duration, Instant};
 
+use sha2::{Digest, Sha256};
+
 use tokio_postgres::Client;
 use walrelay_model::{Lsn, TxnCommit};
 
@@ -45,16 +47,29 @@ const APPLICATION_NAME_MAX: usize = 63;
 
 /// The `application_name` of every session a sink opens on its target: it lets the fence
 /// find the sessions of an earlier run, and a DBA tell them apart in `pg_stat_activity`.
+///
+/// PostgreSQL keeps 63 bytes of printable ASCII and rewrites the rest (`?` up to 15,
+/// `\xNN` from 16): a name it would change is made to fit, so that the fence looks for what
+/// the server shows. Such a name keeps a readable head and ends in `#` and eight hex digits
+/// of its SHA-256, so that two sinks whose names differ only past the cut or in their
+/// non-ASCII letters do not wait for each other's sessions. A name that fits is unchanged.
 pub fn session_name(progress_name: &str) -> String {
-    let mut name = format!("walrelay {progress_name}");
-    if name.len() > APPLICATION_NAME_MAX {
-        let mut end = APPLICATION_NAME_MAX;
-        while !name.is_char_boundary(end) {
-            end -= 1;
-        }
-        name.truncate(end);
+    let name = format!("walrelay {progress_name}");
+    let kept_as_is = |c: char| c.is_ascii() && !c.is_ascii_control();
+    if name.len() <= APPLICATION_NAME_MAX && name.chars().all(kept_as_is) {
+        return name;
     }
-    name
+    let digest = Sha256::digest(progress_name.as_bytes());
+    let tag = format!(
+        "#{:02x}{:02x}{:02x}{:02x}",
+        digest[0], digest[1], digest[2], digest[3]
+    );
+    let mut head: String = name
+        .chars()
+        .map(|c| if kept_as_is(c) { c } else { '_' })
+        .collect();
+    head.truncate(APPLICATION_NAME_MAX - tag.len());
+    head + &tag
 }
 
 /// Waiting for another session to end: pauses that grow from 50 ms to 2 s, and what is
@@ -120,6 +135,7 @@ pub async fn fence(client: &Client, name: &str) -> Result<(), ProgressError> {
             .query(
                 "SELECT pid, coalesce(state, '') || coalesce(' on ' || wait_event_type || ' ' || wait_event, '') \
                  FROM pg_stat_activity WHERE application_name = $1 AND pid <> pg_backend_pid() \
+                   AND datname = current_database() \
                  ORDER BY pid",
                 &[&application],
             )
@@ -496,4 +512,36 @@ async fn ensure_table(client: &Client) -> Result<(), ProgressError> {
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_names_are_what_postgresql_keeps_and_stay_apart() {
+        assert_eq!(
+            session_name("walrelay/postgres"),
+            "walrelay walrelay/postgres"
+        );
+        let long = |end: &str| format!("walrelay/{}{end}", "x".repeat(60));
+        let (a, b) = (session_name(&long("a")), session_name(&long("b")));
+        let french = session_name("walrelay/entrepôt");
+        let german = session_name("walrelay/entrepöt");
+        for name in [&a, &b, &french, &german] {
+            assert!(name.len() <= APPLICATION_NAME_MAX, "{name}");
+            assert!(
+                name.chars().all(|c| c.is_ascii() && !c.is_ascii_control()),
+                "{name}"
+            );
+        }
+        assert_ne!(a, b);
+        assert_ne!(french, german);
+        assert!(french.starts_with("walrelay walrelay/entrep_"), "{french}");
+        assert_eq!(
+            french,
+            session_name("walrelay/entrepôt"),
+            "the same on every run"
+        );
+    }
 }
