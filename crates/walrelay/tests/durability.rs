@@ -396,6 +396,99 @@ async fn a_server_restart_is_ridden_out() {
     assert!(log.contains("pipeline interrupted; restarting"), "{log}");
 }
 
+/// A reconnect that finds the slot still held — the old connection's server process lives
+/// on until the server notices it is gone, up to `wal_sender_timeout` on a half-open
+/// connection — is retried rather than ending the relay. Here another client holds the
+/// slot for longer than the relay's wait for it (10 s) once the relay's connection broke.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_rides_out_a_slot_still_held_by_the_old_connection() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let pg = TestPg::start();
+    let Scene {
+        db,
+        out,
+        mut relay,
+        dir: _dir,
+        ..
+    } = Scene::start(
+        &pg,
+        "CREATE TABLE t (id int PRIMARY KEY)",
+        &["public.t"],
+        "",
+    )
+    .await;
+    db.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    wait_for_line(&mut relay, &out, "the first insert", |l| {
+        l["kind"] == "insert"
+    })
+    .await;
+
+    // The relay's connection is cut while it cannot notice, and the slot taken meanwhile.
+    kill(Pid::from_raw(relay.pid()), Signal::SIGSTOP).unwrap();
+    db.batch_execute(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = 'walrelay'",
+    )
+    .await
+    .unwrap();
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walrelay' AND NOT active",
+        1,
+        "the slot let go",
+    )
+    .await;
+    let bin = walrelay::pg::local::find_bindir().unwrap();
+    let mut holder = std::process::Command::new(bin.join("pg_recvlogical"))
+        .args([
+            "-d",
+            &pg.url("app"),
+            "--slot",
+            "walrelay",
+            "--start",
+            "--no-loop",
+        ])
+        .args(["-o", "proto_version=1", "-o", "publication_names=walrelay"])
+        .args(["-f", "/dev/null"])
+        .spawn()
+        .expect("starting pg_recvlogical");
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walrelay' AND active",
+        1,
+        "pg_recvlogical holding the slot",
+    )
+    .await;
+    kill(Pid::from_raw(relay.pid()), Signal::SIGCONT).unwrap();
+    walrelay_testkit::wait_for(
+        "the relay to give up waiting for the slot once, and retry",
+        Duration::from_secs(120),
+        || {
+            let log = relay.stderr();
+            let retried = log.contains("pipeline interrupted; restarting")
+                && log.contains("is in use by server process");
+            async move { retried.then_some(()) }
+        },
+    )
+    .await;
+    relay.assert_running();
+    let _ = holder.kill();
+    let _ = holder.wait();
+
+    db.batch_execute("INSERT INTO t VALUES (2)").await.unwrap();
+    let lines = wait_for_line(&mut relay, &out, "the insert once the slot is free", |l| {
+        l["new"]["id"] == 2
+    })
+    .await;
+    let ids: Vec<i64> = lines
+        .iter()
+        .filter(|l| l["kind"] == "insert")
+        .map(|l| l["new"]["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [1, 2]);
+    relay.stop().await;
+}
+
 /// Memory is bounded by bytes, not by event counts: 1 MB rows — transactions of 40 sent
 /// whole, single rows, and a transaction of 80 streamed — pass through a postgres sink and a file sink while the relay's
 /// peak RSS stays under 256 MB.

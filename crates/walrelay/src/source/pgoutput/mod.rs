@@ -63,6 +63,12 @@ pub enum SourceError {
     /// Something the operator must fix before capture can start.
     #[error("{0}")]
     Setup(String),
+    /// The slot (or the trigger log's consumer) is held by another session past the wait:
+    /// at the first start another relay runs with it; on a reconnect, more likely the old
+    /// connection's server process, which lives until the server notices the connection
+    /// is gone (up to `wal_sender_timeout` on a half-open one), so it is retried then.
+    #[error("{0}")]
+    InUse(String),
     #[error("the server ended the replication stream")]
     StreamEnded,
     #[error("sink {0} stopped")]
@@ -85,7 +91,9 @@ impl SourceError {
     pub fn is_transient(&self) -> bool {
         match self {
             SourceError::Pg(e) => e.is_transient(),
-            SourceError::StreamEnded | SourceError::SlotMissing { .. } => true,
+            SourceError::StreamEnded | SourceError::SlotMissing { .. } | SourceError::InUse(_) => {
+                true
+            }
             _ => false,
         }
     }

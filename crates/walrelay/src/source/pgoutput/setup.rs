@@ -549,7 +549,8 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
 /// crash, the server notices the dead connection and frees the slot within moments.
 pub const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(10);
 
-/// Wait for the slot to be free. Another live consumer holding it is an error.
+/// Wait for the slot to be free. Still held after `SLOT_RELEASE_WAIT`: `InUse`, which ends
+/// a first start and is retried on a reconnect (see `SourceError::InUse`).
 pub async fn wait_until_released(
     client: &Client,
     slot: &str,
@@ -559,7 +560,7 @@ pub async fn wait_until_released(
     let mut logged = false;
     while let Some(pid) = info.active_pid {
         if tokio::time::Instant::now() > deadline {
-            return Err(SourceError::Setup(format!(
+            return Err(SourceError::InUse(format!(
                 "slot {slot} is in use by server process {pid}: is another walrelay running with this slot? Stop it, or choose another source.slot"
             )));
         }

@@ -202,7 +202,7 @@ async fn take_consumer_lock(client: &Client, consumer: &str) -> Result<(), Sourc
         let holder: Option<String> = row.get(1);
         let holder = holder.unwrap_or_default();
         if tokio::time::Instant::now() > deadline {
-            return Err(SourceError::Setup(format!(
+            return Err(SourceError::InUse(format!(
                 "another walrelay is capturing from this database as {consumer:?} (source.slot; server process {holder}): stop it, or give this one another slot name"
             )));
         }
