@@ -167,7 +167,10 @@ struct Scene {
 }
 
 async fn scene() -> Scene {
-    let (source_pg, target_pg) = (TestPg::start(), TestPg::start());
+    let source_pg = TestPg::builder()
+        .setting("max_prepared_transactions", 2)
+        .start();
+    let target_pg = TestPg::start();
     let source = source_pg.create_db("app").await;
     source.batch_execute(SCHEMA).await.unwrap();
     let target = target_pg.create_db("app").await;
@@ -294,6 +297,27 @@ async fn migrate_then_cutover_and_rollback_under_writes_lose_nothing() {
         said.contains("(id) = (4242): differs in amount -> updated"),
         "{said}"
     );
+
+    // A prepared transaction could still commit into the old side after the hand-off:
+    // the cutover is called off naming it, writes allowed again.
+    let twophase = s.source_pg.client("app").await;
+    twophase
+        .batch_execute(
+            "BEGIN; UPDATE accounts SET owner = owner || ' (paid)' WHERE id = 1; PREPARE TRANSACTION 'pay-1'",
+        )
+        .await
+        .unwrap();
+    let (code, out) = switch("cutover", &s.cfg).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("called off") && out.contains("prepared transactions 'pay-1'"),
+        "{out}"
+    );
+    assert!(!refuses_writes(&s.source_pg.url("app")).await);
+    s.source
+        .batch_execute("COMMIT PREPARED 'pay-1'")
+        .await
+        .unwrap();
 
     let (code, out) = switch("cutover", &s.cfg).await;
     assert_eq!(code, Some(0), "{out}\n{}", migrate.stderr());

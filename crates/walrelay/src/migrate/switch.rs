@@ -111,7 +111,10 @@ pub(super) async fn switch(
             Ok(None)
         }
         Some(Step::Verified) => {
-            let ended = fence(&from).await?;
+            let ended = match fence(&from).await? {
+                Fenced::Closed { ended } => ended,
+                Fenced::Open(why) => return call_off(m, target, &from, cutover, &why).await,
+            };
             let handoff = wal_insert_position(&from).await?;
             record::set_fenced(target, &m.name, handoff).await?;
             tracing::info!(%handoff, sessions_ended = ended, "{what}: writes stopped");
@@ -246,20 +249,32 @@ async fn call_off(
     }))
 }
 
+/// What stopping writes came to.
+enum Fenced {
+    /// No session or prepared transaction can write any more; `ended` sessions were ended.
+    Closed { ended: i64 },
+    /// Something can still write to the old side after the hand-off: why.
+    Open(String),
+}
+
 /// Stop writes on the database of `client`: read-only for new sessions, and every other
-/// client session ended (walrelay's own, named `walrelay...`, stay). Returns how many
-/// were ended.
-async fn fence(client: &Client) -> Result<i64, PgError> {
+/// client session ended (walrelay's own, named `walrelay...`, stay). Open if a session
+/// outlives its 10 s to end, or a prepared transaction waits there: `COMMIT PREPARED`
+/// runs even in a read-only session, and would write past the hand-off position.
+async fn fence(client: &Client) -> Result<Fenced, PgError> {
     set_read_only(client, true).await?;
-    // `pg_terminate_backend(pid, timeout)` waits until the session is gone: a commit it
-    // was making is then in the WAL before the hand-off position is read.
-    let ended: i64 = client
+    // `pg_terminate_backend(pid, timeout)` waits until the session is gone (false if it
+    // is not within the timeout): a commit it was making is then in the WAL before the
+    // hand-off position is read.
+    let row = client
         .query_one(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 10000))
-             FROM pg_stat_activity
-             WHERE datname = current_database() AND pid <> pg_backend_pid()
-               AND backend_type = 'client backend'
-               AND coalesce(application_name, '') NOT LIKE 'walrelay%'",
+            "SELECT count(*) FILTER (WHERE ended),
+                    string_agg(pid::text, ', ' ORDER BY pid) FILTER (WHERE NOT ended)
+               FROM (SELECT pid, pg_terminate_backend(pid, 10000) AS ended
+                       FROM pg_stat_activity
+                      WHERE datname = current_database() AND pid <> pg_backend_pid()
+                        AND backend_type = 'client backend'
+                        AND coalesce(application_name, '') NOT LIKE 'walrelay%') s",
             &[],
         )
         .await
@@ -268,9 +283,28 @@ async fn fence(client: &Client) -> Result<i64, PgError> {
                 "ending the sessions that could write (needs superuser or pg_signal_backend)",
                 e,
             )
-        })?
+        })?;
+    let ended: i64 = row.get(0);
+    if let Some(pids) = row.get::<_, Option<String>>(1) {
+        return Ok(Fenced::Open(format!(
+            "server processes {pids} did not end within 10 s of being terminated"
+        )));
+    }
+    let prepared: Option<String> = client
+        .query_one(
+            "SELECT string_agg(quote_literal(gid), ', ' ORDER BY prepared)
+               FROM pg_prepared_xacts WHERE database = current_database()",
+            &[],
+        )
+        .await
+        .map_err(|e| PgError::from_sql("looking for prepared transactions", e))?
         .get(0);
-    Ok(ended)
+    if let Some(gids) = prepared {
+        return Ok(Fenced::Open(format!(
+            "prepared transactions {gids} wait in the database, and COMMIT PREPARED would write past the hand-off: commit or roll them back (COMMIT PREPARED / ROLLBACK PREPARED), then try again"
+        )));
+    }
+    Ok(Fenced::Closed { ended })
 }
 
 /// The replicated tables (of `stream`) whose change counters on the side taking writes
