@@ -67,7 +67,7 @@ impl Cluster {
                         "[node]\nname = \"{name}\"\nbase_dir = \"{}\"\nport = {port}\napi = \"127.0.0.1:{api_port}\"\n\n\
                          [cluster]\nname = \"{cluster_name}\"\netcd = [\"{}\"]\n{extra_cluster}\n\n\
                          [postgres]\nsuperuser_password = {}\nreplication_password = {}\n\
-                         settings = {{ fsync = \"off\" }}\n\n[api]\ntoken = {}\n{extra_api}\n",
+                         settings = {{ fsync = \"off\", log_statement = \"ddl\" }}\n\n[api]\ntoken = {}\n{extra_api}\n",
                         base_dir.display(),
                         etcd.url(),
                         toml_string(PASSWORD),
@@ -547,6 +547,12 @@ async fn bootstrap_then_failover_through_haproxy_and_the_old_primary_rejoins_wit
         .await
         .unwrap();
     create_table_and_wait_on_replicas(&cluster, &leader).await;
+    // The DBA logs DDL (`log_statement = ddl` above): the replication role's creation is
+    // in the log, its password is not.
+    let server_log =
+        std::fs::read_to_string(cluster.node(&leader).base_dir.join("server.log")).unwrap();
+    assert!(server_log.contains("CREATE ROLE"), "{server_log}");
+    assert!(!server_log.contains("Rep:l1"), "{server_log}");
     let list = std::process::Command::new(BIN)
         .args(["ctl", "--config"])
         .arg(&cluster.node(&leader).config)

@@ -254,13 +254,17 @@ impl Node {
         let config = self.config.clone();
         let p = &config.postgres;
         let client = self.client().await?;
-        // CREATE ROLE takes no bind parameters: the password is quoted as a literal, and
-        // the statement kept out of the server log even if it fails.
+        // CREATE ROLE takes no bind parameters, and the statement's text may be logged
+        // (`log_statement`, `log_min_duration_statement` in `postgres.settings`) or seen in
+        // pg_stat_activity: it carries the SCRAM verifier, made here, as psql's \password
+        // does, never the password. Kept out of the log on error all the same.
+        let verifier =
+            postgres_protocol::password::scram_sha_256(p.replication_password().as_bytes());
         client
             .batch_execute(&format!(
                 "SET log_min_error_statement = panic; CREATE ROLE {} WITH REPLICATION LOGIN PASSWORD {}",
                 quote::ident(&p.replication_user),
-                quote::literal(p.replication_password())
+                quote::literal(&verifier)
             ))
             .await
             .map_err(sql_err)?;
