@@ -60,3 +60,31 @@ async fn builtin_type_table_matches_the_server() {
         );
     }
 }
+
+/// The few literals walrelay writes into SQL text (enum labels, trigger bodies, the origin
+/// mark) read back as written whatever `standard_conforming_strings` says.
+#[tokio::test]
+async fn literals_read_back_the_same_whatever_standard_conforming_strings_says() {
+    let pg = TestPg::start();
+    let client = pg.client("postgres").await;
+    for setting in ["on", "off"] {
+        client
+            .batch_execute(&format!(
+                "SET standard_conforming_strings = {setting}; SET escape_string_warning = off"
+            ))
+            .await
+            .unwrap();
+        for text in [
+            "plain",
+            "it's",
+            r"back\slash",
+            r"\'; DROP TABLE x; --",
+            r"\\n",
+            "é\t",
+        ] {
+            let sql = format!("SELECT {}::text", walrelay::pg::quote::literal(text));
+            let read: String = client.query_one(&sql, &[]).await.unwrap().get(0);
+            assert_eq!(read, text, "standard_conforming_strings = {setting}: {sql}");
+        }
+    }
+}

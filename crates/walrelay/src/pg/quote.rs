@@ -22,20 +22,30 @@ pub fn qualified(schema: &str, name: &str) -> String {
     format!("{}.{}", ident(schema), ident(name))
 }
 
-/// `'text'` with embedded single quotes doubled. Backslashes are literal because
-/// `standard_conforming_strings` is on (the default since PostgreSQL 9.1, and walrelay checks
-/// it before relying on this).
+/// A string constant for SQL: `'text'` with embedded single quotes doubled, and with a
+/// backslash in it `E'...'` with backslashes doubled too — as PostgreSQL's `quote_literal`
+/// does, so that it reads the same whatever `standard_conforming_strings` the server or
+/// session has.
 pub fn literal(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 2);
+    let mut out = String::with_capacity(text.len() + 3);
+    if text.contains('\\') {
+        out.push('E');
+    }
     out.push('\'');
     for c in text.chars() {
-        if c == '\'' {
-            out.push('\'');
+        if c == '\'' || c == '\\' {
+            out.push(c);
         }
         out.push(c);
     }
     out.push('\'');
     out
+}
+
+/// A string for a replication command (`START_REPLICATION ... (publication_names ...)`):
+/// its grammar knows only `'...'` with quotes doubled, and no escapes.
+pub fn replication_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }
 
 #[cfg(test)]
@@ -50,6 +60,7 @@ mod tests {
         );
         assert_eq!(qualified("My Schema", "t"), "\"My Schema\".\"t\"");
         assert_eq!(literal("it's"), "'it''s'");
-        assert_eq!(literal("back\\slash"), "'back\\slash'");
+        assert_eq!(literal("back\\slash"), "E'back\\\\slash'");
+        assert_eq!(replication_literal("\"it's\""), "'\"it''s\"'");
     }
 }
