@@ -160,13 +160,18 @@ async fn a_relay_follows_the_primary_through_two_failovers_and_a_switchover() {
     println!("target rows: {:?}", checksum(&target_db, "w").await);
 }
 
-/// A commit that waits for a synchronous standby that has not confirmed it is committed on
-/// the primary and decoded, but a failover would lose it: the relay holds it back until the
-/// standby has it (here: until no standby is asked for). With the gate off, the same commit
-/// reaches the target while its client still waits — the case the gate exists for.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_transaction_reaches_the_target_only_once_the_synchronous_standby_has_it() {
-    for gate in [true, false] {
+/// A relay from table `t` (one row) of a fresh source to a fresh target, streaming.
+struct GateScene {
+    source: TestPg,
+    _target: TestPg,
+    db: tokio_postgres::Client,
+    target_db: tokio_postgres::Client,
+    _dir: tempfile::TempDir,
+    relay: Relay,
+}
+
+impl GateScene {
+    async fn start(extra_source: &str) -> GateScene {
         let source = TestPg::start();
         let target = TestPg::start();
         let db = source.create_db("app").await;
@@ -183,96 +188,137 @@ async fn a_transaction_reaches_the_target_only_once_the_synchronous_standby_has_
             dir.path(),
             &source.url("app"),
             &["public.t"],
-            &format!("wait_for_sync_standby = {gate}"),
+            extra_source,
             &sink,
         );
         let mut relay = Relay::start(&cfg);
         crate::support::wait_until_streaming(&db, &mut relay).await;
         wait_for_count(&target_db, "SELECT count(*) FROM t", 1, "the copy").await;
-
-        for sql in [
-            "ALTER SYSTEM SET synchronous_standby_names = 'nobody'",
-            "SELECT pg_reload_conf()",
-        ] {
-            db.batch_execute(sql).await.unwrap();
+        GateScene {
+            source,
+            _target: target,
+            db,
+            target_db,
+            _dir: dir,
+            relay,
         }
-        // While no standby is named the gate looks again only every 100 ms (a standby just
-        // named cannot be promoted before it has caught up; see standby_gate.rs).
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let writer = source.client("app").await;
+    }
+
+    async fn set_standbys(&self, names: &str) {
+        self.db
+            .batch_execute(&format!(
+                "ALTER SYSTEM SET synchronous_standby_names = '{names}'"
+            ))
+            .await
+            .unwrap();
+        self.db
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .unwrap();
+    }
+
+    /// `INSERT INTO t VALUES (id)` in a task of its own, once its commit waits for a
+    /// standby (committed on the primary, invisible until then) and has been sent to the
+    /// relay (the walsender of no application named in `standbys`).
+    async fn insert_waiting_for_standbys(
+        &self,
+        id: i32,
+        standbys: &str,
+    ) -> tokio::task::JoinHandle<Result<u64, tokio_postgres::Error>> {
+        let writer = self.source.client("app").await;
         let insert = walrelay::task::spawn_named("waiting-insert", async move {
-            writer.execute("INSERT INTO t VALUES (1)", &[]).await
+            writer.execute("INSERT INTO t VALUES ($1)", &[&id]).await
         });
-        // Committed on the primary, waiting for the standby (and invisible until then)...
         wait_for_count(
-            &db,
+            &self.db,
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
             1,
             "the commit to wait for the standby",
         )
         .await;
-        let flushed: String = db
+        let flushed: String = self
+            .db
             .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
             .await
             .unwrap()
             .get(0);
-        // ...and sent to the relay.
-        walrelay_testkit::wait_for("the commit sent to the relay", Duration::from_secs(60), || async {
-            let row = db
-                .query_one(
-                    "SELECT coalesce(bool_or(sent_lsn >= $1::text::pg_lsn), false) FROM pg_stat_replication",
-                    &[&flushed],
-                )
-                .await
-                .ok()?;
-            row.get::<_, bool>(0).then_some(())
-        })
-        .await;
-        if gate {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            assert!(
-                !insert.is_finished(),
-                "the commit should still wait for the standby"
-            );
-            let n: i64 = target_db
-                .query_one("SELECT count(*) FROM t WHERE id = 1", &[])
-                .await
-                .unwrap()
-                .get(0);
-            assert_eq!(
-                n,
-                0,
-                "held back until the standby has it:\n{}",
-                relay.stderr()
-            );
-        } else {
-            wait_for_count(
-                &target_db,
-                "SELECT count(*) FROM t WHERE id = 1",
-                1,
-                "the ungated commit on the target",
-            )
-            .await;
-            assert!(
-                !insert.is_finished(),
-                "the commit should still wait for the standby"
-            );
-        }
-        for sql in [
-            "ALTER SYSTEM RESET synchronous_standby_names",
-            "SELECT pg_reload_conf()",
-        ] {
-            db.batch_execute(sql).await.unwrap();
-        }
-        insert.await.unwrap().unwrap();
-        wait_for_count(
-            &target_db,
-            "SELECT count(*) FROM t WHERE id = 1",
-            1,
-            "the row once released",
+        let sent = format!(
+            "SELECT coalesce(bool_or(sent_lsn >= $1::text::pg_lsn), false) FROM pg_stat_replication \
+             WHERE application_name <> ALL (string_to_array('{standbys}', ','))"
+        );
+        walrelay_testkit::wait_for(
+            "the commit sent to the relay",
+            Duration::from_secs(60),
+            || async {
+                let row = self.db.query_one(&sent, &[&flushed]).await.ok()?;
+                row.get::<_, bool>(0).then_some(())
+            },
         )
         .await;
-        relay.stop().await;
+        insert
+    }
+
+    /// Row `id` is not on the target 2 s after its commit reached the relay, while the
+    /// commit still waits.
+    async fn assert_held(&self, id: i32, insert: &tokio::task::JoinHandle<impl Sized>) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            !insert.is_finished(),
+            "the commit should still wait for the standby"
+        );
+        let n: i64 = self
+            .target_db
+            .query_one("SELECT count(*) FROM t WHERE id = $1", &[&id])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            n,
+            0,
+            "held back until the standby has it:\n{}",
+            self.relay.stderr()
+        );
+    }
+
+    async fn wait_on_target(&self, id: i32, what: &str) {
+        wait_for_count(
+            &self.target_db,
+            &format!("SELECT count(*) FROM t WHERE id = {id}"),
+            1,
+            what,
+        )
+        .await;
+    }
+}
+
+/// A commit that waits for a synchronous standby that has not confirmed it is committed on
+/// the primary and decoded, but a failover would lose it: the relay holds it back until the
+/// standby has it (here: until no standby is asked for). With the gate off, the same commit
+/// reaches the target while its client still waits — the case the gate exists for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_reaches_the_target_only_once_the_synchronous_standby_has_it() {
+    for gate in [true, false] {
+        let scene = GateScene::start(&format!("wait_for_sync_standby = {gate}")).await;
+        scene.set_standbys("nobody").await;
+        // While no standby is named the gate looks again only every 100 ms (a standby just
+        // named cannot be promoted before it has caught up; see standby_gate.rs).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let insert = scene.insert_waiting_for_standbys(1, "").await;
+        if gate {
+            scene.assert_held(1, &insert).await;
+        } else {
+            scene
+                .wait_on_target(1, "the ungated commit on the target")
+                .await;
+            assert!(
+                !insert.is_finished(),
+                "the commit should still wait for the standby"
+            );
+        }
+        scene.set_standbys("").await;
+        insert.await.unwrap().unwrap();
+        scene.wait_on_target(1, "the row once released").await;
+        scene.relay.stop().await;
     }
 }
 
@@ -319,118 +365,45 @@ impl Drop for FakeStandby {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_quorum_commit_a_transaction_reaches_the_target_once_enough_standbys_have_it() {
     use nix::sys::signal::Signal;
-    let source = TestPg::start();
-    let target = TestPg::start();
-    let db = source.create_db("app").await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (0)")
-        .await
-        .unwrap();
-    let target_db = target.create_db("app").await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = postgres_config(
-        dir.path(),
-        &source.url("app"),
-        &target.url("app"),
-        &["public.t"],
-        "",
-    );
-    let mut relay = Relay::start(&cfg);
-    crate::support::wait_until_streaming(&db, &mut relay).await;
-    wait_for_count(&target_db, "SELECT count(*) FROM t", 1, "the copy").await;
-
-    let _s1 = FakeStandby::start(&source, "s1");
-    let s2 = FakeStandby::start(&source, "s2");
-    let set_standbys = |names: &'static str| {
-        let db = &db;
-        async move {
-            db.batch_execute(&format!(
-                "ALTER SYSTEM SET synchronous_standby_names = '{names}'"
-            ))
-            .await
-            .unwrap();
-            db.batch_execute("SELECT pg_reload_conf()").await.unwrap();
-        }
-    };
-    set_standbys("ANY 1 (s1, s2)").await;
+    let scene = GateScene::start("").await;
+    let _s1 = FakeStandby::start(&scene.source, "s1");
+    let s2 = FakeStandby::start(&scene.source, "s2");
+    scene.set_standbys("ANY 1 (s1, s2)").await;
     wait_for_count(
-        &db,
+        &scene.db,
         "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'quorum'",
         2,
         "both standbys in the quorum",
     )
     .await;
-    db.execute("INSERT INTO t VALUES (1)", &[]).await.unwrap();
-    wait_for_count(
-        &target_db,
-        "SELECT count(*) FROM t WHERE id = 1",
-        1,
-        "a commit the quorum has",
-    )
-    .await;
+    scene
+        .db
+        .execute("INSERT INTO t VALUES (1)", &[])
+        .await
+        .unwrap();
+    scene.wait_on_target(1, "a commit the quorum has").await;
 
     // One standby frozen: one of two still makes ANY 1.
     s2.signal(Signal::SIGSTOP);
-    db.execute("INSERT INTO t VALUES (2)", &[]).await.unwrap();
-    wait_for_count(
-        &target_db,
-        "SELECT count(*) FROM t WHERE id = 2",
-        1,
-        "a commit one of two standbys has, under ANY 1",
-    )
-    .await;
+    scene
+        .db
+        .execute("INSERT INTO t VALUES (2)", &[])
+        .await
+        .unwrap();
+    scene
+        .wait_on_target(2, "a commit one of two standbys has, under ANY 1")
+        .await;
 
     // ANY 2 with one frozen: the commit waits, and so does the relay.
-    set_standbys("ANY 2 (s1, s2)").await;
-    let writer = source.client("app").await;
-    let insert = walrelay::task::spawn_named("waiting-insert", async move {
-        writer.execute("INSERT INTO t VALUES (3)", &[]).await
-    });
-    wait_for_count(
-        &db,
-        "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
-        1,
-        "the commit to wait for the second standby",
-    )
-    .await;
-    let flushed: String = db
-        .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    walrelay_testkit::wait_for("the commit sent to the relay", Duration::from_secs(60), || async {
-        db.query_one(
-            "SELECT coalesce(bool_or(sent_lsn >= $1::text::pg_lsn), false) FROM pg_stat_replication WHERE application_name NOT IN ('s1', 's2')",
-            &[&flushed],
-        )
-        .await
-        .ok()?
-        .get::<_, bool>(0)
-        .then_some(())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(!insert.is_finished(), "the commit should still wait for s2");
-    let n: i64 = target_db
-        .query_one("SELECT count(*) FROM t WHERE id = 3", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        n,
-        0,
-        "held back until two standbys have it:\n{}",
-        relay.stderr()
-    );
+    scene.set_standbys("ANY 2 (s1, s2)").await;
+    let insert = scene.insert_waiting_for_standbys(3, "s1,s2").await;
+    scene.assert_held(3, &insert).await;
     s2.signal(Signal::SIGCONT);
     insert.await.unwrap().unwrap();
-    wait_for_count(
-        &target_db,
-        "SELECT count(*) FROM t WHERE id = 3",
-        1,
-        "the row once both standbys have it",
-    )
-    .await;
-    relay.stop().await;
+    scene
+        .wait_on_target(3, "the row once both standbys have it")
+        .await;
+    scene.relay.stop().await;
 }
 
 /// A slot gone from the source while the target holds what came through it (a failover to
