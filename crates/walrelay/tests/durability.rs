@@ -357,6 +357,15 @@ async fn kill_9_at_random_moments_loses_nothing_acknowledged() {
     );
 }
 
+/// The ids of the inserts among `lines`, in order.
+fn inserted_ids(lines: &[J]) -> Vec<i64> {
+    lines
+        .iter()
+        .filter(|l| l["kind"] == "insert")
+        .map(|l| l["new"]["id"].as_i64().unwrap())
+        .collect()
+}
+
 #[tokio::test]
 async fn a_server_restart_is_ridden_out() {
     let pg = TestPg::start();
@@ -386,12 +395,7 @@ async fn a_server_restart_is_ridden_out() {
         l["new"]["id"] == 2
     })
     .await;
-    let ids: Vec<i64> = lines
-        .iter()
-        .filter(|l| l["kind"] == "insert")
-        .map(|l| l["new"]["id"].as_i64().unwrap())
-        .collect();
-    assert_eq!(ids, [1, 2]);
+    assert_eq!(inserted_ids(&lines), [1, 2]);
     let log = relay.stop().await;
     assert!(log.contains("pipeline interrupted; restarting"), "{log}");
 }
@@ -480,12 +484,7 @@ async fn a_reconnect_rides_out_a_slot_still_held_by_the_old_connection() {
         l["new"]["id"] == 2
     })
     .await;
-    let ids: Vec<i64> = lines
-        .iter()
-        .filter(|l| l["kind"] == "insert")
-        .map(|l| l["new"]["id"].as_i64().unwrap())
-        .collect();
-    assert_eq!(ids, [1, 2]);
+    assert_eq!(inserted_ids(&lines), [1, 2]);
     relay.stop().await;
 }
 
