@@ -366,27 +366,31 @@ fn inserted_ids(lines: &[J]) -> Vec<i64> {
         .collect()
 }
 
+/// A relay from table `t` to a file, with row 1 inserted and written.
+async fn streaming_row_1(pg: &TestPg) -> Scene {
+    let mut scene =
+        Scene::start(pg, "CREATE TABLE t (id int PRIMARY KEY)", &["public.t"], "").await;
+    scene
+        .db
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    wait_for_line(&mut scene.relay, &scene.out, "the first insert", |l| {
+        l["kind"] == "insert"
+    })
+    .await;
+    scene
+}
+
 #[tokio::test]
 async fn a_server_restart_is_ridden_out() {
     let pg = TestPg::start();
     let Scene {
-        db,
         out,
         mut relay,
         dir: _dir,
         ..
-    } = Scene::start(
-        &pg,
-        "CREATE TABLE t (id int PRIMARY KEY)",
-        &["public.t"],
-        "",
-    )
-    .await;
-    db.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
-    wait_for_line(&mut relay, &out, "the first insert", |l| {
-        l["kind"] == "insert"
-    })
-    .await;
+    } = streaming_row_1(&pg).await;
 
     pg.restart();
     let db = pg.client("app").await;
@@ -415,18 +419,7 @@ async fn a_reconnect_rides_out_a_slot_still_held_by_the_old_connection() {
         mut relay,
         dir: _dir,
         ..
-    } = Scene::start(
-        &pg,
-        "CREATE TABLE t (id int PRIMARY KEY)",
-        &["public.t"],
-        "",
-    )
-    .await;
-    db.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
-    wait_for_line(&mut relay, &out, "the first insert", |l| {
-        l["kind"] == "insert"
-    })
-    .await;
+    } = streaming_row_1(&pg).await;
 
     // The relay's connection is cut while it cannot notice, and the slot taken meanwhile.
     kill(Pid::from_raw(relay.pid()), Signal::SIGSTOP).unwrap();
