@@ -394,8 +394,11 @@ async fn under_quorum_commit_a_transaction_reaches_the_target_once_enough_standb
         .wait_on_target(2, "a commit one of two standbys has, under ANY 1")
         .await;
 
-    // ANY 2 with one frozen: the commit waits, and so does the relay.
+    // ANY 2 with one frozen: the commit waits, and so does the relay. (The walsenders
+    // take the new setting on their next loop: a commit made before would be released
+    // by s1 alone.)
     scene.set_standbys("ANY 2 (s1, s2)").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let insert = scene.insert_waiting_for_standbys(3, "s1,s2").await;
     scene.assert_held(3, &insert).await;
     s2.signal(Signal::SIGCONT);

@@ -413,11 +413,10 @@ impl AmqpUrl {
             return "<not a URL>".into();
         };
         let rest = &s[scheme_end..];
-        // The credentials end at the last '@' before the query, not at the first '/': a
-        // password may hold an unencoded '/' (the URL is then invalid, and this is what
-        // the error shows). A vhost with an '@' only hides more.
-        let query = rest.find('?').unwrap_or(rest.len());
-        match rest[..query].rfind('@') {
+        // The credentials end at the last '@', not at the first '/' or '?': a password may
+        // hold either unencoded (the URL is then invalid, and this is what the error
+        // shows). An '@' in the vhost or a parameter only hides more.
+        match rest.rfind('@') {
             Some(at) => {
                 let userinfo = &rest[..at];
                 let user = userinfo.split(':').next().unwrap_or_default();

@@ -269,7 +269,7 @@ async fn fence(client: &Client) -> Result<Fenced, PgError> {
     let row = client
         .query_one(
             "SELECT count(*) FILTER (WHERE ended),
-                    string_agg(pid::text, ', ' ORDER BY pid) FILTER (WHERE NOT ended)
+                    coalesce(array_agg(pid) FILTER (WHERE NOT ended), '{}')
                FROM (SELECT pid, pg_terminate_backend(pid, 10000) AS ended
                        FROM pg_stat_activity
                       WHERE datname = current_database() AND pid <> pg_backend_pid()
@@ -285,7 +285,19 @@ async fn fence(client: &Client) -> Result<Fenced, PgError> {
             )
         })?;
     let ended: i64 = row.get(0);
-    if let Some(pids) = row.get::<_, Option<String>>(1) {
+    let not_ended: Vec<i32> = row.get(1);
+    // False also for a session that left on its own before its turn (the list is read
+    // once, and each termination may wait): only those still there, in a fresh look, hold
+    // the fence open.
+    let still_there: Option<String> = client
+        .query_one(
+            "SELECT string_agg(pid::text, ', ' ORDER BY pid) FROM pg_stat_activity WHERE pid = ANY($1)",
+            &[&not_ended],
+        )
+        .await
+        .map_err(|e| PgError::from_sql("looking for the sessions that did not end", e))?
+        .get(0);
+    if let Some(pids) = still_there {
         return Ok(Fenced::Open(format!(
             "server processes {pids} did not end within 10 s of being terminated"
         )));

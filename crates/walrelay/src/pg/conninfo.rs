@@ -286,11 +286,16 @@ fn parse_uri(s: &str) -> Result<BTreeMap<String, String>, ConnInfoError> {
         Some((a, p)) => (a, Some(p)),
         None => (rest, None),
     };
-    // An '@' past the host part with none in it: most likely a password holding '/' or '?',
-    // which end the host part as in libpq. Taken apart, its pieces would show up as a port,
-    // a database name or a parameter in messages, so it is refused without echoing any.
+    // An '@' past the host part with none in it, in the path or in a parameter's name:
+    // most likely a password holding '/' or '?', which end the host part as in libpq.
+    // Taken apart, its pieces would show up as a port, a database name or a parameter in
+    // messages, so it is refused without echoing any. (`?user=alice@REALM` is fine.)
+    let in_a_name = |q: &str| {
+        q.split('&')
+            .any(|pair| pair.split('=').next().is_some_and(|k| k.contains('@')))
+    };
     if !authority.contains('@')
-        && (path.is_some_and(|p| p.contains('@')) || query.is_some_and(|q| q.contains('@')))
+        && (path.is_some_and(|p| p.contains('@')) || query.is_some_and(in_a_name))
     {
         return Err(ConnInfoError::Syntax(
             "an '@' after the host part of the URI: percent-encode a '/' or '?' in the password (%2F, %3F), or an '@' elsewhere (%40)".into(),
@@ -679,11 +684,13 @@ mod tests {
             assert!(err.contains("percent-encode"), "{err}");
             assert!(!err.contains("cd99") && !err.contains("3499"), "{err}");
         }
-        // Encoded, and an '@' in a parameter after proper credentials: fine.
+        // Encoded, and an '@' in a parameter's value: fine.
         let ok =
             parse_uri("postgresql://relay:Ab%2Fcd@db.example/app?application_name=a@b").unwrap();
         assert_eq!(ok["password"], "Ab/cd");
         assert_eq!(ok["application_name"], "a@b");
+        let kerberos = parse_uri("postgresql://db.example/app?user=alice@EXAMPLE.COM").unwrap();
+        assert_eq!(kerberos["user"], "alice@EXAMPLE.COM");
     }
 
     #[test]

@@ -42,9 +42,11 @@ pub fn literal(text: &str) -> String {
     out
 }
 
-/// A string for a replication command (`START_REPLICATION ... (publication_names ...)`):
-/// its grammar knows only `'...'` with quotes doubled, and no escapes.
-pub fn replication_literal(text: &str) -> String {
+/// `'text'` with quotes doubled and backslashes as they are: what replication commands
+/// (`START_REPLICATION ... (publication_names ...)`) take — their grammar has no `E''` —
+/// and how PostgreSQL prints a constant in a definition (`pg_get_expr`) under
+/// `standard_conforming_strings = on` (the default).
+pub fn standard_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
@@ -61,6 +63,6 @@ mod tests {
         assert_eq!(qualified("My Schema", "t"), "\"My Schema\".\"t\"");
         assert_eq!(literal("it's"), "'it''s'");
         assert_eq!(literal("back\\slash"), "E'back\\\\slash'");
-        assert_eq!(replication_literal("\"it's\""), "'\"it''s\"'");
+        assert_eq!(standard_literal("\"it's\\\""), "'\"it''s\\\"'");
     }
 }

@@ -312,9 +312,10 @@ impl TableShape {
                 let renamed = self.target_sequence(&seq.name);
                 for c in def.columns.iter_mut() {
                     if let Some(d) = &mut c.default {
+                        // As `pg_get_expr` printed it: never `E''`.
                         *d = d.replace(
-                            &crate::pg::quote::literal(&seq.name),
-                            &crate::pg::quote::literal(&renamed),
+                            &crate::pg::quote::standard_literal(&seq.name),
+                            &crate::pg::quote::standard_literal(&renamed),
                         );
                     }
                 }

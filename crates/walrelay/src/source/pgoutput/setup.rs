@@ -646,7 +646,7 @@ pub fn start_command(cfg: &SourceConfig, start: Lsn, options: StartOptions) -> S
         "START_REPLICATION SLOT {} LOGICAL {} (proto_version '2', streaming 'on', publication_names {}, messages '{}'{origin})",
         quote::ident(&cfg.slot),
         start,
-        quote::replication_literal(&quote::ident(&cfg.publication)),
+        quote::standard_literal(&quote::ident(&cfg.publication)),
         options.messages
     )
 }

@@ -116,24 +116,26 @@ fn released_position(flushed: &[Lsn], n: usize) -> Option<Lsn> {
     flushed.get(n.max(1) - 1).copied()
 }
 
-/// The number of standbys a commit waits for under `synchronous_standby_names`:
-/// `[FIRST] n (names)` or `ANY n (names)` give n; a plain list of names (or `*`) gives 1.
-/// The keywords are PostgreSQL's, case-insensitive; a name that merely looks like one is
-/// still a name, as in PostgreSQL's grammar (a number must follow, then a parenthesis).
+/// The number of standbys a commit waits for under `synchronous_standby_names` (a value
+/// PostgreSQL accepted): `[FIRST] n (names)` or `ANY n (names)` give n; a plain list of
+/// names (or `*`) gives 1. The keywords are case-insensitive; whitespace is what
+/// PostgreSQL's scanner skips. A number too large to read holds everything, as it holds
+/// every commit.
 fn standbys_a_commit_waits_for(setting: &str) -> usize {
-    let s = setting.trim_start();
+    let space = |c: char| matches!(c, ' ' | '\t' | '\n' | '\r' | '\x0b' | '\x0c');
+    let s = setting.trim_start_matches(space);
     let after_keyword = ["first", "any"].iter().find_map(|k| {
         let head = s.get(..k.len())?;
         let rest = &s[k.len()..];
-        (head.eq_ignore_ascii_case(k) && rest.starts_with(|c: char| c.is_ascii_whitespace()))
-            .then(|| rest.trim_start())
+        (head.eq_ignore_ascii_case(k) && rest.starts_with(space))
+            .then(|| rest.trim_start_matches(space))
     });
     let s = after_keyword.unwrap_or(s);
     let digits = s.len() - s.trim_start_matches(|c: char| c.is_ascii_digit()).len();
-    if digits == 0 || !s[digits..].trim_start().starts_with('(') {
+    if digits == 0 || !s[digits..].trim_start_matches(space).starts_with('(') {
         return 1;
     }
-    s[..digits].parse().unwrap_or(1)
+    s[..digits].parse().unwrap_or(usize::MAX)
 }
 
 /// The highest position in `batch` that a sink could make durable or record: commits,
@@ -166,9 +168,9 @@ mod tests {
             ("first 3(s1,s2,s3)", 3),
             ("ANY 2 (s1, s2, s3)", 2),
             ("  any   1 ( \"s 1\", s2)", 1),
-            // Names, not keywords.
-            ("first", 1),
-            ("any, first", 1),
+            ("ANY\x0b2\x0c(s1, s2)", 2),
+            ("99999999999999999999999 (s1)", usize::MAX),
+            // A quoted name, not a number.
             ("\"2\"", 1),
         ] {
             assert_eq!(standbys_a_commit_waits_for(setting), n, "{setting}");
@@ -184,5 +186,6 @@ mod tests {
         assert_eq!(released_position(&flushed, 3), Some(l(100)));
         assert_eq!(released_position(&flushed, 4), None);
         assert_eq!(released_position(&[], 1), None);
+        assert_eq!(released_position(&flushed, usize::MAX), None);
     }
 }
