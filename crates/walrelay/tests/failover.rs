@@ -322,6 +322,35 @@ async fn a_transaction_reaches_the_target_only_once_the_synchronous_standby_has_
     }
 }
 
+/// `synchronous_standby_names = '*'` names the relay's own connection too: the commit waits
+/// for the relay, and the relay for the standbys (itself). It cannot end by itself, so the
+/// relay says so, naming the setting; once the setting names no one, the row arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_named_as_its_own_synchronous_standby_says_so() {
+    let scene = GateScene::start("").await;
+    scene.set_standbys("*").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let insert = scene.insert_waiting_for_standbys(1, "").await;
+    walrelay_testkit::wait_for(
+        "the relay to say the setting names it",
+        Duration::from_secs(60),
+        || {
+            let said = scene
+                .relay
+                .stderr()
+                .contains("synchronous_standby_names names this relay's own connection");
+            async move { said.then_some(()) }
+        },
+    )
+    .await;
+    scene.set_standbys("").await;
+    insert.await.unwrap().unwrap();
+    scene
+        .wait_on_target(1, "the row once no standby is named")
+        .await;
+    scene.relay.stop().await;
+}
+
 /// `pg_receivewal --synchronous` under an application name: a real walsender client that
 /// flushes and confirms every record at once, standing in for a synchronous standby;
 /// killed when dropped (then its WAL directory goes).

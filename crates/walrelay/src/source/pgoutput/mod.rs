@@ -261,7 +261,7 @@ impl PgOutputSource {
         let mut conn = prepared.conn;
         spill::prepare_dir(&spill_dir, &cfg.slot)?;
         let standby_gate = if cfg.wait_for_sync_standby {
-            standby_gate::StandbyGate::open(&prepared.info).await?
+            standby_gate::StandbyGate::open(&prepared.info, &cfg.slot).await?
         } else {
             None
         };

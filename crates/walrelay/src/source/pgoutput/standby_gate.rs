@@ -28,13 +28,21 @@ use super::SourceError;
 use crate::pg::{sql, ConnInfo, PgError};
 
 /// Whether a synchronous standby is asked for (a standby decoding, PostgreSQL 16+: nothing
-/// to wait for), the setting, and the flush positions of the standbys a commit waits on
-/// (`sync` under `FIRST`, `quorum` under `ANY`), highest first.
+/// to wait for), the setting, the flush positions of the standbys a commit waits on
+/// (`sync` under `FIRST`, `quorum` under `ANY`), highest first, and the synchronous state
+/// of the relay's own walsender (reading slot `$1`), which should be `async`.
 const SAFE_POSITION: &str =
     "SELECT NOT pg_is_in_recovery() AND current_setting('synchronous_standby_names') <> '',
          current_setting('synchronous_standby_names'),
          (SELECT array_agg(flush_lsn::text ORDER BY flush_lsn DESC) FROM pg_stat_replication
-           WHERE sync_state IN ('sync', 'quorum') AND flush_lsn IS NOT NULL)";
+           WHERE sync_state IN ('sync', 'quorum') AND flush_lsn IS NOT NULL),
+         (SELECT r.sync_state FROM pg_stat_replication r
+            JOIN pg_replication_slots s ON s.active_pid = r.pid
+           WHERE s.slot_name = $1)";
+
+/// How often the relay says again that `synchronous_standby_names` names its own
+/// connection.
+const SELF_NAMED_REPEAT: Duration = Duration::from_secs(60);
 
 /// How long "no synchronous standby" is taken for granted (see the module's comment).
 const UNNAMED_RECHECK: Duration = Duration::from_millis(100);
@@ -46,7 +54,11 @@ pub const POLL_MAX: Duration = Duration::from_millis(100);
 
 pub struct StandbyGate {
     client: Client,
+    /// The relay's slot: its walsender is the relay's own connection.
+    slot: String,
     safe: Lsn,
+    /// When the relay last said its own connection is a synchronous candidate.
+    self_named_said: Option<Instant>,
     /// No synchronous standby was asked for at the last look: everything passes until then.
     unnamed_until: Option<Instant>,
 }
@@ -54,7 +66,7 @@ pub struct StandbyGate {
 impl StandbyGate {
     /// A gate on its own session, or `None` (with a warning) when this role cannot see the
     /// standby's position (`pg_read_all_stats`): holding back would then never end.
-    pub async fn open(info: &ConnInfo) -> Result<Option<StandbyGate>, SourceError> {
+    pub async fn open(info: &ConnInfo, slot: &str) -> Result<Option<StandbyGate>, SourceError> {
         let client = sql::connect(info).await?;
         let can_see: bool = client
             .query_one(
@@ -73,7 +85,9 @@ impl StandbyGate {
         }
         Ok(Some(StandbyGate {
             client,
+            slot: slot.to_string(),
             safe: Lsn::ZERO,
+            self_named_said: None,
             unnamed_until: None,
         }))
     }
@@ -86,7 +100,7 @@ impl StandbyGate {
         }
         let row = self
             .client
-            .query_one(SAFE_POSITION, &[])
+            .query_one(SAFE_POSITION, &[&self.slot])
             .await
             .map_err(|e| PgError::from_sql("reading the synchronous standby's position", e))?;
         if !row.get::<_, bool>(0) {
@@ -95,6 +109,19 @@ impl StandbyGate {
         }
         self.unnamed_until = None;
         let setting: String = row.get(1);
+        let own_state: Option<String> = row.get(3);
+        if own_state.as_deref().is_some_and(|s| s != "async")
+            && self
+                .self_named_said
+                .is_none_or(|t| t.elapsed() >= SELF_NAMED_REPEAT)
+        {
+            self.self_named_said = Some(Instant::now());
+            tracing::error!(
+                synchronous_standby_names = %setting,
+                sync_state = own_state.as_deref().unwrap_or_default(),
+                "synchronous_standby_names names this relay's own connection (its application_name; '*' names every one): commits may wait for the relay while the relay waits for the standbys to have them. Name only the physical standbys there, or set source.wait_for_sync_standby = false"
+            );
+        }
         let flushed: Vec<Lsn> = row
             .get::<_, Option<Vec<String>>>(2)
             .unwrap_or_default()
