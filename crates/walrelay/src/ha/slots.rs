@@ -10,6 +10,8 @@
 //! never past what the replica has replayed. `hot_standby_feedback` makes the primary keep
 //! the catalog rows the copy's decoding reads.
 
+use std::collections::HashSet;
+
 use tokio_postgres::Client;
 use walrelay_model::Lsn;
 
@@ -104,7 +106,7 @@ pub fn over_limit(
     slots: &[LocalSlot],
     limit: u64,
     drop: bool,
-    members: &[String],
+    members: &HashSet<String>,
 ) -> Vec<(String, i64, bool)> {
     slots
         .iter()
@@ -472,7 +474,7 @@ mod tests {
             // A replica's slot: no figure, nothing said.
             local("walrelay", true, 0, 0),
         ];
-        let members = ["n2".to_string(), "n3".to_string()];
+        let members = HashSet::from(["n2".to_string(), "n3".to_string()]);
         assert_eq!(
             over_limit(&held, 1_000_000, true, &members),
             [

@@ -27,19 +27,11 @@ pub fn qualified(schema: &str, name: &str) -> String {
 /// does, so that it reads the same whatever `standard_conforming_strings` the server or
 /// session has.
 pub fn literal(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 3);
     if text.contains('\\') {
-        out.push('E');
+        format!("E{}", standard_literal(&text.replace('\\', "\\\\")))
+    } else {
+        standard_literal(text)
     }
-    out.push('\'');
-    for c in text.chars() {
-        if c == '\'' || c == '\\' {
-            out.push(c);
-        }
-        out.push(c);
-    }
-    out.push('\'');
-    out
 }
 
 /// `'text'` with quotes doubled and backslashes as they are: what replication commands

@@ -103,12 +103,11 @@ impl Agent {
             return Ok(());
         };
         let drop = self.config.cluster.drop_slots_over_limit;
-        // Every member seen, not only those in etcd now: one briefly gone keeps its slot
-        // until `drop_slots_of_departed_after` (`keep_member_slots`).
-        let members: Vec<String> = self.known_members.iter().cloned().collect();
         let client = self.node.sql().await?;
         let held = slots::slots_here(client).await?;
-        for (name, bytes, now) in slots::over_limit(&held, limit, drop, &members) {
+        // Every member seen, not only those in etcd now: one briefly gone keeps its slot
+        // until `drop_slots_of_departed_after` (`keep_member_slots`).
+        for (name, bytes, now) in slots::over_limit(&held, limit, drop, &self.known_members) {
             if now {
                 tracing::error!(
                     slot = name,

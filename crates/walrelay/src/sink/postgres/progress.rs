@@ -61,8 +61,8 @@ pub fn session_name(progress_name: &str) -> String {
     }
     let digest = Sha256::digest(progress_name.as_bytes());
     let tag = format!(
-        "#{:02x}{:02x}{:02x}{:02x}",
-        digest[0], digest[1], digest[2], digest[3]
+        "#{:08x}",
+        u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
     );
     let mut head: String = name
         .chars()
